@@ -1,0 +1,221 @@
+"""The `hybridinfer` command: probe → inspect → plan → serve → bench, one verb each.
+
+Errors a user can fix arrive as `HybridError` and leave as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from .errors import HybridError
+
+EPILOG = """\
+examples:
+  hybridinfer probe                         what this box has (CPU, NUMA, ISA, RAM, GPUs, engines)
+  hybridinfer inspect --gguf DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf
+  hybridinfer plan --gguf R1.gguf --hardware desktop-4090 --compare layer-split
+  hybridinfer serve                         serve the built-in tiny demo model on 127.0.0.1:8000
+  hybridinfer bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4
+"""
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# --- probe ------------------------------------------------------------------------------------------
+
+def cmd_probe(args) -> int:
+    """Inspect this box: CPU, cores, sockets, NUMA, ISA (AVX2/AVX-512/AMX), RAM, bandwidth, GPUs, engines.
+
+    The JSON it writes is a hardware profile: `plan --hardware FILE` plans with it instead of this box.
+    """
+    from .probe import probe
+    from .render import render_probe
+
+    if args.measure_bandwidth and not args.json:
+        print("measuring memory bandwidth (~3 s)...", file=sys.stderr)
+    hw = probe(measure=args.measure_bandwidth)
+    if args.json:
+        print(hw.to_json())
+    else:
+        render_probe(hw)
+    return 0
+
+
+# --- inspect ----------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    """Read a GGUF header (never its tensor data) and report what the planner needs.
+
+    Accepts a file, the first shard of a split set (all shards are found and checked), or a directory
+    holding one model. Reports parameter groups and their bytes, quant types, experts, and KV-cache bytes
+    per token (MLA form vs legacy form detected from the metadata).
+    """
+    from .inspect_gguf import inspect
+    from .render import render_model
+
+    model = inspect(args.gguf)
+    if args.json:
+        _print_json(model.to_dict(tensors=args.tensors))
+    else:
+        render_model(model, tensors=args.tensors)
+    return 0
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+def _hardware(args):
+    from .probe import load_profile, probe
+
+    return load_profile(args.hardware) if args.hardware else probe()
+
+
+def _model(args):
+    from .inspect_gguf import inspect
+
+    if args.gguf:
+        return inspect(args.gguf)
+    from .demo.tiny import default_model
+
+    return inspect(default_model())
+
+
+def _plan_options(args):
+    from .plan import PlanOptions
+
+    return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
+                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream)
+
+
+def engine_command(plan, host="127.0.0.1", port=8080) -> list[str]:
+    from .engines import get
+
+    return get(plan.engine).command(plan, host=host, port=port)
+
+
+def cmd_plan(args) -> int:
+    """Choose engine, placement, threads, NUMA policy, context and slots; predict memory and speed.
+
+    Nothing is loaded: the plan comes from the GGUF header and a hardware profile (this box by default, or
+    `--hardware FILE|ID`, e.g. one of the reference machines in benchmarks/hardware/). Without --gguf it plans
+    the built-in demo model.
+    """
+    from dataclasses import replace
+
+    from .engines.ktransformers import shell
+    from .plan import make_plan
+    from .render import render_plan
+
+    hw = _hardware(args)
+    model = _model(args)
+    opts = _plan_options(args)
+    plan = make_plan(hw, model, opts)
+    compare = make_plan(hw, model, replace(opts, rules=args.compare)) if args.compare else None
+    cmd = engine_command(plan)
+    if args.json:
+        d = plan.to_dict(placement=args.placement)
+        d["command"] = cmd
+        d["command_line"] = shell(cmd)
+        if plan.engine == "ktransformers":
+            from .engines.ktransformers import rules_file
+
+            d["ktransformers_rules_path"], d["ktransformers_rules"] = rules_file(plan)
+        if compare:
+            d["compare"] = {"rules": compare.rules, "engine": compare.engine,
+                            "prediction": compare.to_dict()["prediction"], "devices": compare.to_dict()["devices"],
+                            "command_line": shell(engine_command(compare))}
+        _print_json(d)
+    else:
+        render_plan(plan, cmd, compare, engine_command(compare) if compare else None)
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf", metavar="PATH", help="model file, first shard, or directory (default: the built-in demo model)")
+    p.add_argument("--hardware", metavar="FILE|ID", help="hardware profile JSON or a reference machine id (default: probe this box)")
+    p.add_argument("--rules", metavar="NAME|FILE", help="placement rules (default: chosen for the box: moe-auto-fill, layer-split, multi-gpu or cpu-only)")
+    p.add_argument("--engine", default="auto", choices=["auto", "llama.cpp", "ktransformers"], help="engine (default: auto)")
+    p.add_argument("--ctx", type=int, metavar="N", help="total context tokens over all slots (default: largest that fits, up to 16384 per slot)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="concurrent slots (default: 1)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (default: f16)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hybridinfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Run giant Mixture-of-Experts models on one box: attention and KV cache on the GPU, routed experts on the CPU.")
+    parser.add_argument("--version", action="version", version=f"hybridinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name, fn, **kw):
+        doc = textwrap.dedent(fn.__doc__ or "")
+        p = sub.add_parser(name, help=doc.strip().splitlines()[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("probe", cmd_probe)
+    p.add_argument("--json", action="store_true", help="print the hardware profile as JSON")
+    p.add_argument("--measure-bandwidth", action="store_true", help="measure memory bandwidth (a few seconds)")
+
+    p = add("inspect", cmd_inspect)
+    p.add_argument("--gguf", required=True, metavar="PATH", help="model file, first shard, or directory")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--tensors", action="store_true", help="include every tensor (name, shape, type, bytes, class)")
+
+    p = add("plan", cmd_plan)
+    _plan_args(p)
+    p.add_argument("--compare", metavar="RULES", help="also plan with these rules (e.g. layer-split) and compare")
+    p.add_argument("--json", action="store_true", help="print the plan (and engine command) as JSON")
+    p.add_argument("--placement", action="store_true", help="with --json: include the device of every tensor")
+
+    for extra in _extra_commands():
+        extra(sub, add, _plan_args)
+    return parser
+
+
+def _extra_commands():
+    """Later stages register themselves here (serve, bench, ...)."""
+    out = []
+    try:
+        from .server.cli import register as serve_register
+        out.append(serve_register)
+    except ImportError:
+        pass
+    try:
+        from .bench.cli import register as bench_register
+        out.append(bench_register)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except HybridError as e:
+        print(f"hybridinfer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Throughput prediction for a placement: decode from bytes touched per token on each device divided by that
+device's bandwidth (plus compute, PCIe crossings and page-cache misses), prefill from compute.
+
+The constants are calibrated against published figures (README: "Prediction vs published"); every one is here,
+named, with the reason for its value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .inspect_gguf import ModelInfo
+from .probe import HardwareProfile
+
+# Sustained fraction of spec DRAM bandwidth a decode kernel reaches (STREAM-like reads are ~70-80 %).
+CPU_BW_EFF = 0.75
+GPU_BW_EFF = 0.70
+# Quantized GEMV throughput per physical core during decode, GFLOP/s (2 FLOP per weight). Low-bit formats
+# spend most of their time unpacking, so decode on a big core is compute-bound well below the bandwidth roof.
+DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 18.0, "avx512": 29.0, "amx": 29.0}
+# Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
+PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 55.0}
+PREFILL_GFLOPS_PER_CORE_KT_AMX = 200.0
+# Engine kernel efficiency on CPU-resident MoE (KTransformers' llamafile/AMX kernels vs ggml's).
+ENGINE_CPU_EFF = {"ktransformers": 1.0, "llama.cpp": 0.85}
+# A second NUMA node adds this fraction of its own bandwidth/compute (cross-node traffic, imperfect split).
+NUMA_EXTRA_NODE_GAIN = 0.45
+# Each hop of the hidden state between GPU and CPU (one MoE block with experts on the CPU = 2 hops).
+HOP_SECONDS = 25e-6
+# Per-token fixed cost: sampling, graph build/launch, detokenize.
+TOKEN_OVERHEAD_S = {"gpu": 3e-3, "cpu": 1e-3}
+# Page cache of mmapped expert weights: routing has locality, so the hit rate beats the resident fraction.
+PAGE_CACHE_LOCALITY_EXP = 1 / 4  # hit = resident ** exp
+GPU_FP16_TFLOPS_DEFAULT = 50.0
+CONTEXT_FOR_DECODE = 1024  # the context length at which decode speed is quoted
+
+
+@dataclass(frozen=True)
+class Prediction:
+    decode_tps: float
+    prefill_tps: float
+    decode_limit_tps: float  # bandwidth roof of this placement on this box (no compute, no overhead)
+    fraction_of_limit: float
+    bound: str  # what dominates decode time
+    breakdown_ms: dict[str, float]  # per-token decode time by part
+    cpu_bytes_per_token: int
+    gpu_bytes_per_token: int
+    notes: list[str]
+
+
+def _frac(model: ModelInfo, cls: str) -> float:
+    if cls == "routed_experts" and model.expert_count:
+        return model.expert_used_count / model.expert_count
+    if cls == "token_embd":
+        return 1 / max(1, model.vocab_size)
+    return 1.0
+
+
+def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], engine: str, threads: int,
+            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None) -> Prediction:
+    gpu_cost = gpu_cost or (lambda t: t.nbytes)
+    cpu_b = cpu_flops = 0.0
+    cpu_expert_b_active = 0.0
+    gpu_b: dict[str, float] = {}
+    gpu_flops = 0.0
+    cpu_b_all = 0.0
+    cpu_prefill_flops = 0.0
+    attn_cpu_layers = attn_gpu_layers = 0
+    hops = 0
+    blocks_dev: dict[int, set[str]] = {}
+    for t in model.tensors:
+        dev = device_of[t.name]
+        f = _frac(model, t.cls)
+        if t.block is not None:
+            blocks_dev.setdefault(t.block, set()).add("cpu" if dev == "cpu" else "gpu")
+            if t.name.endswith("attn_norm.weight"):
+                if dev == "cpu":
+                    attn_cpu_layers += 1
+                else:
+                    attn_gpu_layers += 1
+        if dev == "cpu":
+            cpu_b += t.nbytes * f
+            cpu_flops += 2 * t.n_elements * f
+            cpu_b_all += t.nbytes
+            cpu_prefill_flops += 2 * t.n_elements * f
+            if t.cls == "routed_experts":
+                cpu_expert_b_active += t.nbytes * f
+        else:
+            gpu_b[dev] = gpu_b.get(dev, 0.0) + gpu_cost(t) * f
+            gpu_flops += 2 * t.n_elements * f
+    for b, devs in blocks_dev.items():
+        if len(devs) > 1:
+            hops += 2
+    # A layer split crosses once each way at the CPU/GPU boundary.
+    if hops == 0 and len({d for s in blocks_dev.values() for d in s}) > 1:
+        hops = 2
+
+    kv_tok = model.kv.bytes_per_token.get(kv_type, model.kv.bytes_per_token["f16"])
+    n_layers = max(1, attn_cpu_layers + attn_gpu_layers)
+    kv_read_cpu = kv_tok * CONTEXT_FOR_DECODE * attn_cpu_layers / n_layers
+    kv_read_gpu = kv_tok * CONTEXT_FOR_DECODE * attn_gpu_layers / n_layers
+
+    nodes = max(1, len(hw.numa_nodes))
+    numa_scale = (1 + NUMA_EXTRA_NODE_GAIN * (nodes - 1)) / nodes  # fraction of the sum over nodes
+    bw = hw.memory_bandwidth_gbs * 1e9
+    cores = min(threads, hw.cpu.physical_cores)
+    isa = hw.cpu.isa
+    eff = ENGINE_CPU_EFF.get(engine, 0.85)
+    t_cpu_bw = (cpu_b + kv_read_cpu) / (bw * CPU_BW_EFF * numa_scale) if cpu_b else 0.0
+    t_cpu_compute = cpu_flops / (cores * DECODE_GFLOPS_PER_CORE[isa] * 1e9 * numa_scale * eff) if cpu_flops else 0.0
+
+    gpus = {f"gpu:{g.index}": g for g in hw.gpus}
+    t_gpu = 0.0
+    for dev, b in gpu_b.items():
+        g = gpus.get(dev)
+        gbw = (g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9
+        t_gpu += (b + kv_read_gpu * b / max(1.0, sum(gpu_b.values()))) / (gbw * GPU_BW_EFF)
+    t_hops = hops * HOP_SECONDS if gpu_b else 0.0
+    t_fixed = TOKEN_OVERHEAD_S["gpu" if gpu_b else "cpu"]
+
+    notes = []
+    t_disk = 0.0
+    if resident_fraction < 1.0:
+        hit = resident_fraction ** PAGE_CACHE_LOCALITY_EXP
+        miss_bytes = cpu_expert_b_active * (1 - hit)
+        t_disk = miss_bytes / (hw.disk_read_gbs * 1e9)
+        notes.append(f"{resident_fraction:.0%} of CPU-side weights stay in the page cache; ~{1 - hit:.0%} of expert "
+                     f"reads ({miss_bytes / 1e9:.2f} GB/token) come from disk at {hw.disk_read_gbs:g} GB/s")
+    parts = {"cpu_memory": t_cpu_bw, "cpu_compute": t_cpu_compute, "gpu": t_gpu, "pcie_hops": t_hops,
+             "disk": t_disk, "fixed": t_fixed}
+    total = sum(parts.values())
+    decode = 1 / total
+    bound = max(parts, key=parts.get)
+
+    limit_t = (cpu_b + kv_read_cpu) / bw if cpu_b else 0.0
+    for dev, b in gpu_b.items():
+        g = gpus.get(dev)
+        limit_t += b / ((g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9)
+    if resident_fraction < 1.0:
+        limit_t += cpu_expert_b_active * (1 - resident_fraction ** PAGE_CACHE_LOCALITY_EXP) / (hw.disk_read_gbs * 1e9)
+    limit = 1 / limit_t if limit_t else decode
+
+    # Prefill: compute-bound. llama.cpp with a GPU uploads CPU-resident weights over PCIe for big batches
+    # (512-token ubatch) when that beats computing them on the CPU.
+    if engine == "ktransformers" and isa == "amx":
+        pre_core = PREFILL_GFLOPS_PER_CORE_KT_AMX
+    else:
+        pre_core = PREFILL_GFLOPS_PER_CORE[isa]
+    t_pre_cpu = cpu_prefill_flops / (cores * pre_core * 1e9 * numa_scale * eff) if cpu_prefill_flops else 0.0
+    if engine == "llama.cpp" and gpu_b and hw.gpus:
+        t_upload = cpu_b_all / (hw.gpus[0].pcie_gbs * 0.8e9) / 512
+        if t_upload < t_pre_cpu:
+            t_pre_cpu = t_upload
+            notes.append("prefill: llama.cpp streams CPU-resident weights to the GPU per 512-token batch")
+    tflops = sum((g.fp16_tflops or GPU_FP16_TFLOPS_DEFAULT) for g in hw.gpus) if gpu_b else 0
+    t_pre_gpu = gpu_flops / (tflops * 1e12 * 0.35) if gpu_flops and tflops else 0.0
+    prefill = 1 / max(1e-9, t_pre_cpu + t_pre_gpu + (t_disk if resident_fraction < 1 else 0.0) / 8)
+
+    return Prediction(
+        decode_tps=round(decode, 2), prefill_tps=round(prefill, 1), decode_limit_tps=round(limit, 2),
+        fraction_of_limit=round(decode / limit, 3) if limit else 1.0, bound=bound,
+        breakdown_ms={k: round(v * 1e3, 3) for k, v in parts.items()},
+        cpu_bytes_per_token=int(cpu_b), gpu_bytes_per_token=int(sum(gpu_b.values())), notes=notes,
+    )

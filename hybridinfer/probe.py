@@ -1,0 +1,351 @@
+"""Stage 1 — probe: what this box is (CPU, NUMA, ISA, RAM, bandwidth, GPUs, engines) as a `HardwareProfile`.
+
+A profile round-trips through JSON, so `plan --hardware FILE` can plan a box we do not have
+(see benchmarks/hardware/ for the reference machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+
+from .errors import HybridError
+from .util import from_dict, to_dict
+
+# The ISA flags KTransformers looks at (/proc/cpuinfo names), in its fallback order.
+ISA_FLAGS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_vbmi",
+    "amx_tile", "amx_int8", "amx_bf16",
+)
+PYTHON_ENGINES = {  # distribution name -> engine label
+    "llama_cpp_python": "llama-cpp-python",
+    "kt-kernel": "kt-kernel",
+    "ktransformers": "ktransformers",
+    "sglang": "sglang",
+}
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    id: int
+    cpus: list[int]
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    logical_cores: int
+    physical_cores: int
+    sockets: int
+    flags: list[str]
+
+    @property
+    def isa(self) -> str:
+        """Best kernel tier, in KTransformers' ladder: amx > avx512 > avx2 > generic."""
+        f = set(self.flags)
+        if {"amx_tile", "amx_int8", "amx_bf16"} <= f:
+            return "amx"
+        if "avx512f" in f:
+            return "avx512"
+        if "avx2" in f:
+            return "avx2"
+        return "generic"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    vram_total: int
+    vram_free: int
+    compute_capability: str = ""
+    pcie_gen: int = 4
+    pcie_width: int = 16
+    memory_bandwidth_gbs: float = 0.0  # device memory bandwidth (spec), for decode prediction
+    fp16_tflops: float = 0.0  # dense fp16 tensor throughput (spec), for prefill prediction; 0 = unknown
+
+    @property
+    def pcie_gbs(self) -> float:
+        per_lane = {3: 0.985, 4: 1.969, 5: 3.938}.get(self.pcie_gen, 1.969)
+        return per_lane * self.pcie_width
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    installed: bool
+    version: str = ""
+    path: str = ""
+    gpu: bool = False  # built with CUDA support
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    id: str
+    description: str
+    cpu: CpuInfo
+    numa_nodes: list[NumaNode]
+    ram_total: int
+    ram_available: int
+    memory_bandwidth_gbs: float  # whole box, all sockets
+    bandwidth_source: str  # "spec" | "measured" | "estimate"
+    gpus: list[GpuInfo] = field(default_factory=list)
+    engines: list[EngineInfo] = field(default_factory=list)
+    disk_read_gbs: float = 2.0  # sequential read of the model's disk, for planning weight streaming
+    source: str = "probe"  # "probe" (this box) or "profile" (a file describing another box)
+
+    def engine(self, name: str) -> EngineInfo | None:
+        return next((e for e in self.engines if e.name == name and e.installed), None)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        return from_dict(cls, json.loads(text))
+
+
+def load_profile(path: str | os.PathLike) -> HardwareProfile:
+    """Read a hardware profile: a path, or the id of a shipped reference machine (e.g. `desktop-4090`)."""
+    p = Path(path)
+    if not p.exists():
+        shipped = reference_profiles_dir() / f"{path}.json"
+        if shipped.exists():
+            p = shipped
+        else:
+            names = ", ".join(sorted(x.stem for x in reference_profiles_dir().glob("*.json")))
+            raise HybridError(f"hardware profile '{path}' not found",
+                              f"give a JSON file from `hybridinfer probe --json` or one of: {names}")
+    try:
+        return HardwareProfile.from_json(p.read_text())
+    except (ValueError, TypeError, KeyError) as e:
+        raise HybridError(f"{p} is not a valid hardware profile ({e.__class__.__name__}: {e})",
+                          "regenerate it with `hybridinfer probe --json > FILE`") from None
+
+
+def reference_profiles_dir() -> Path:
+    env = os.environ.get("HYBRIDINFER_HARDWARE_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here / "hardware", here.parent / "benchmarks" / "hardware"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "benchmarks" / "hardware"
+
+
+# --- live probing ---------------------------------------------------------------------------------
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _parse_cpulist(text: str) -> list[int]:
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.extend(range(int(a), int(b) + 1))
+        else:
+            cpus.append(int(part))
+    return cpus
+
+
+def probe_cpu(cpuinfo: str | None = None) -> CpuInfo:
+    text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
+    model = ""
+    flags: set[str] = set()
+    cores: set[tuple[str, str]] = set()
+    sockets: set[str] = set()
+    logical = 0
+    phys = core = "0"
+    for block in text.split("\n\n"):
+        if "processor" not in block:
+            continue
+        logical += 1
+        for line in block.splitlines():
+            key, _, val = line.partition(":")
+            key, val = key.strip(), val.strip()
+            if key == "model name" and not model:
+                model = val
+            elif key in ("flags", "Features") and not flags:
+                flags = set(val.split())
+            elif key == "physical id":
+                phys = val
+            elif key == "core id":
+                core = val
+        sockets.add(phys)
+        cores.add((phys, core))
+    logical = logical or os.cpu_count() or 1
+    physical = len(cores) or logical
+    return CpuInfo(model=model or platform.processor() or "unknown", logical_cores=logical,
+                   physical_cores=physical, sockets=max(1, len(sockets)),
+                   flags=[f for f in ISA_FLAGS if f in flags])
+
+
+def probe_numa(sysfs: str = "/sys/devices/system/node") -> list[NumaNode]:
+    nodes = []
+    base = Path(sysfs)
+    for d in sorted(base.glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+        mem = 0
+        m = re.search(r"MemTotal:\s+(\d+) kB", _read(str(d / "meminfo")))
+        if m:
+            mem = int(m.group(1)) * 1024
+        nodes.append(NumaNode(id=int(d.name[4:]), cpus=_parse_cpulist(_read(str(d / "cpulist"))), memory_bytes=mem))
+    return nodes
+
+
+def probe_gpus() -> list[GpuInfo]:
+    """NVIDIA GPUs through NVML; no driver / no GPU is a normal, empty result."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                cc = "%d.%d" % pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            except Exception:
+                cc = ""
+            try:
+                gen = pynvml.nvmlDeviceGetMaxPcieLinkGeneration(h)
+                width = pynvml.nvmlDeviceGetMaxPcieLinkWidth(h)
+            except Exception:
+                gen, width = 4, 16
+            try:  # bus width (bits) x memory clock (MHz) x 2 (DDR) -> GB/s
+                bw = pynvml.nvmlDeviceGetMemoryBusWidth(h) * pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM) * 2 / 8 / 1000
+            except Exception:
+                bw = 0.0
+            gpus.append(GpuInfo(index=i, name=name, vram_total=int(mem.total), vram_free=int(mem.free),
+                                compute_capability=cc, pcie_gen=int(gen), pcie_width=int(width),
+                                memory_bandwidth_gbs=round(bw, 1)))
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus
+
+
+def find_llama_binary(name: str = "llama-server") -> str | None:
+    """HYBRIDINFER_LLAMA_SERVER / _LLAMA_BENCH, then this environment's bin/ (install.sh links there), then PATH."""
+    env = os.environ.get("HYBRIDINFER_" + name.upper().replace("-", "_"))
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    local = Path(sys.prefix) / "bin" / name
+    if local.exists() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(name)
+
+
+def probe_llama_server() -> EngineInfo:
+    path = find_llama_binary("llama-server")
+    if not path:
+        return EngineInfo(name="llama.cpp", installed=False, detail="llama-server not found (run ./install.sh)")
+    version = ""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+        text = out.stdout + out.stderr
+        m = re.search(r"version: (\S+ \([0-9a-f]+\))", text)
+        version = m.group(1) if m else text.strip().splitlines()[0] if text.strip() else ""
+    except (OSError, subprocess.SubprocessError) as e:
+        return EngineInfo(name="llama.cpp", installed=False, path=path, detail=f"llama-server does not run: {e}")
+    return EngineInfo(name="llama.cpp", installed=True, version=version, path=path, gpu=_binary_has_cuda(path))
+
+
+def _binary_has_cuda(path: str) -> bool:
+    """A CUDA-enabled ggml carries its CUDA backend's symbols, whether or not a GPU is present now."""
+    try:
+        real = os.path.realpath(path)
+        with open(real, "rb") as f:
+            data = f.read()
+        if b"ggml_backend_cuda" in data:
+            return True
+        libdir = Path(real).parent
+        return any(libdir.glob("libggml-cuda*"))
+    except OSError:
+        return False
+
+
+def probe_engines() -> list[EngineInfo]:
+    engines = [probe_llama_server()]
+    for dist, label in PYTHON_ENGINES.items():
+        try:
+            engines.append(EngineInfo(name=label, installed=True, version=metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            engines.append(EngineInfo(name=label, installed=False, detail="not installed"))
+    return engines
+
+
+def measure_bandwidth(seconds: float = 3.0, threads: int | None = None) -> float:
+    """Sustained copy bandwidth in GB/s (read + write bytes), one numpy copy per thread (copies drop the GIL)."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 1
+    chunk = 64 * 1024 * 1024  # per thread, far beyond any cache
+    srcs = [np.ones(chunk // 8) for _ in range(threads)]
+    dsts = [np.empty_like(s) for s in srcs]
+
+    def work(i):
+        np.copyto(dsts[i], srcs[i])
+
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads)))  # warm-up: page in
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            list(pool.map(work, range(threads)))
+            dt = time.perf_counter() - t0
+            best = max(best, 2 * chunk * threads / dt / 1e9)
+    return round(best, 1)
+
+
+def probe(measure: bool = False, engines: bool = True) -> HardwareProfile:
+    import psutil
+
+    cpu = probe_cpu()
+    numa = probe_numa() or [NumaNode(id=0, cpus=list(range(cpu.logical_cores)), memory_bytes=psutil.virtual_memory().total)]
+    vm = psutil.virtual_memory()
+    if measure:
+        bw, src = measure_bandwidth(), "measured"
+    else:
+        # Rough, stated as an estimate: ~8 GB/s per physical core, a typical share of DRAM bandwidth.
+        bw, src = round(min(8.0 * cpu.physical_cores, 400.0), 1), "estimate"
+    return HardwareProfile(
+        id=platform.node() or "this-box",
+        description=f"{cpu.model}, {cpu.physical_cores} cores, {vm.total / 1024**3:.0f} GiB RAM (probed)",
+        cpu=cpu, numa_nodes=numa, ram_total=int(vm.total), ram_available=int(vm.available),
+        memory_bandwidth_gbs=bw, bandwidth_source=src, gpus=probe_gpus(),
+        engines=probe_engines() if engines else [], source="probe",
+    )
+
+
+def with_engines(hw: HardwareProfile, engines: list[EngineInfo]) -> HardwareProfile:
+    return replace(hw, engines=engines)

@@ -1,0 +1,86 @@
+"""Small helpers shared by several stages: JSON round-trips of frozen dataclasses, byte formatting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def gib(n: float) -> float:
+    return n / GIB
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def to_dict(obj):
+    """Dataclass (nested) -> plain JSON-able dict."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls, data):
+    """Plain dict -> dataclass `cls`, following the field type hints (nested dataclasses, lists, dicts)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(tp, value):
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value) if len(non_none) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin in (list, tuple):
+        inner = args[0] if args else typing.Any
+        items = [_convert(inner, v) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        vt = args[1] if len(args) == 2 else typing.Any
+        return {k: _convert(vt, v) for k, v in value.items()}
+    return value
+
+
+def dump_json(obj, indent: int = 2) -> str:
+    return json.dumps(to_dict(obj), indent=indent, sort_keys=False)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HYBRIDINFER_CACHE") or Path.home() / ".cache" / "hybridinfer")
