@@ -22,7 +22,7 @@ UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
 GPU_RUNTIME = {"llama.cpp": int(0.45 * GIB), "ktransformers": int(1.2 * GIB)}  # CUDA context, cuBLAS, torch
 CPU_RUNTIME = int(0.5 * GIB)
-MIN_RESIDENT_FOR_STREAMING = 0.15  # below this share of CPU weights in RAM, streaming is too slow to offer
+MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
 KT_MARLIN_BITS = 4.25  # KTransformers runs GPU-resident experts as Marlin int4 (+ group scales)
 
 

@@ -122,15 +122,16 @@ def optimize_rules(device_of: dict[str, str]) -> str:
     return header + yaml.safe_dump(rules, sort_keys=False, width=200)
 
 
-def select(rules_yaml: str, modules: list[str]) -> dict[str, dict]:
-    """Which rule (its `replace` kwargs) each module gets, with KTransformers' first-match-by-name semantics
-    (class conditions are not evaluated here: each module name below has one class)."""
+def select(rules_yaml: str, modules: dict[str, str]) -> dict[str, dict]:
+    """Which rule (its `replace`) each module gets, with KTransformers' semantics: the first rule whose
+    `name` regex is found in the module name and whose `class` (if any) is the module's class.
+    `modules`: module name -> its class import path."""
     rules = yaml.safe_load(rules_yaml)
     out = {}
-    for mod in modules:
+    for mod, cls in modules.items():
         for r in rules:
-            pat = r["match"].get("name")
-            if pat is not None and re.search(pat, mod):
+            pat, want = r["match"].get("name"), r["match"].get("class")
+            if (pat is None or re.search(pat, mod)) and (want is None or want == cls):
                 out[mod] = r["replace"]
                 break
     return out

@@ -1,0 +1,31 @@
+from hybridinfer.probe import HardwareProfile, probe, probe_cpu, probe_numa
+
+CPUINFO = "\n\n".join(
+    f"processor\t: {i}\nmodel name\t: Intel(R) Xeon(R) Gold 6454S\nphysical id\t: {i // 4}\ncore id\t\t: {(i % 4) // 2}\n"
+    f"flags\t\t: fpu sse avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16"
+    for i in range(8)) + "\n"
+
+
+def test_cpuinfo_parsing_sockets_cores_isa():
+    c = probe_cpu(CPUINFO)
+    assert (c.logical_cores, c.physical_cores, c.sockets) == (8, 4, 2)
+    assert c.isa == "amx" and "avx512_vnni" in c.flags and "sse" not in c.flags
+
+
+def test_numa_from_sysfs(tmp_path):
+    for i, cpus in enumerate(["0-3,8-11", "4-7"]):
+        d = tmp_path / f"node{i}"
+        d.mkdir()
+        (d / "cpulist").write_text(cpus + "\n")
+        (d / "meminfo").write_text(f"Node {i} MemTotal:       1048576 kB\n")
+    nodes = probe_numa(str(tmp_path))
+    assert [n.cpus for n in nodes] == [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7]]
+    assert nodes[0].memory_bytes == 1024**3
+
+
+def test_live_probe_roundtrips():
+    hw = probe()
+    assert hw.cpu.physical_cores >= 1 and hw.ram_total > 0 and hw.source == "probe"
+    assert HardwareProfile.from_json(hw.to_json()) == hw
+    names = {e.name for e in hw.engines}
+    assert {"llama.cpp", "llama-cpp-python", "kt-kernel", "ktransformers", "sglang"} <= names
