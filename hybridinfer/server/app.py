@@ -1,0 +1,105 @@
+"""Wiring only: the FastAPI app, auth, CORS, OpenAI-shaped errors, and a lifespan that owns the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, error_body
+from .serving import Err, Serving, Settings
+
+
+def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    """`engine`: an async context manager with .state/.base_url/.restarts (the llama.cpp Supervisor)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        metrics = ServerMetrics()
+        async with engine:
+            serving = Serving(settings, engine, metrics)
+            app.state.serving = serving
+            try:
+                yield
+            finally:
+                await serving.aclose()
+
+    app = FastAPI(title="hybridinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer …)",
+                                               "authentication_error", "invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        e = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "__root__"))
+        if e.get("type") in ("json_invalid", "json_type"):
+            msg = "request body is not valid JSON"
+        else:
+            msg = f"{loc or 'body'}: {e.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(msg, "invalid_request_error", param=loc or None), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        return JSONResponse(error_body(f"internal error: {exc.__class__.__name__}", "server_error"), status_code=500)
+
+    def respond(result):
+        if isinstance(result, Err):
+            return JSONResponse(result.body, status_code=result.status, headers=result.headers)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health(request: Request):
+        status, body = request.app.state.serving.health()
+        return JSONResponse(body, status_code=status, headers={} if status == 200 else {"Retry-After": "2"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        s: Serving = request.app.state.serving
+        text = s.metrics.render(s.engine.state, s.engine.restarts)
+        text += "# engine (llama-server) metrics\n" + await s.engine_metrics()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return request.app.state.serving.models()
+
+    async def parse(request: Request, model):
+        # Parse JSON whatever the Content-Type (curl -d sends form-encoded by default).
+        raw = await request.body()
+        try:
+            return model.model_validate_json(raw or b"null")
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return respond(await request.app.state.serving.chat(await parse(request, ChatCompletionRequest)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return respond(await request.app.state.serving.completions(await parse(request, CompletionRequest)))
+
+    return app
