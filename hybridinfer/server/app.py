@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 
+import anyio
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,31 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .serving import Err, Serving, Settings
+
+
+class _CancellingStream(StreamingResponse):
+    """Streams while listening for the client's disconnect, and cancels the stream when it comes. (Starlette
+    relies on `send` failing under ASGI 2.4, which uvicorn does not do, so a vanished client would keep the
+    engine generating to max_tokens.)"""
+
+    async def __call__(self, scope, receive, send):
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream():
+                    await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        tg.cancel_scope.cancel()
+                        break
+        finally:
+            # A cancel that lands while the generator waits at a `yield` leaves it suspended; close it now so its
+            # cleanup (closing the engine connection, freeing the slot) runs at once, not at garbage collection.
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
@@ -67,7 +93,7 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
             return JSONResponse(result.body, status_code=result.status, headers=result.headers)
         if isinstance(result, dict):
             return JSONResponse(result)
-        return StreamingResponse(result, media_type="text/event-stream",
+        return _CancellingStream(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/health")

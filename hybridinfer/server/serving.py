@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import anyio
 import httpx
 
 from ..metrics import ServerMetrics
@@ -193,8 +194,11 @@ class Serving:
             status = 200
             splitter = ThinkSplitter(self.s.starts_in_think) if split else None
             raw_prefix = "<think>\n" if (split is False and self.s.starts_in_think) else ""
+            r = None
             try:
-                async with self.client.stream("POST", self.engine.base_url + path, json=body) as r:
+                r = await self.client.send(self.client.build_request("POST", self.engine.base_url + path, json=body),
+                                           stream=True)
+                if True:
                     if r.status_code >= 400:
                         status = r.status_code
                         await r.aread()
@@ -257,10 +261,15 @@ class Serving:
                                      "server_error", "engine_error"))
                 yield "data: [DONE]\n\n"
             except (asyncio.CancelledError, GeneratorExit):
-                status = 499  # client went away: leaving the `async with` closes the engine connection
+                status = 499  # the client went away
                 self.metrics.cancelled += 1
                 raise
             finally:
+                if r is not None:
+                    # The engine stops generating only when this socket closes. Starlette cancels through anyio,
+                    # whose cancellation would also cancel an unshielded close and leak the connection.
+                    with anyio.CancelScope(shield=True):
+                        await r.aclose()
                 self._release()
                 self.metrics.request_done(endpoint, status, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                 if status == 200:
