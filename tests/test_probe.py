@@ -29,3 +29,15 @@ def test_live_probe_roundtrips():
     assert HardwareProfile.from_json(hw.to_json()) == hw
     names = {e.name for e in hw.engines}
     assert {"llama.cpp", "llama-cpp-python", "kt-kernel", "ktransformers", "sglang"} <= names
+
+
+@__import__("pytest").mark.gpu
+def test_gpu_probe_reports_vram():
+    import pytest
+
+    from conftest import has_gpu
+    if not has_gpu():
+        pytest.skip("needs an NVIDIA GPU")
+    from hybridinfer.probe import probe_gpus
+    g = probe_gpus()[0]
+    assert g.vram_total > 1024**3 and g.name
