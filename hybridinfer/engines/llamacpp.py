@@ -1,9 +1,20 @@
-"""llama.cpp's `llama-server`: the plan as its exact command line, with flags checked against the build."""
+"""llama.cpp's `llama-server`: the plan as its exact command line (flags checked against the build), and a
+supervisor that runs it."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import ctypes
 import functools
+import logging
+import os
+import signal
+import socket
 import subprocess
+import time
+
+import httpx
 
 from ..plan import Plan
 from ..probe import find_llama_binary
@@ -66,17 +77,6 @@ def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str |
 
 
 # --- supervision --------------------------------------------------------------------------------------
-
-import asyncio  # noqa: E402
-import collections  # noqa: E402
-import ctypes  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
 
 log = logging.getLogger("hybridinfer.engine")
 
