@@ -192,11 +192,6 @@ def _extra_commands():
         out.append(serve_register)
     except ImportError:
         pass
-    try:
-        from .bench.cli import register as bench_register
-        out.append(bench_register)
-    except ImportError:
-        pass
     return out
 
 

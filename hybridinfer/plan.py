@@ -96,7 +96,7 @@ def default_rules(hw: HardwareProfile, model: ModelInfo) -> str:
     return "multi-gpu" if len(hw.gpus) > 1 else "moe-auto-fill"
 
 
-def _kv_layer_bytes(model: ModelInfo, kv_type: str, ctx: int, parallel: int) -> int:
+def _kv_layer_bytes(model: ModelInfo, kv_type: str, ctx: int) -> int:
     """KV bytes for one layer at ctx tokens (llama.cpp: -c is the total over all slots)."""
     per_tok = model.kv.bytes_per_token[kv_type]
     return int(per_tok * ctx / max(1, model.kv.layers))
@@ -210,7 +210,7 @@ class _DoesNotFit(Exception):
 
 def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
     kv_type = opts.kv_type
-    kv_layer = _kv_layer_bytes(model, kv_type, ctx, opts.parallel)
+    kv_layer = _kv_layer_bytes(model, kv_type, ctx)
     compute = _compute_bytes(model, ctx)
     gpus = {f"gpu:{g.index}": g for g in hw.gpus}
     runtime_gpu = GPU_RUNTIME.get(engine, GPU_RUNTIME["llama.cpp"])

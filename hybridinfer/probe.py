@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -345,7 +345,3 @@ def probe(measure: bool = False, engines: bool = True) -> HardwareProfile:
         memory_bandwidth_gbs=bw, bandwidth_source=src, gpus=probe_gpus(),
         engines=probe_engines() if engines else [], source="probe",
     )
-
-
-def with_engines(hw: HardwareProfile, engines: list[EngineInfo]) -> HardwareProfile:
-    return replace(hw, engines=engines)

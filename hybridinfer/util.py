@@ -14,14 +14,6 @@ GIB = 1024**3
 MIB = 1024**2
 
 
-def gib(n: float) -> float:
-    return n / GIB
-
-
-def fmt_gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
 def to_dict(obj):
     """Dataclass (nested) -> plain JSON-able dict."""
     if dataclasses.is_dataclass(obj):

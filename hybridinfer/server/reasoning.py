@@ -15,6 +15,7 @@ class ThinkSplitter:
         self.seen_any = False
         self.buf = ""
         self.after_close = False  # strip the newline(s) R1 writes right after </think>
+        self.emitted_reasoning = False  # strip the newline(s) that open a thought
 
     def feed(self, text: str) -> tuple[str, str]:
         """-> (reasoning, content) that is safe to emit now; a possible partial tag is held back."""
@@ -56,12 +57,10 @@ class ThinkSplitter:
         if reasoning:
             self.seen_any = True
         r = "".join(reasoning)
-        r = r.lstrip("\n") if not self._emitted_reasoning else r
-        if r:
-            self._emitted_reasoning = True
+        if not self.emitted_reasoning:
+            r = r.lstrip("\n")
+            self.emitted_reasoning = bool(r)
         return r, "".join(content)
-
-    _emitted_reasoning = False
 
     def flush(self) -> tuple[str, str]:
         """End of output: whatever is held back belongs where we are (a thought cut off at max_tokens stays
