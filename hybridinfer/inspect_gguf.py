@@ -97,6 +97,7 @@ class ModelInfo:
     groups: dict[str, Group]
     kv: KvCache
     has_chat_template: bool
+    opens_think: bool  # the chat template opens <think> in the generation prompt (R1): output starts in a thought
     tensors: list[Tensor] = field(default_factory=list)
 
     @property
@@ -153,6 +154,12 @@ def _kv_cache(md: dict, arch: str, n_layer: int, n_embd: int, n_head: int) -> Kv
                    bytes_per_token={t: int(round(vals * n_layer * b)) for t, b in KV_TYPES.items()})
 
 
+def _opens_think(template) -> bool:
+    if not isinstance(template, str):
+        return False
+    return "<｜Assistant｜><think>" in template or bool(re.search(r"add_generation_prompt.{0,200}<think>", template, re.S))
+
+
 def inspect(path) -> ModelInfo:
     h = read_header(path)
     md = h.metadata
@@ -194,5 +201,6 @@ def inspect(path) -> ModelInfo:
         params=sum(t.n_elements for t in tensors), bytes=sum(t.nbytes for t in tensors), file_bytes=h.file_bytes,
         quant_types=dict(sorted(qcount.items(), key=lambda kv: -kv[1])), groups=group_objs,
         kv=_kv_cache(md, arch, n_layer, n_embd, n_head),
-        has_chat_template="tokenizer.chat_template" in md, tensors=tensors,
+        has_chat_template="tokenizer.chat_template" in md, opens_think=_opens_think(md.get("tokenizer.chat_template")),
+        tensors=tensors,
     )

@@ -115,3 +115,8 @@ def test_cli_inspect(shapes_dir, tmp_path):
     r = run_cli("inspect", "--gguf", str(tmp_path / "missing.gguf"))
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_opens_think_from_template(models, tiny_model):
+    assert inspect(tiny_model).opens_think  # R1-style template: generation prompt ends with <think>
+    assert not models["llama3-8b-q4_k_m"].opens_think

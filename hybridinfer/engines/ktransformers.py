@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from pathlib import Path
 
 from ..plan import Plan
 from ..util import atomic_write, cache_dir
@@ -28,8 +29,6 @@ def rules_file(plan: Plan) -> tuple[str, str]:
 
 
 def command(plan: Plan, host: str = "127.0.0.1", port: int = 10002, **_) -> list[str]:
-    from pathlib import Path
-
     rules_path, _text = rules_file(plan)
     return ["ktransformers", "--model_path", "deepseek-ai/DeepSeek-R1", "--gguf_path", str(Path(plan.model_path).parent),
             "--optimize_config_path", rules_path, "--host", host, "--port", str(port),
@@ -38,8 +37,6 @@ def command(plan: Plan, host: str = "127.0.0.1", port: int = 10002, **_) -> list
 
 
 def kt_kernel_command(plan: Plan, numa_nodes: int, port: int = 30000) -> list[str]:
-    from pathlib import Path
-
     return ["python", "-m", "sglang.launch_server", "--model", "deepseek-ai/DeepSeek-R1",
             "--kt-weight-path", str(Path(plan.model_path).parent), "--port", str(port)] + kt_kernel_flags(
         plan.device_of, plan.n_expert, len(plan.moe_blocks), plan.threads, numa_nodes, set(plan.routed_types))

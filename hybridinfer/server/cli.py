@@ -48,8 +48,7 @@ def cmd_serve(args) -> int:
     from dataclasses import replace
     plan = make_plan(hw, model, replace(opts, engine="llama.cpp"))
     demo = not args.gguf
-    template = _chat_template(plan.model_path)
-    starts_in_think = "<｜Assistant｜><think>" in template or bool(re.search(r"add_generation_prompt.{0,200}<think>", template, re.S))
+    starts_in_think = model.opens_think
     alias = args.alias or ("hybridinfer-demo" if demo else Path(plan.model_path).name.removesuffix(".gguf"))
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
@@ -118,13 +117,6 @@ class _Progress:
         self._report.cancel()
         print("  stopping engine…", flush=True)
         await self.sup.stop()
-
-
-def _chat_template(path: str) -> str:
-    from ..ggufio import read_header
-
-    t = read_header(path).metadata.get("tokenizer.chat_template", "")
-    return t if isinstance(t, str) else ""
 
 
 def _is_loopback(host: str) -> bool:
