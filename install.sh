@@ -4,6 +4,7 @@
 #   ./install.sh            # runtime install
 #   ./install.sh --dev      # + test dependencies (pytest, openai client, ...)
 #   ./install.sh --no-engine  # skip the llama.cpp build
+#   ./install.sh --llama-cpp-python  # + the in-process engine (serve --engine llama-cpp-python); --dev implies it
 #
 # The llama.cpp build (~10 min on 2 cores) is cached outside the checkout in
 # ${HYBRIDINFER_CACHE:-~/.cache/hybridinfer}/llama.cpp/<version>-<flags hash>/ so a reinstall is instant;
@@ -15,11 +16,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${HYBRIDINFER_CACHE:-$HOME/.cache/hybridinfer}
 dev=0
 engine=1
+lcp=0
 for a in "$@"; do
   case "$a" in
-    --dev) dev=1 ;;
+    --dev) dev=1; lcp=1 ;;
+    --llama-cpp-python) lcp=1 ;;
     --no-engine) engine=0 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$a' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,6 +99,44 @@ build_llama_cpp() {
 
 if [ "$engine" = 1 ]; then
   build_llama_cpp
+fi
+
+# --- llama-cpp-python (in-process engine) -----------------------------------------------------------
+# Built from the same sdist; the wheel is cached like the binaries (version + flags), so only the first
+# install pays the ~10 min compile.
+install_llama_cpp_python() {
+  local args="-DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF"
+  case "$(uname -m)" in
+    x86_64) args="$args -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" ;;
+  esac
+  if command -v nvcc >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    args="$args -DGGML_CUDA=ON"
+  fi
+  [ -n "${HYBRIDINFER_CMAKE_ARGS:-}" ] && args="-DLLAVA_BUILD=OFF $HYBRIDINFER_CMAKE_ARGS"
+  local key; key=$(printf '%s' "$args" | sha256sum | cut -c1-12)
+  local dest="$cache/wheels/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$key"
+  if ! ls "$dest"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    local sdist="$cache/src/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+    if [ ! -s "$sdist" ]; then
+      mkdir -p "$cache/src"
+      local tmpd; tmpd=$(mktemp -d)
+      "$vpy" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$tmpd"
+      mv "$tmpd"/llama_cpp_python-*.tar.gz "$sdist"; rm -rf "$tmpd"
+    fi
+    log "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (~10 min on 2 cores) with: $args"
+    rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$vpy" -m pip wheel -q --no-deps -w "$dest.tmp" "$sdist" \
+      || { echo "install.sh: llama-cpp-python build failed" >&2; exit 1; }
+    rm -rf "$dest"; mv "$dest.tmp" "$dest"
+  else
+    log "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION cached at $dest"
+  fi
+  "$vpy" -m pip install -q "$dest"/llama_cpp_python-*.whl
+}
+
+if [ "$lcp" = 1 ]; then
+  install_llama_cpp_python
 fi
 
 log "done. Try: .venv/bin/hybridinfer probe"

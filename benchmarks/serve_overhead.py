@@ -9,7 +9,6 @@ ratio (targets: >= 0.98 tokens/s, <= 3 ms added median TTFT). Writes benchmarks/
 import argparse
 import json
 import platform
-import re
 import socket
 import statistics
 import subprocess

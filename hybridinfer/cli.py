@@ -192,6 +192,8 @@ def _extra_commands():
         out.append(serve_register)
     except ImportError:
         pass
+    from .bench.cli import register as bench_register
+    out.append(bench_register)
     return out
 
 

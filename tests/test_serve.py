@@ -6,10 +6,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,66 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-EXE = str(Path(sys.executable).parent / "hybridinfer")
-
-
-class Served:
-    def __init__(self, args, tmp_path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp_path / f"engine-{self.port}.log"
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([EXE, "serve", "--port", str(self.port), "--engine-log", str(self.log), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_healthy(self):
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("serve exited:\n" + "\n".join(self.lines))
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("serve did not become healthy:\n" + "\n".join(self.lines))
-        m = re.search(r"llama-server .*?--port (\d+)", "\n".join(self.lines))
-        self.engine_url = f"http://127.0.0.1:{m.group(1)}"
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
-
-    def engine_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-f", f"llama-server.*--port {self.engine_url.rsplit(':', 1)[1]}"],
-                             capture_output=True, text=True).stdout.split()
-        return int(out[0])
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from served import EXE, Served, free_port
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +244,6 @@ def test_api_key_and_queue_full(tmp_path, tiny_model):
 
 
 def test_refuses_open_bind_without_key(tiny_model):
-    r = subprocess.run([EXE, "serve", "--gguf", tiny_model, "--host", "0.0.0.0", "--port", str(_free_port())],
+    r = subprocess.run([EXE, "serve", "--gguf", tiny_model, "--host", "0.0.0.0", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--api-key" in r.stderr and r.stderr.count("\n") == 1

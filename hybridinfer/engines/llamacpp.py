@@ -7,6 +7,7 @@ import asyncio
 import collections
 import ctypes
 import functools
+import json
 import logging
 import os
 import signal
@@ -14,11 +15,13 @@ import socket
 import subprocess
 import time
 
+import anyio
 import httpx
 
 from ..plan import Plan
 from ..probe import find_llama_binary
-from .llamacpp_args import compile_placement
+from .base import EngineFailed, EngineRejected
+from .llamacpp_args import buffer_name, compile_placement
 
 name = "llama.cpp"
 serves_openai = True
@@ -121,6 +124,9 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
         self._ready = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self.request_timeout = 600.0
+        self.max_connections = 64
 
     @property
     def base_url(self) -> str:
@@ -137,6 +143,9 @@ class Supervisor:
         await self.stop()
 
     async def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=5.0),
+                                             limits=httpx.Limits(max_connections=self.max_connections))
         cmd = self.command()
         log.info("starting: %s", " ".join(cmd))
         self.state = "loading"
@@ -223,3 +232,97 @@ class Supervisor:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # --- the engine interface the server uses (see engines/base.py) ----------------------------------
+    async def complete(self, path: str, body: dict) -> dict:
+        try:
+            r = await self._client.post(self.base_url + path, json=body)
+        except httpx.HTTPError as e:
+            raise EngineFailed(e.__class__.__name__) from None
+        if r.status_code >= 400:
+            raise _rejected(r)
+        return r.json()
+
+    async def stream(self, path: str, body: dict):
+        r = None
+        try:
+            r = await self._client.send(self._client.build_request("POST", self.base_url + path, json=body), stream=True)
+            if r.status_code >= 400:
+                await r.aread()
+                raise _rejected(r)
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == "[DONE]":
+                    return
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    e = chunk["error"]
+                    raise EngineRejected(int(e.get("code") or 500) if str(e.get("code", "")).isdigit() else 500,
+                                         e.get("message") or str(e), e.get("type"))
+                yield chunk
+        except httpx.HTTPError as e:
+            raise EngineFailed(e.__class__.__name__) from None
+        finally:
+            if r is not None:
+                # The engine stops generating only when this socket closes. Starlette cancels through anyio,
+                # whose cancellation would also cancel an unshielded close and leak the connection.
+                with anyio.CancelScope(shield=True):
+                    await r.aclose()
+
+    async def tokenize(self, text: str) -> list[int]:
+        try:
+            r = await self._client.post(self.base_url + "/tokenize", json={"content": text}, timeout=30)
+        except httpx.HTTPError as e:
+            raise EngineFailed(e.__class__.__name__) from None
+        if r.status_code >= 400:
+            raise _rejected(r)
+        return r.json().get("tokens", [])
+
+    async def metrics_text(self) -> str:
+        try:
+            r = await self._client.get(self.base_url + "/metrics", timeout=1.0)
+            return r.text if r.status_code == 200 else ""
+        except (httpx.HTTPError, AttributeError):
+            return ""
+
+
+def _rejected(r: httpx.Response) -> EngineRejected:
+    try:
+        e = r.json().get("error", {})
+        return EngineRejected(r.status_code, e.get("message") or r.text, e.get("type"))
+    except (ValueError, AttributeError):
+        return EngineRejected(r.status_code, r.text or f"engine returned HTTP {r.status_code}")
+
+
+# --- llama-bench ---------------------------------------------------------------------------------------
+
+def bench_command(plan: Plan, binary: str | None = None, n_prompt: int = 512, n_gen: int = 128,
+                  repetitions: int = 3) -> list[str]:
+    """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
+    exe = binary or find_llama_binary("llama-bench") or "llama-bench"
+    c = compile_placement(plan.device_of, plan.n_layer)
+    cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+           "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+    if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
+        cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
+    if plan.numa:
+        cmd += ["--numa", plan.numa]
+    if plan.kv_type != "f16":
+        cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+    return cmd
+
+
+def parse_bench(stdout: str) -> list[dict]:
+    """llama-bench -o json -> [{"test": "pp512"|"tg128", "tokens_per_s": mean, "stddev": s}, ...]."""
+    rows = json.loads(stdout[stdout.index("["):])
+    out = []
+    for r in rows:
+        test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
+        out.append({"test": test, "tokens_per_s": r["avg_ts"], "stddev": r.get("stddev_ts", 0.0),
+                    "n_threads": r.get("n_threads"), "backends": r.get("backends")})
+    return out

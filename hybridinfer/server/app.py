@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 
 import anyio
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engines.base import EngineFailed, EngineRejected
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .serving import Err, Serving, Settings
@@ -44,18 +46,14 @@ class _CancellingStream(StreamingResponse):
 
 
 def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
-    """`engine`: an async context manager with .state/.base_url/.restarts (the llama.cpp Supervisor)."""
+    """`engine`: a running engine as described in engines/base.py (the llama.cpp Supervisor, or in-process)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         metrics = ServerMetrics()
         async with engine:
-            serving = Serving(settings, engine, metrics)
-            app.state.serving = serving
-            try:
-                yield
-            finally:
-                await serving.aclose()
+            app.state.serving = Serving(settings, engine, metrics)
+            yield
 
     app = FastAPI(title="hybridinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
     if cors_origins:
@@ -63,7 +61,8 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+        path = request.url.path
+        if api_key and (path.startswith("/v1") or path == "/tokenize") and request.method != "OPTIONS":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer …)",
@@ -105,7 +104,9 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
     async def metrics(request: Request):
         s: Serving = request.app.state.serving
         text = s.metrics.render(s.engine.state, s.engine.restarts)
-        text += "# engine (llama-server) metrics\n" + await s.engine_metrics()
+        engine_text = await s.engine_metrics()
+        if engine_text:
+            text += "# engine metrics\n" + engine_text
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -119,6 +120,25 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
             return model.model_validate_json(raw or b"null")
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        # llama-server's shape ({"content": str} -> {"tokens": [...]}), so clients such as `bench` size prompts exactly.
+        try:
+            content = json.loads(await request.body() or b"null").get("content")
+        except (ValueError, AttributeError):
+            content = None
+        if not isinstance(content, str):
+            return JSONResponse(error_body('body must be {"content": "text"}', "invalid_request_error", param="content"),
+                                status_code=400)
+        s: Serving = request.app.state.serving
+        if s.engine.state != "ready":
+            return JSONResponse(error_body("the engine is not ready; retry shortly", "server_error", "engine_unavailable"),
+                                status_code=503, headers={"Retry-After": "2"})
+        try:
+            return {"tokens": await s.engine.tokenize(content)}
+        except (EngineFailed, EngineRejected) as e:
+            return JSONResponse(error_body(f"tokenize failed: {e}", "server_error"), status_code=502)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):

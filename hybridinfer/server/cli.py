@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -45,6 +46,15 @@ def cmd_serve(args) -> int:
     if opts.engine == "ktransformers":
         raise HybridError("serve runs llama.cpp; KTransformers is planned but not run by hybridinfer",
                           "use `hybridinfer plan --engine ktransformers` for its command, or drop --engine")
+    in_process = opts.engine == "llama-cpp-python"
+    if in_process:
+        from ..engines import llamacpp_python
+        if not llamacpp_python.available():
+            raise HybridError("--engine llama-cpp-python needs the llama_cpp module, which is not installed",
+                              "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time), or drop --engine")
+        if args.parallel != 1:
+            raise HybridError("--engine llama-cpp-python serves one request at a time",
+                              "drop --parallel, or use the default engine (llama-server) for concurrent slots")
     from dataclasses import replace
     plan = make_plan(hw, model, replace(opts, engine="llama.cpp"))
     demo = not args.gguf
@@ -61,11 +71,16 @@ def cmd_serve(args) -> int:
     def on_line(line: str):
         # llama.cpp log lines carry a level letter: show warnings/errors always, the rest with --verbose.
         if args.verbose or re.match(r"^\S+ [WE] ", line) or line.startswith(("error", "warning")):
-            elog.info("[llama-server] %s", line)
+            elog.info("[%s] %s", "llama-cpp-python" if in_process else "llama-server", line)
 
     extra = ["-v"] if args.engine_verbose else []
     extra += ["--alias", alias]
-    sup = Supervisor(plan, extra=extra, log_file=args.engine_log, on_line=on_line)
+    if in_process:
+        sup = llamacpp_python.InProcess(plan, log_file=args.engine_log, on_line=on_line)
+    else:
+        sup = Supervisor(plan, extra=extra, log_file=args.engine_log, on_line=on_line)
+        sup.request_timeout = args.request_timeout
+        sup.max_connections = settings.parallel + settings.queue + 8
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     p = plan.prediction
     print(f"hybridinfer serve — {model.name or plan.model_path}", flush=True)
@@ -73,7 +88,7 @@ def cmd_serve(args) -> int:
         print("  demo model: a tiny DeepSeek-R1-architecture MoE with RANDOM weights — its text is meaningless;\n"
               "  it exercises the real path (plan, expert placement, MLA cache, reasoning split). Use --gguf FILE for a real model.")
     devs = ", ".join(f"{d.device} {d.total / 2**30:.2f} GiB" for d in plan.devices)
-    print(f"  plan: engine {plan.engine}, rules {plan.rules}, ctx {plan.ctx} over {plan.parallel} slot(s), "
+    print(f"  plan: engine {'llama-cpp-python (in-process)' if in_process else plan.engine}, rules {plan.rules}, ctx {plan.ctx} over {plan.parallel} slot(s), "
           f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s")
     print(f"  engine: {shell(sup.command())}")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
@@ -81,11 +96,12 @@ def cmd_serve(args) -> int:
     print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
 
-    app = create_app(settings, _Progress(sup), api_key=api_key, cors_origins=args.cors_origin)
+    engine = _Progress(sup)
+    app = create_app(settings, engine, api_key=api_key, cors_origins=args.cors_origin)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=args.verbose)
     uvicorn.Server(config).run()
-    return 0
+    return 1 if engine.failed else 0
 
 
 class _Progress:
@@ -93,6 +109,7 @@ class _Progress:
 
     def __init__(self, sup):
         self.sup = sup
+        self.failed = False
 
     def __getattr__(self, name):
         return getattr(self.sup, name)
@@ -104,9 +121,14 @@ class _Progress:
 
         async def report():
             t = 0.0
-            while not await self.sup.wait_ready(timeout=5.0):
-                t += 5
-                if self.sup.state == "loading":
+            while not await self.sup.wait_ready(timeout=1.0):
+                t += 1
+                if getattr(self.sup, "fatal", None):
+                    print(f"hybridinfer: error: {self.sup.fatal}", file=sys.stderr, flush=True)
+                    self.failed = True
+                    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
+                    return
+                if self.sup.state == "loading" and t % 5 == 0:
                     print(f"  loading model… {t:.0f} s", flush=True)
             print(f"  ready: engine loaded in {self.sup.ready_at - self.sup.started_at:.1f} s", flush=True)
 
@@ -147,6 +169,10 @@ def _setup_logging(verbose: bool) -> None:
 def register(sub, add, plan_args) -> None:
     p = add("serve", cmd_serve)
     plan_args(p)
+    for a in p._actions:  # serve can also run llama.cpp in-process
+        if a.dest == "engine":
+            a.choices = [*a.choices, "llama-cpp-python"]
+            a.help = "engine (default: auto); llama-cpp-python runs llama.cpp in-process, one request at a time"
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (env HYBRIDINFER_API_KEY)")

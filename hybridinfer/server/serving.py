@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import anyio
-import httpx
 
+from ..engines.base import EngineFailed, EngineRejected
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ThinkSplitter, split_text
@@ -54,15 +53,10 @@ def sse(obj) -> str:
 class Serving:
     def __init__(self, settings: Settings, engine, metrics: ServerMetrics):
         self.s = settings
-        self.engine = engine  # has .state, .base_url, .restarts
+        self.engine = engine  # the interface in engines/base.py
         self.metrics = metrics
         self.slots = asyncio.Semaphore(settings.parallel)
         self.waiting = 0
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout, connect=5.0),
-                                        limits=httpx.Limits(max_connections=settings.parallel + settings.queue + 8))
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
 
     # --- models / health -------------------------------------------------------------------------
     def models(self) -> dict:
@@ -77,11 +71,7 @@ class Serving:
         return (200 if st == "ready" else 503), body
 
     async def engine_metrics(self) -> str:
-        try:
-            r = await self.client.get(self.engine.base_url + "/metrics", timeout=1.0)
-            return r.text if r.status_code == 200 else ""
-        except httpx.HTTPError:
-            return ""
+        return await self.engine.metrics_text()
 
     # --- admission -------------------------------------------------------------------------------
     def _check(self, model: str | None, max_tokens: int | None) -> Err | None:
@@ -150,17 +140,16 @@ class Serving:
         await self._acquire()
         t0 = time.perf_counter()
         try:
-            r = await self.client.post(self.engine.base_url + path, json=body)
-        except httpx.HTTPError as e:
+            data = await self.engine.complete(path, body)
+        except EngineRejected as e:
+            self.metrics.request_done(endpoint, e.status)
+            return err(e.status, e.message, e.type, code=str(e.status))
+        except EngineFailed as e:
             self.metrics.request_done(endpoint, 502)
-            return err(502, f"the engine failed during the request ({e.__class__.__name__}); it is being restarted",
+            return err(502, f"the engine failed during the request ({e}); it is being restarted",
                        type_="server_error", code="engine_error")
         finally:
             self._release()
-        if r.status_code >= 400:
-            self.metrics.request_done(endpoint, r.status_code)
-            return Err(r.status_code, _upstream_error(r))
-        data = r.json()
         data["model"] = self.s.model_id
         for ch in data.get("choices", []):
             msg = ch.get("message")
@@ -175,7 +164,7 @@ class Serving:
             elif self.s.starts_in_think:
                 msg["content"] = "<think>\n" + text
         usage = data.get("usage") or {}
-        timings = data.get("timings") or {}
+        timings = data.pop("timings", None) or {}
         self.metrics.request_done(endpoint, 200, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         self.metrics.e2e.observe(time.perf_counter() - t0)
         if timings.get("prompt_ms") is not None:
@@ -189,72 +178,57 @@ class Serving:
             await self._acquire()
             t0 = time.perf_counter()
             first = last = None
-            n_chunks = 0
             usage = {}
             status = 200
             splitter = ThinkSplitter(self.s.starts_in_think) if split else None
             raw_prefix = "<think>\n" if (split is False and self.s.starts_in_think) else ""
-            r = None
+            model_id = self.s.model_id
+            chat = endpoint == "chat"
             try:
-                r = await self.client.send(self.client.build_request("POST", self.engine.base_url + path, json=body),
-                                           stream=True)
-                if True:
-                    if r.status_code >= 400:
-                        status = r.status_code
-                        await r.aread()
-                        yield sse(_upstream_error(r))
-                        yield "data: [DONE]\n\n"
-                        return
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        payload = line[6:].strip()
-                        if payload == "[DONE]":
-                            break
-                        chunk = json.loads(payload)
-                        if "error" in chunk:
-                            status = 500
-                            yield sse(chunk)
-                            continue
-                        chunk["model"] = self.s.model_id
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        choices = chunk.get("choices") or []
-                        if not choices:
-                            chunk.pop("timings", None)
-                            yield sse(chunk)
-                            continue
-                        ch = choices[0]
-                        delta = ch.get("delta") or {}
-                        text = delta.get("content") if endpoint == "chat" else ch.get("text")
-                        if text:
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                                self.metrics.ttft.observe(now - t0)
-                            last = now
-                            n_chunks += 1
-                        if endpoint != "chat" or split is None:
-                            yield sse(chunk)
-                            continue
-                        if splitter is None:  # raw
-                            if text and raw_prefix:
-                                delta["content"] = raw_prefix + text
-                                raw_prefix = ""
-                            yield sse(chunk)
-                            continue
-                        parts = list(splitter.feed(text)) if text else ["", ""]
-                        if ch.get("finish_reason"):
-                            fr, fc = splitter.flush()
-                            parts = [parts[0] + fr, parts[1] + fc]
-                        for key, val in (("reasoning_content", parts[0]), ("content", parts[1])):
-                            if val:
-                                yield sse(_with_delta(chunk, {key: val}, None))
-                        if ch.get("finish_reason") or (not text and "role" in delta):
-                            yield sse(_with_delta(chunk, {k: v for k, v in delta.items() if k != "content"},
-                                                  ch.get("finish_reason")))
+                async for chunk in self.engine.stream(path, body):
+                    chunk["model"] = model_id
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    choices = chunk.get("choices")
+                    if not choices:
+                        chunk.pop("timings", None)
+                        yield sse(chunk)
+                        continue
+                    chunk.pop("timings", None)
+                    ch = choices[0]
+                    delta = ch.get("delta") or {}
+                    text = delta.get("content") if chat else ch.get("text")
+                    if text:
+                        last = time.perf_counter()
+                        if first is None:
+                            first = last
+                            self.metrics.ttft.observe(last - t0)
+                    if not chat or split is None:
+                        yield sse(chunk)
+                        continue
+                    if splitter is None:  # raw
+                        if text and raw_prefix:
+                            delta["content"] = raw_prefix + text
+                            raw_prefix = ""
+                        yield sse(chunk)
+                        continue
+                    parts = splitter.feed(text) if text else ("", "")
+                    if ch.get("finish_reason"):
+                        fr, fc = splitter.flush()
+                        parts = (parts[0] + fr, parts[1] + fc)
+                    if parts[0]:
+                        yield sse(_with_delta(chunk, {"reasoning_content": parts[0]}, None))
+                    if parts[1]:
+                        yield sse(_with_delta(chunk, {"content": parts[1]}, None))
+                    if ch.get("finish_reason") or (not text and "role" in delta):
+                        yield sse(_with_delta(chunk, {k: v for k, v in delta.items() if k != "content"},
+                                              ch.get("finish_reason")))
                 yield "data: [DONE]\n\n"
-            except httpx.HTTPError as e:
+            except EngineRejected as e:
+                status = e.status
+                yield sse(error_body(e.message, e.type, str(e.status)))
+                yield "data: [DONE]\n\n"
+            except EngineFailed as e:
                 status = 502
                 log.warning("engine stream broke: %s", e)
                 yield sse(error_body("the engine stopped during generation; it is being restarted — retry the request",
@@ -265,11 +239,6 @@ class Serving:
                 self.metrics.cancelled += 1
                 raise
             finally:
-                if r is not None:
-                    # The engine stops generating only when this socket closes. Starlette cancels through anyio,
-                    # whose cancellation would also cancel an unshielded close and leak the connection.
-                    with anyio.CancelScope(shield=True):
-                        await r.aclose()
                 self._release()
                 self.metrics.request_done(endpoint, status, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                 if status == 200:
@@ -290,13 +259,3 @@ def _with_delta(chunk: dict, delta: dict, finish_reason) -> dict:
     out.pop("usage", None)
     out.pop("timings", None)
     return out
-
-
-def _upstream_error(r: httpx.Response) -> dict:
-    try:
-        e = r.json().get("error", {})
-        msg = e.get("message") or r.text
-        typ = e.get("type") or ("invalid_request_error" if r.status_code < 500 else "server_error")
-    except (ValueError, AttributeError):
-        msg, typ = r.text or f"engine returned HTTP {r.status_code}", "server_error"
-    return error_body(msg, typ, code=str(r.status_code))

@@ -1,0 +1,266 @@
+"""`hybridinfer bench`: sweep concurrency (or request rate) against one or more OpenAI endpoints, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ..errors import HybridError
+from ..util import atomic_write, dump_json
+from .load import Target, file_prompts, first_model, random_prompts, run_level, server_tokenizer
+
+SCHEMA = "hybridinfer.bench/1"
+
+
+def cmd_bench(args) -> int:
+    """Measure tokens/s, TTFT, TPOT, ITL and E2E latency of OpenAI-compatible endpoints, as vLLM's bench serve does.
+
+    Streams requests at each --concurrency level (closed loop), or with Poisson arrivals at --request-rate with at
+    most that many in flight. Several --url run one after another on the same prompts, so two setups compare in one
+    run. Without --url it starts `hybridinfer serve` (the demo model, or --gguf) on a free port and stops it after.
+
+      hybridinfer bench                                             # the demo model, concurrency 1
+      hybridinfer bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4,8 --json out.json --plot out.png
+      hybridinfer bench --url http://a:8000/v1 --url http://b:8080/v1 --request-rate 2 --duration 60
+      hybridinfer bench --engine-bench                              # + llama-bench pp512/tg128 with the plan's placement
+
+    Exit status: 0 when some requests completed, 1 when every request failed, 2 on bad arguments.
+    """
+    from rich.console import Console
+
+    from .report import plot, render
+
+    console = Console(stderr=True, highlight=False)
+    levels = _int_list(args.concurrency, "--concurrency")
+    rate = _rate(args.request_rate)
+    for path in (args.json, args.plot):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise HybridError(f"cannot write {path}: its directory does not exist", "create the directory or choose another path")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise HybridError("--plot needs matplotlib, which is not installed",
+                              "pip install matplotlib (./install.sh --dev has it), or drop --plot") from None
+    if args.dataset != "random" and not Path(args.dataset).is_file():
+        raise HybridError(f"dataset '{args.dataset}' does not exist", "pass random, or a JSONL file with \"prompt\" per line")
+
+    served = None
+    urls = list(args.url or [])
+    if not urls:
+        served = _start_serve(args, max(levels), console)
+        urls = [served[1]]
+    try:
+        report = asyncio.run(_run(args, urls, levels, rate, console))
+    finally:
+        if served:
+            served[0].terminate()
+            try:
+                served[0].wait(15)
+            except subprocess.TimeoutExpired:
+                served[0].kill()
+    if args.engine_bench:
+        report["engine_bench"] = _engine_bench(args, console)
+    render(report)
+    if args.json:
+        atomic_write(args.json, dump_json(report) + "\n")
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        console.print(f"wrote {args.plot}")
+    total_ok = sum(lv["completed"] for run in report["runs"] for lv in run["levels"])
+    if total_ok == 0:
+        first = next((lv["first_error"] for run in report["runs"] for lv in run["levels"] if lv["first_error"]), None)
+        print(f"hybridinfer: error: every request failed (first: {first})", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(args, urls, levels, rate, console) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rng = random.Random(args.seed)
+    runs = []
+    counted_by = None
+    prompts_cache: list[str] | None = None
+    n_needed = max(args.requests, 1) if not args.duration else 64
+    async with httpx.AsyncClient() as client:
+        for url in urls:
+            url = url.rstrip("/")
+            if not url.endswith("/v1"):
+                url += "/v1"
+            model = args.model
+            if not model:
+                try:
+                    model = await first_model(client, url, args.api_key)
+                except (httpx.HTTPError, ValueError, KeyError) as e:
+                    model = "default"
+                    console.print(f"[yellow]{url}: could not list models ({e.__class__.__name__}); using model '{model}'[/]")
+            if prompts_cache is None:
+                if args.dataset == "random":
+                    count = await server_tokenizer(client, url)
+                    counted_by = "server /tokenize" if count else "estimate: one token per common English word"
+                    prompts_cache = await random_prompts(n_needed + args.warmup, args.prompt_tokens,
+                                                         random.Random(args.seed), count)
+                else:
+                    try:
+                        prompts_cache = file_prompts(args.dataset, n_needed + args.warmup, random.Random(args.seed))
+                    except ValueError as e:
+                        raise HybridError(str(e), "fix the dataset file") from None
+                    counted_by = "dataset (token counts from the server's usage)"
+            target = Target(url=url, model=model, chat=not args.completions, max_tokens=args.max_tokens,
+                            ignore_eos=args.ignore_eos if args.ignore_eos is not None else args.dataset == "random",
+                            api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), seed=args.seed,
+                            timeout=args.timeout)
+            warm, prompts = prompts_cache[:args.warmup], prompts_cache[args.warmup:]
+            run = {"url": url, "model": model, "levels": []}
+            if warm:
+                w = await run_level(target, warm, 1)
+                run["warmup_failed"] = sum(not s.ok for s in w.samples)
+            for c in levels:
+                total = None if args.duration else len(prompts)
+                with Progress(TextColumn(f"{url} c={c}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[st]}"),
+                              TimeElapsedColumn(), console=console, transient=True,
+                              disable=not console.is_terminal) as prog:
+                    task = prog.add_task("", total=total, st="")
+                    fails = [0]
+
+                    def done(s, task=task, prog=prog, fails=fails):
+                        fails[0] += not s.ok
+                        prog.update(task, advance=1, st=f"{fails[0]} failed" if fails[0] else "")
+
+                    lv = await run_level(target, prompts, c, rate, args.duration, rng, on_done=done)
+                summ = lv.summary()
+                summ["samples"] = [vars(s) for s in lv.samples]
+                run["levels"].append(summ)
+                console.print(f"{url} c={c}: {summ['completed']} ok, {summ['failed']} failed, "
+                              f"{summ['output_throughput']:.1f} output tok/s"
+                              + (f" — first error: {summ['first_error']}" if summ["first_error"] else ""))
+            runs.append(run)
+    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": _machine(),
+            "config": {"concurrency": levels, "request_rate": "inf" if rate == float("inf") else rate,
+                       "requests": None if args.duration else args.requests, "duration": args.duration,
+                       "warmup": args.warmup, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                       "dataset": args.dataset, "seed": args.seed, "endpoint": "completions" if args.completions else "chat"},
+            "prompt_tokens_counted_by": counted_by, "runs": runs, "engine_bench": None}
+
+
+def _machine() -> dict:
+    import psutil
+
+    from ..probe import probe
+
+    try:
+        hw = probe(engines=False)
+        return {"host": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
+                "ram_gib": round(hw.ram_total / 2**30, 1), "gpus": [g.name for g in hw.gpus]}
+    except Exception:  # noqa: BLE001 — the report still stands without the machine line
+        return {"host": platform.node(), "logical_cores": psutil.cpu_count(), "gpus": []}
+
+
+def _start_serve(args, parallel: int, console):
+    exe = Path(sys.executable).parent / "hybridinfer"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "hybridinfer.cli"]),
+           "serve", "--port", str(port), "--parallel", str(min(parallel, 8)), "--queue", "64"]
+    if args.gguf:
+        cmd += ["--gguf", args.gguf]
+    console.print(f"starting: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 600:
+        if proc.poll() is not None:
+            err = (proc.stderr.read() or "").strip().splitlines()
+            raise HybridError(f"hybridinfer serve exited ({err[-1] if err else proc.returncode})",
+                              "run `hybridinfer serve` by hand to see why, or pass --url")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url + "/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise HybridError("hybridinfer serve did not become ready in 600 s", "check it by hand, or pass --url")
+
+
+def _engine_bench(args, console) -> dict:
+    from ..cli import _model
+    from ..engines.llamacpp import bench_command, parse_bench
+    from ..plan import PlanOptions, make_plan
+    from ..probe import find_llama_binary, probe
+
+    binary = find_llama_binary("llama-bench")
+    if not binary:
+        raise HybridError("--engine-bench needs llama-bench, which is not installed", "run ./install.sh, or drop --engine-bench")
+    model = _model(args)
+    plan = make_plan(probe(engines=False), model, PlanOptions(engine="llama.cpp"))
+    cmd = bench_command(plan, binary, n_prompt=args.engine_bench_prompt, n_gen=args.max_tokens)
+    console.print(f"engine bench: {' '.join(cmd)}")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise HybridError(f"llama-bench failed: {last}", "run the command above by hand to see why")
+    return {"command": cmd, "results": parse_bench(r.stdout)}
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(v < 1 for v in vals):
+        raise HybridError(f"{flag} '{text}' is not a list of positive integers", f"pass e.g. {flag} 1,2,4,8")
+    return vals
+
+
+def _rate(text: str) -> float:
+    if text in ("inf", "Inf", "INF"):
+        return float("inf")
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1
+    if not v > 0:
+        raise HybridError(f"--request-rate '{text}' is not a positive number", "pass requests per second, e.g. 2.5, or inf")
+    return v
+
+
+def register(sub, add, plan_args) -> None:
+    p = add("bench", cmd_bench)
+    p.add_argument("--url", action="append", metavar="URL", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (repeat to compare; default: start hybridinfer serve)")
+    p.add_argument("--gguf", metavar="PATH", help="without --url: the model hybridinfer serve loads (default: the demo model)")
+    p.add_argument("--model", metavar="M", help="model id to request (default: the first of /v1/models)")
+    p.add_argument("--concurrency", default="1", metavar="1,2,4,8", help="concurrency levels to sweep (default: 1)")
+    p.add_argument("--request-rate", default="inf", metavar="R|inf", help="Poisson arrivals per second, at most --concurrency in flight (default: inf = closed loop)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--requests", type=int, default=16, metavar="N", help="requests per level (default: 16)")
+    g.add_argument("--duration", type=float, metavar="S", help="run each level for S seconds instead")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="warm-up requests per URL, not counted (default: 1)")
+    p.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length for the random dataset (default: 128)")
+    p.add_argument("--max-tokens", type=int, default=128, metavar="N", help="output tokens per request (default: 128)")
+    p.add_argument("--dataset", default="random", metavar="random|FILE.jsonl", help="prompts: random words sized with the server's tokenizer, or JSONL with \"prompt\" (default: random)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None, help="ask for exactly --max-tokens (default: on for random prompts)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts, arrivals and sampling (default: 0)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default)")
+    g.add_argument("--completions", action="store_true", help="use /v1/completions")
+    p.add_argument("--api-key", metavar="K", help="Bearer key (env OPENAI_API_KEY)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout (default: 600)")
+    p.add_argument("--json", metavar="OUT", help="write every figure and raw sample as JSON (schema in the README)")
+    p.add_argument("--plot", metavar="OUT.png", help="plot throughput and latency percentiles vs concurrency")
+    p.add_argument("--engine-bench", action="store_true", help="also run llama-bench with the plan's placement (pp/tg)")
+    p.add_argument("--engine-bench-prompt", type=int, default=512, metavar="N", help="llama-bench prompt length (default: 512)")

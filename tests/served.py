@@ -1,0 +1,73 @@
+"""A real `hybridinfer serve` child process for tests (shared by the serve, bench and Open-WebUI tests)."""
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+EXE = str(Path(sys.executable).parent / "hybridinfer")
+
+
+class Served:
+    def __init__(self, args, tmp_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / f"engine-{self.port}.log"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([EXE, "serve", "--port", str(self.port), "--engine-log", str(self.log), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("serve exited:\n" + "\n".join(self.lines))
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("serve did not become healthy:\n" + "\n".join(self.lines))
+        m = re.search(r"llama-server .*?--port (\d+)", "\n".join(self.lines))
+        self.engine_url = f"http://127.0.0.1:{m.group(1)}" if m else None  # None: in-process engine
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def engine_pid(self) -> int:
+        out = subprocess.run(["pgrep", "-f", f"llama-server.*--port {self.engine_url.rsplit(':', 1)[1]}"],
+                             capture_output=True, text=True).stdout.split()
+        return int(out[0])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
