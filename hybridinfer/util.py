@@ -68,6 +68,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written report should read like any other file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
