@@ -38,6 +38,12 @@ fi
 vpy="$here/.venv/bin/python"
 "$vpy" -m pip install -q --upgrade pip >/dev/null
 if [ "$dev" = 1 ]; then
+  # torch for the IQ dequantizers and their tests: the CPU build (a plain `torch` would pull a multi-GB CUDA
+  # build); set HYBRIDINFER_TORCH to choose another, e.g. a CUDA wheel on a GPU box.
+  if ! "$vpy" -c "import torch" >/dev/null 2>&1; then
+    log "installing ${HYBRIDINFER_TORCH:-torch==2.13.0}"
+    "$vpy" -m pip install -q "${HYBRIDINFER_TORCH:-torch==2.13.0}"
+  fi
   log "installing hybridinfer[dev]"
   "$vpy" -m pip install -q -e "$here[dev]"
 else

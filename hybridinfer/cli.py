@@ -193,7 +193,8 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
-    out.append(bench_register)
+    from .patch_kt import register as patch_register
+    out += [bench_register, patch_register]
     return out
 
 
