@@ -184,6 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_openwebui_pipe(args) -> int:
+    """Print (or write with -o) the Open-WebUI pipe function that shows hybridinfer's models in Open-WebUI.
+
+    Import the file in Open-WebUI (Admin Panel > Functions > Import, or paste it), enable it, and point its
+    BASE_URL valve at `hybridinfer serve` (default http://127.0.0.1:8000/v1). Reasoning appears as a collapsible
+    thinking block; tokens/s and TTFT as a status line.
+    """
+    from pathlib import Path
+
+    from .util import atomic_write
+
+    text = (Path(__file__).parent / "openwebui_pipe.py").read_text()
+    if args.base_url:
+        text = text.replace('default="http://127.0.0.1:8000/v1"', f"default={args.base_url!r}", 1)
+    if args.output:
+        if not Path(args.output).resolve().parent.is_dir():
+            raise HybridError(f"cannot write {args.output}: its directory does not exist",
+                              "create the directory or choose another path")
+        atomic_write(args.output, text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _register_openwebui(sub, add, plan_args) -> None:
+    p = add("openwebui-pipe", cmd_openwebui_pipe)
+    p.add_argument("-o", "--output", metavar="FILE", help="write the function to FILE instead of stdout")
+    p.add_argument("--base-url", metavar="URL", help="default BASE_URL valve (default: http://127.0.0.1:8000/v1)")
+
+
 def _extra_commands():
     """Later stages register themselves here (serve, bench, ...)."""
     out = []
@@ -194,7 +225,7 @@ def _extra_commands():
         pass
     from .bench.cli import register as bench_register
     from .patch_kt import register as patch_register
-    out += [bench_register, patch_register]
+    out += [bench_register, patch_register, _register_openwebui]
     return out
 
 

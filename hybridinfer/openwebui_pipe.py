@@ -1,0 +1,183 @@
+"""
+title: hybridinfer
+author: hybridinfer
+version: 0.1.0
+license: MIT
+description: Chat with models served by `hybridinfer serve`: R1's reasoning as a collapsible thinking block, speed (tokens/s, TTFT) as a status line.
+"""
+
+# One self-contained file: it imports only what Open-WebUI itself ships (pydantic, httpx, the standard library).
+# Install: Admin Panel > Functions > Import (or paste), enable it, set BASE_URL in its valves.
+# `hybridinfer openwebui-pipe -o hybridinfer_pipe.py` writes this file.
+
+import json
+import re
+import time
+from typing import AsyncIterator
+
+import httpx
+from pydantic import BaseModel, Field
+
+# Sampling parameters Open-WebUI may put in the body; passed through unchanged.
+PASS_THROUGH = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+                "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias", "response_format",
+                "grammar", "json_schema", "ignore_eos")  # the last three: llama.cpp extensions (custom params)
+
+
+class Pipe:
+    class Valves(BaseModel):
+        BASE_URL: str = Field(default="http://127.0.0.1:8000/v1",
+                              description="hybridinfer's OpenAI base URL (serve prints it at startup)")
+        API_KEY: str = Field(default="", description="the key given to `hybridinfer serve --api-key`, if any")
+        REQUEST_TIMEOUT: float = Field(default=600.0, description="seconds to wait for a response (R1 thinks long)")
+        SHOW_REASONING: bool = Field(default=True, description="show the model's reasoning as a thinking block")
+        MODEL_FILTER: str = Field(default="", description="only list models whose id matches this regex (empty: all)")
+
+    def __init__(self):
+        self.type = "manifold"
+        self.name = "hybridinfer: "
+        self.valves = self.Valves()  # Open-WebUI applies saved valves onto this instance
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.valves.API_KEY}"} if self.valves.API_KEY else {}
+
+    def _url(self, path: str) -> str:
+        return self.valves.BASE_URL.rstrip("/") + path
+
+    async def pipes(self) -> list[dict]:
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                r = await c.get(self._url("/models"), headers=self._headers())
+                r.raise_for_status()
+                ids = [m["id"] for m in r.json().get("data", [])]
+        except Exception as e:  # noqa: BLE001 — shown to the user as a model entry, never a traceback
+            return [{"id": "unreachable", "name": f"unreachable — {self._describe(e)}"}]
+        if self.valves.MODEL_FILTER:
+            ids = [i for i in ids if re.search(self.valves.MODEL_FILTER, i)]
+        return [{"id": i, "name": i} for i in ids]
+
+    def _describe(self, e: Exception) -> str:
+        if isinstance(e, httpx.ConnectError):
+            return f"cannot reach {self.valves.BASE_URL} (is `hybridinfer serve` running?)"
+        if isinstance(e, httpx.TimeoutException):
+            return f"{self.valves.BASE_URL} did not answer within {self.valves.REQUEST_TIMEOUT:g} s"
+        if isinstance(e, httpx.HTTPStatusError):
+            return f"HTTP {e.response.status_code}: {_error_message(e.response)}"
+        return f"{e.__class__.__name__}: {e}"
+
+    # --- chat ---------------------------------------------------------------------------------------------------
+    def _payload(self, body: dict, stream: bool) -> dict:
+        model = body.get("model", "")
+        model = model.split(".", 1)[1] if "." in model else model  # Open-WebUI sends "<function_id>.<model id>"
+        out = {"model": model, "messages": body.get("messages", []), "stream": stream}
+        if stream:
+            out["stream_options"] = {"include_usage": True}
+        for k in PASS_THROUGH:
+            if body.get(k) is not None:
+                out[k] = body[k]
+        return out
+
+    async def pipe(self, body: dict, __event_emitter__=None, __task__=None):
+        emit = __event_emitter__
+        if __task__ or not body.get("stream", True):
+            return await self._once(body, emit, answer_only=bool(__task__))
+        return self._stream(body, emit)
+
+    async def _status(self, emit, description: str, done: bool = False) -> None:
+        if emit:
+            await emit({"type": "status", "data": {"description": description, "done": done}})
+
+    async def _once(self, body: dict, emit, answer_only: bool) -> str:
+        await self._status(emit, "Waiting for hybridinfer…")
+        t0 = time.perf_counter()
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(self.valves.REQUEST_TIMEOUT, connect=10)) as c:
+                r = await c.post(self._url("/chat/completions"), json=self._payload(body, False), headers=self._headers())
+                r.raise_for_status()
+                data = r.json()
+        except Exception as e:  # noqa: BLE001
+            msg = f"hybridinfer: {self._describe(e)}"
+            await self._status(emit, msg, done=True)
+            return msg
+        msg = (data.get("choices") or [{}])[0].get("message") or {}
+        reasoning, content = msg.get("reasoning_content"), msg.get("content") or ""
+        usage = data.get("usage") or {}
+        await self._status(emit, f"{usage.get('completion_tokens', 0)} tokens in {time.perf_counter() - t0:.1f} s", True)
+        if reasoning and self.valves.SHOW_REASONING and not answer_only:
+            return f"<think>\n{reasoning}\n</think>\n\n{content}"
+        return content
+
+    async def _stream(self, body: dict, emit) -> AsyncIterator[str]:
+        await self._status(emit, "Waiting for hybridinfer…")
+        t0 = time.perf_counter()
+        first = last = None
+        phase = None          # None -> "thinking" -> "answering"
+        in_think = False
+        usage = {}
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(self.valves.REQUEST_TIMEOUT, connect=10)) as c:
+                # Leaving this block (the user pressed stop: Open-WebUI closes this generator) closes the HTTP
+                # stream, and hybridinfer frees the generation slot.
+                async with c.stream("POST", self._url("/chat/completions"), json=self._payload(body, True),
+                                    headers=self._headers()) as r:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        raise httpx.HTTPStatusError("error", request=r.request, response=r)
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            raise RuntimeError((chunk["error"] or {}).get("message") or "the server reported an error")
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for ch in chunk.get("choices") or []:
+                            delta = ch.get("delta") or {}
+                            reasoning, content = delta.get("reasoning_content"), delta.get("content")
+                            if not (reasoning or content):
+                                continue
+                            now = time.perf_counter()
+                            first = first or now
+                            last = now
+                            if reasoning:
+                                if phase is None:
+                                    phase = "thinking"
+                                    await self._status(emit, "Thinking…")
+                                if self.valves.SHOW_REASONING:
+                                    if not in_think:
+                                        in_think = True
+                                        yield "<think>\n"
+                                    yield reasoning
+                            if content:
+                                if phase != "answering":
+                                    phase = "answering"
+                                    await self._status(emit, "Answering…")
+                                if in_think:
+                                    in_think = False
+                                    yield "\n</think>\n\n"
+                                yield content
+            if in_think:
+                yield "\n</think>\n\n"
+        except Exception as e:  # noqa: BLE001 — one readable line for the user, never a traceback
+            if in_think:
+                yield "\n</think>\n\n"
+            msg = self._describe(e) if isinstance(e, httpx.HTTPError) else str(e)
+            await self._status(emit, f"hybridinfer: {msg}", done=True)
+            yield f"\n\n**hybridinfer:** {msg}"
+            return
+        n = usage.get("completion_tokens", 0)
+        ttft = (first - t0) if first else 0.0
+        tps = (n - 1) / (last - first) if first and last and last > first and n > 1 else 0.0
+        await self._status(emit, f"{n} tokens · {tps:.1f} tok/s · TTFT {ttft:.2f} s", done=True)
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        e = r.json().get("error", {})
+        return (e.get("message") if isinstance(e, dict) else str(e)) or r.text[:200]
+    except Exception:  # noqa: BLE001
+        return r.text[:200] or r.reason_phrase

@@ -1,0 +1,131 @@
+"""The Open-WebUI pipe function, loaded the way Open-WebUI loads it (a module from source text), against a real
+`hybridinfer serve` on the tiny model."""
+
+import ast
+import asyncio
+import re
+import types
+
+import httpx
+import pytest
+
+from conftest import run_cli
+from served import Served, free_port
+
+pytestmark = pytest.mark.engine
+# A grammar makes the random-weight model "think" then answer, deterministically (llama.cpp GBNF, passed through).
+GRAMMAR = 'root ::= "two plus two" "</think>" " is four"'
+
+
+def load_pipe(text: str):
+    mod = types.ModuleType("function_hybridinfer")
+    exec(compile(text, "<open-webui function>", "exec"), mod.__dict__)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def source():
+    r = run_cli("openwebui-pipe")
+    assert r.returncode == 0
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    s = Served(["--gguf", tiny_model, "--parallel", "2", "--threads", "2"], tmp_path_factory.mktemp("owui-pipe"))
+    yield s
+    s.stop()
+
+
+def make(source, url, **valves):
+    p = load_pipe(source).Pipe()
+    p.valves = p.Valves(BASE_URL=url + "/v1", **valves)
+    return p
+
+
+async def collect(p, body, task=None):
+    events = []
+
+    async def emit(e):
+        events.append(e)
+
+    res = await p.pipe(body, __event_emitter__=emit, __task__=task)
+    if isinstance(res, str):
+        return res, events
+    return "".join([x async for x in res]), events
+
+
+def test_self_contained(source):
+    tree = ast.parse(source)
+    mods = {n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert {m.split(".")[0] for m in mods} <= {"json", "re", "time", "typing", "httpx", "pydantic"}
+    assert 'title: hybridinfer' in source.split('"""')[1]
+    r = run_cli("openwebui-pipe", "--base-url", "http://10.0.0.2:9000/v1")
+    assert 'default="http://10.0.0.2:9000/v1"' in r.stdout or "default='http://10.0.0.2:9000/v1'" in r.stdout
+
+
+def test_pipes_lists_models_and_filters(source, server):
+    assert asyncio.run(make(source, server.url).pipes()) == [{"id": "tiny", "name": "tiny"}]
+    assert asyncio.run(make(source, server.url, MODEL_FILTER="^nomatch").pipes()) == []
+
+
+def test_stream_reasoning_then_answer_with_status(source, server):
+    body = {"model": "hybridinfer.tiny", "stream": True, "max_tokens": 60, "grammar": GRAMMAR,
+            "messages": [{"role": "user", "content": "what is two plus two?"}]}
+    out, events = asyncio.run(collect(make(source, server.url), body))
+    assert out == "<think>\ntwo plus two\n</think>\n\n is four"
+    desc = [e["data"]["description"] for e in events]
+    assert desc[:3] == ["Waiting for hybridinfer…", "Thinking…", "Answering…"]
+    assert re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · TTFT [\d.]+ s", desc[-1]) and events[-1]["data"]["done"]
+    assert all(e["type"] == "status" for e in events)
+
+
+def test_non_stream_hidden_reasoning_and_task(source, server):
+    body = {"model": "hybridinfer.tiny", "stream": False, "max_tokens": 60, "grammar": GRAMMAR,
+            "messages": [{"role": "user", "content": "x"}]}
+    out, events = asyncio.run(collect(make(source, server.url), body))
+    assert out == "<think>\ntwo plus two\n</think>\n\n is four" and events[-1]["data"]["done"]
+    out, _ = asyncio.run(collect(make(source, server.url, SHOW_REASONING=False), dict(body, stream=True)))
+    assert out == " is four"
+    out, _ = asyncio.run(collect(make(source, server.url), dict(body, stream=True), task="title_generation"))
+    assert out == " is four"  # background tasks (titles, tags) get the answer only
+
+
+def test_errors_are_one_readable_line(source, server):
+    down = f"http://127.0.0.1:{free_port()}"
+    models = asyncio.run(make(source, down).pipes())
+    assert models[0]["id"] == "unreachable" and "is `hybridinfer serve` running?" in models[0]["name"]
+    body = {"model": "hybridinfer.tiny", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    out, events = asyncio.run(collect(make(source, down), body))
+    assert out.startswith("\n\n**hybridinfer:** cannot reach") and "Traceback" not in out
+    assert events[-1]["data"]["done"] and events[-1]["data"]["description"].startswith("hybridinfer: cannot reach")
+    out, _ = asyncio.run(collect(make(source, server.url), dict(body, max_tokens=10**7)))
+    assert "HTTP 400" in out and "max_tokens" in out
+
+
+def test_cancel_closes_the_stream_and_frees_the_slot(source, server):
+    def cancelled():
+        m = re.search(r"hybridinfer_requests_cancelled_total (\d+)", httpx.get(server.url + "/metrics").text)
+        return int(m.group(1))
+
+    before = cancelled()
+
+    async def run():
+        p = make(source, server.url)
+        gen = await p.pipe({"model": "hybridinfer.tiny", "stream": True, "max_tokens": 3000, "ignore_eos": True,
+                            "messages": [{"role": "user", "content": "go"}]})
+        n = 0
+        async for _ in gen:
+            n += 1
+            if n == 5:
+                break
+        await gen.aclose()  # what Open-WebUI does when the user presses stop
+
+    asyncio.run(run())
+    for _ in range(50):
+        h = httpx.get(server.url + "/health").json()
+        if cancelled() > before and h["in_flight"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert cancelled() == before + 1 and httpx.get(server.url + "/health").json()["in_flight"] == 0

@@ -1,0 +1,124 @@
+"""The pipe function inside a real Open-WebUI (lite install, offline, loopback) talking to a real `hybridinfer serve`
+on the tiny model: import + activate through Open-WebUI's HTTP API, chat through /api/chat/completions (stream and
+not) and through the UI path, read back the stored reasoning item and answer, and screenshot the chat in headless
+Chromium. Marked `openwebui`: `.ci/run` runs it as its own step (it installs Open-WebUI into a cached venv)."""
+
+import json
+import os
+import shutil
+import time
+import uuid
+
+import httpx
+import pytest
+
+from conftest import ROOT, run_cli
+from owui import VERSION, OpenWebUI, ensure_chromium, ensure_openwebui, screenshot
+from served import Served, free_port
+
+pytestmark = pytest.mark.openwebui
+GRAMMAR = 'root ::= "two plus two" "</think>" " is four"'  # reasoning, then an answer, from random weights
+MODEL = "hybridinfer.hybridinfer-demo"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model):
+    exe = ensure_openwebui()
+    ensure_chromium()
+    d = tmp_path_factory.mktemp("owui")
+    serve = Served(["--gguf", tiny_model, "--alias", "hybridinfer-demo", "--parallel", "2", "--threads", "2"], d)
+    (d / "data").mkdir()
+    ow = None
+    try:
+        ow = OpenWebUI(exe, d / "data", free_port())
+        r = httpx.post(ow.url + "/api/v1/auths/signup",
+                       json={"name": "admin", "email": "admin@example.com", "password": "hybridinfer-test"})
+        r.raise_for_status()
+        headers = {"Authorization": f"Bearer {r.json()['token']}"}
+        yield serve, ow, headers, r.json()["token"], d
+    finally:
+        if ow:
+            ow.stop()
+        serve.stop()
+
+
+def _install_function(ow, headers, serve_url):
+    source = run_cli("openwebui-pipe").stdout
+    httpx.delete(ow.url + "/api/v1/functions/id/hybridinfer/delete", headers=headers)  # a fresh import each time
+    r = httpx.post(ow.url + "/api/v1/functions/create", headers=headers,
+                   json={"id": "hybridinfer", "name": "hybridinfer", "content": source,
+                         "meta": {"description": "models served by hybridinfer", "manifest": {}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["type"] == "pipe" and r.json()["meta"]["manifest"]["title"] == "hybridinfer"
+    r = httpx.post(ow.url + "/api/v1/functions/id/hybridinfer/toggle", headers=headers)
+    assert r.json()["is_active"] is True
+    spec = httpx.get(ow.url + "/api/v1/functions/id/hybridinfer/valves/spec", headers=headers).json()
+    assert {"BASE_URL", "API_KEY", "REQUEST_TIMEOUT", "SHOW_REASONING", "MODEL_FILTER"} <= set(spec["properties"])
+    r = httpx.post(ow.url + "/api/v1/functions/id/hybridinfer/valves/update", headers=headers,
+                   json={"BASE_URL": serve_url + "/v1"})
+    assert r.status_code == 200
+
+
+def test_function_in_real_openwebui(stack):
+    serve, ow, headers, token, d = stack
+    _install_function(ow, headers, serve.url)
+    models = {m["id"]: m["name"] for m in httpx.get(ow.url + "/api/models", headers=headers).json()["data"]}
+    assert models.get(MODEL) == "hybridinfer: hybridinfer-demo"
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is two plus two?"}], "max_tokens": 60,
+            "grammar": GRAMMAR}
+    # The API path: the thought stays literal inside content.
+    r = httpx.post(ow.url + "/api/chat/completions", headers=headers, json=dict(body, stream=False), timeout=120)
+    assert r.json()["choices"][0]["message"]["content"] == "<think>\ntwo plus two\n</think>\n\n is four"
+    text = ""
+    with httpx.stream("POST", ow.url + "/api/chat/completions", headers=headers, json=dict(body, stream=True),
+                      timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:]).get("choices", []):
+                    text += (c.get("delta") or {}).get("content") or ""
+    assert text == "<think>\ntwo plus two\n</think>\n\n is four"
+
+    # The UI path: Open-WebUI creates the chat, runs the pipe in the background and stores the thought as its own
+    # output item, the answer without it, and the status events.
+    uid, aid = str(uuid.uuid4()), str(uuid.uuid4())
+    user_msg = {"id": uid, "parentId": None, "childrenIds": [], "role": "user", "content": "What is two plus two?",
+                "timestamp": int(time.time()), "models": [MODEL]}
+    r = httpx.post(ow.url + "/api/chat/completions", headers=headers, timeout=120,
+                   json=dict(body, stream=True, parent_id=None, id=aid, user_message=user_msg,
+                             session_id="hybridinfer-test", background_tasks={}, features={}, variables={}))
+    chat_id = r.json()["chat_id"]
+    for _ in range(120):
+        chat = httpx.get(ow.url + f"/api/v1/chats/{chat_id}", headers=headers).json()["chat"]
+        msg = chat["history"]["messages"][aid]
+        if msg.get("done"):
+            break
+        time.sleep(0.5)
+    assert msg["done"] and msg["parentId"] == uid and chat["history"]["currentId"] == aid
+    out = {o["type"]: o for o in msg["output"]}
+    assert [o["type"] for o in msg["output"]] == ["reasoning", "message"]
+    assert out["reasoning"]["content"][0]["text"] == "two plus two"
+    assert out["message"]["content"][0]["text"].strip() == "is four" and "think" not in msg["content"]
+    statuses = [s["description"] for s in msg["statusHistory"]]
+    assert statuses[:3] == ["Waiting for hybridinfer…", "Thinking…", "Answering…"]
+    assert "tok/s" in statuses[-1] and "TTFT" in statuses[-1] and msg["statusHistory"][-1]["done"]
+
+    # The rendering: the chat in headless Chromium, thinking block expanded.
+    httpx.post(ow.url + "/api/v1/users/user/settings/update", headers=headers, json={"ui": {"version": VERSION}})
+    png = d / "openwebui-chat.png"
+    screenshot(ow.url, token, png, f"/c/{chat_id}", expand="Thought")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    if os.environ.get("HYBRIDINFER_UPDATE_DOCS"):
+        shutil.copy(png, ROOT / "docs" / "openwebui-chat.png")
+
+
+def test_server_down_shows_one_line(stack):
+    serve, ow, headers, token, d = stack
+    _install_function(ow, headers, f"http://127.0.0.1:{free_port()}")
+    models = {m["id"]: m["name"] for m in httpx.get(ow.url + "/api/models", headers=headers).json()["data"]}
+    assert "hybridinfer.unreachable" in models and "is `hybridinfer serve` running?" in models["hybridinfer.unreachable"]
+    r = httpx.post(ow.url + "/api/chat/completions", headers=headers, timeout=60,
+                   json={"model": "hybridinfer.unreachable", "stream": False,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    content = r.json()["choices"][0]["message"]["content"]
+    assert content.startswith("hybridinfer: cannot reach") and "Traceback" not in content
