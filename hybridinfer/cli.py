@@ -18,7 +18,10 @@ examples:
   hybridinfer inspect --gguf DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf
   hybridinfer plan --gguf R1.gguf --hardware desktop-4090 --compare layer-split
   hybridinfer serve                         serve the built-in tiny demo model on 127.0.0.1:8000
-  hybridinfer bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4
+  hybridinfer serve --gguf R1.gguf --engine llama-cpp-python   in-process, one request at a time
+  hybridinfer bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4 --json out.json --plot out.png
+  hybridinfer patch ktransformers --apply   let a legacy KTransformers load IQ quants
+  hybridinfer openwebui-pipe -o hybridinfer_pipe.py   the Open-WebUI function
 """
 
 

@@ -45,6 +45,25 @@ class _CancellingStream(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+class _BearerAuth:
+    """Requires 'Authorization: Bearer KEY' on /v1 and /tokenize. Plain ASGI: Starlette's BaseHTTPMiddleware would
+    re-stream every response chunk through an extra task and queue."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and \
+                (scope["path"].startswith("/v1") or scope["path"] == "/tokenize"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                resp = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer …)",
+                                               "authentication_error", "invalid_api_key"), status_code=401)
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
     """`engine`: a running engine as described in engines/base.py (the llama.cpp Supervisor, or in-process)."""
 
@@ -59,15 +78,8 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        path = request.url.path
-        if api_key and (path.startswith("/v1") or path == "/tokenize") and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("invalid or missing API key (Authorization: Bearer …)",
-                                               "authentication_error", "invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):

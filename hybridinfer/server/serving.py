@@ -6,12 +6,13 @@ Returns a response dict, an async generator of SSE strings, or an `Err` value; k
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+
+import orjson
 
 from ..engines.base import EngineFailed, EngineRejected
 from ..metrics import ServerMetrics
@@ -46,8 +47,8 @@ def err(status: int, message: str, type_: str = "invalid_request_error", code: s
     return Err(status, error_body(message, type_, code, param), {"Retry-After": str(retry_after)} if retry_after else {})
 
 
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def sse(obj) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"  # per token: orjson is ~5x the stdlib here
 
 
 class Serving:
@@ -223,17 +224,17 @@ class Serving:
                     if ch.get("finish_reason") or (not text and "role" in delta):
                         yield sse(_with_delta(chunk, {k: v for k, v in delta.items() if k != "content"},
                                               ch.get("finish_reason")))
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
             except EngineRejected as e:
                 status = e.status
                 yield sse(error_body(e.message, e.type, str(e.status)))
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
             except EngineFailed as e:
                 status = 502
                 log.warning("engine stream broke: %s", e)
                 yield sse(error_body("the engine stopped during generation; it is being restarted — retry the request",
                                      "server_error", "engine_error"))
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
             except (asyncio.CancelledError, GeneratorExit):
                 status = 499  # the client went away
                 self.metrics.cancelled += 1
