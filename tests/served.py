@@ -43,8 +43,17 @@ class Served:
             time.sleep(0.2)
         else:
             raise RuntimeError("serve did not become healthy:\n" + "\n".join(self.lines))
-        m = re.search(r"llama-server .*?--port (\d+)", "\n".join(self.lines))
-        self.engine_url = f"http://127.0.0.1:{m.group(1)}" if m else None  # None: in-process engine
+        # The engine's private address (a Unix socket where the build takes one); None for the in-process engine.
+        text = "\n".join(self.lines)
+        m = re.search(r"llama-server .*?--host (\S+\.sock)", text)
+        t = re.search(r"llama-server .*?--host (\S+) --port (\d+)", text)
+        self.engine_address = m.group(1) if m else (f"{t.group(1)} --port {t.group(2)}" if t else None)
+        if m:
+            self.engine = httpx.Client(transport=httpx.HTTPTransport(uds=m.group(1)), base_url="http://engine")
+        elif t:
+            self.engine = httpx.Client(base_url=f"http://{t.group(1)}:{t.group(2)}")
+        else:
+            self.engine = None
 
     def _read(self):
         for line in self.proc.stdout:
@@ -54,7 +63,7 @@ class Served:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
 
     def engine_pid(self) -> int:
-        out = subprocess.run(["pgrep", "-f", f"llama-server.*--port {self.engine_url.rsplit(':', 1)[1]}"],
+        out = subprocess.run(["pgrep", "-f", f"llama-server.*--host {self.engine_address}"],
                              capture_output=True, text=True).stdout.split()
         return int(out[0])
 

@@ -51,8 +51,8 @@ def test_chat_non_stream_reasoning_and_usage(server):
     assert "<think>" not in msg.reasoning_content and "</think>" not in (msg.content or "")
     assert r.usage.completion_tokens == 24
     # prompt tokens = the engine's own count of the rendered template
-    rendered = httpx.post(server.engine_url + "/apply-template", json={"messages": MSG}).json()["prompt"]
-    toks = httpx.post(server.engine_url + "/tokenize", json={"content": rendered, "add_special": True}).json()["tokens"]
+    rendered = server.engine.post("/apply-template", json={"messages": MSG}).json()["prompt"]
+    toks = server.engine.post("/tokenize", json={"content": rendered, "add_special": True}).json()["tokens"]
     assert r.usage.prompt_tokens == len(toks)
     raw = c.chat.completions.create(model="tiny", messages=MSG, extra_body={"ignore_eos": True, "reasoning_format": "raw"},
                                     temperature=0, max_tokens=24)
@@ -134,7 +134,7 @@ def _metric(text, name):
 
 
 def test_disconnect_cancels_generation(server):
-    before = httpx.get(server.engine_url + "/metrics").text
+    before = server.engine.get("/metrics").text
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30,
                       json={"messages": MSG, "stream": True, "max_tokens": 4000, "ignore_eos": True}) as r:
         n = 0
@@ -145,7 +145,7 @@ def test_disconnect_cancels_generation(server):
                 break  # leaving the block closes the connection mid-stream
     deadline = time.time() + 5
     while time.time() < deadline:
-        slots = httpx.get(server.engine_url + "/slots").json()
+        slots = server.engine.get("/slots").json()
         if not any(s["is_processing"] for s in slots):
             break
         time.sleep(0.05)
@@ -154,7 +154,7 @@ def test_disconnect_cancels_generation(server):
     assert _metric(m, "hybridinfer_requests_in_flight") == 0
     assert _metric(m, "hybridinfer_requests_cancelled_total") >= 1
     # the engine stopped early: far fewer than the 4000 requested tokens were decoded
-    decoded = _metric(httpx.get(server.engine_url + "/metrics").text, "llamacpp:tokens_predicted_total") - \
+    decoded = _metric(server.engine.get("/metrics").text, "llamacpp:tokens_predicted_total") - \
         (_metric(before, "llamacpp:tokens_predicted_total") or 0)
     assert decoded < 4000
 

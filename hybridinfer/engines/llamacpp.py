@@ -10,9 +10,11 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import anyio
@@ -112,6 +114,12 @@ class Supervisor:
             from ..errors import HybridError
             raise HybridError("llama-server not found", "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER")
         self.port = free_port()
+        # A private Unix socket where the build takes one (`--host x.sock`): no TCP Nagle/delayed-ACK stalls on the
+        # streamed tokens (llama-server leaves Nagle on) and no port another local user could reach.
+        self.sock: str | None = None
+        if "UNIX socket" in help_text(self.binary):
+            self._sockdir = tempfile.mkdtemp(prefix="hybridinfer-")  # 0700
+            self.sock = os.path.join(self._sockdir, "engine.sock")
         self.extra = list(extra or [])
         self.log_file = log_file
         self.restart = restart
@@ -131,10 +139,23 @@ class Supervisor:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return "http://engine" if self.sock else f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """Where the engine listens, for people: a socket path or host:port."""
+        return self.sock or f"127.0.0.1:{self.port}"
+
+    def _transport(self, **kw) -> httpx.AsyncHTTPTransport:
+        if self.sock:
+            return httpx.AsyncHTTPTransport(uds=self.sock, **kw)
+        # TCP fallback: a fresh loopback connection per request, since on a reused one the kernel's delayed ACKs
+        # and llama-server's Nagle hold the first streamed tokens back by tens of ms.
+        kw.setdefault("limits", httpx.Limits(max_keepalive_connections=0))
+        return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], **kw)
 
     def command(self) -> list[str]:
-        return command(self.plan, host="127.0.0.1", port=self.port, binary=self.binary, extra=self.extra)
+        return command(self.plan, host=self.sock or "127.0.0.1", port=self.port, binary=self.binary, extra=self.extra)
 
     async def __aenter__(self):
         await self.start()
@@ -145,13 +166,13 @@ class Supervisor:
 
     async def start(self) -> None:
         if self._client is None:
-            # TCP_NODELAY: httpcore writes headers and body separately, and Nagle + delayed ACK would hold the
-            # body back ~20 ms on every request.
-            transport = httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                                                 limits=httpx.Limits(max_connections=self.max_connections))
+            transport = self._transport(limits=httpx.Limits(max_connections=self.max_connections,
+                                                            max_keepalive_connections=None if self.sock else 0))
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=5.0),
                                              transport=transport)
         cmd = self.command()
+        if self.sock and os.path.exists(self.sock):
+            os.unlink(self.sock)  # left by a crashed engine
         log.info("starting: %s", " ".join(cmd))
         self.state = "loading"
         self._ready.clear()
@@ -196,7 +217,7 @@ class Supervisor:
                 await self.start()
 
     async def _wait_healthy(self, proc) -> None:
-        async with httpx.AsyncClient(timeout=2.0) as c:
+        async with httpx.AsyncClient(timeout=2.0, transport=self._transport()) as c:
             while proc.returncode is None:
                 try:
                     r = await c.get(self.base_url + "/health")
@@ -240,6 +261,8 @@ class Supervisor:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self.sock:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
 
     # --- the engine interface the server uses (see engines/base.py) ----------------------------------
     async def complete(self, path: str, body: dict) -> dict:
