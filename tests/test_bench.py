@@ -200,3 +200,44 @@ def test_dataset_file(server, tmp_path):
     assert r.returncode == 0, r.stderr
     lv = json.loads(Path(out).read_text())["runs"][0]["levels"][0]
     assert lv["completed"] == 4 and lv["total_output_tokens"] <= 16
+
+
+def test_poisson_arrivals_and_duration(server, tmp_path):
+    out = tmp_path / "r.json"
+    r = run_cli("bench", "--url", server.url + "/v1", "--request-rate", "40", "--concurrency", "2", "--requests", "6",
+                "--max-tokens", "4", "--json", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    lv = rep["runs"][0]["levels"][0]
+    assert rep["config"]["request_rate"] == 40 and lv["request_rate"] == 40 and lv["completed"] == 6
+    starts = sorted(s["start_s"] for s in lv["samples"])
+    assert starts[-1] > 0  # arrivals spread over time, not all at t=0
+    r = run_cli("bench", "--url", server.url + "/v1", "--duration", "1.5", "--concurrency", "2", "--max-tokens", "4",
+                "--json", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    lv = rep["runs"][0]["levels"][0]
+    assert rep["config"]["duration"] == 1.5 and rep["config"]["requests"] is None
+    assert lv["completed"] >= 2 and max(s["start_s"] for s in lv["samples"]) < 1.5
+
+
+def test_prompts_are_deterministic_per_seed():
+    import asyncio
+    import random
+
+    from hybridinfer.bench.load import random_prompts
+
+    a = asyncio.run(random_prompts(4, 32, random.Random(7)))
+    b = asyncio.run(random_prompts(4, 32, random.Random(7)))
+    c = asyncio.run(random_prompts(4, 32, random.Random(8)))
+    assert a == b and a != c and all(len(p.split()) == 32 for p in a)  # estimate: one word per token
+
+
+def test_without_a_tokenizer_the_count_is_an_estimate(tmp_path):
+    httpd, url = _bad_server("flaky")
+    out = tmp_path / "r.json"
+    try:
+        run_cli("bench", "--url", url, "--requests", "2", "--warmup", "0", "--json", str(out), timeout=60)
+    finally:
+        httpd.shutdown()
+    assert json.loads(out.read_text())["prompt_tokens_counted_by"].startswith("estimate")

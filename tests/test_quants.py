@@ -102,7 +102,7 @@ def test_inputs_and_errors():
 def _ggml_to_float():
     """ggml's own C dequantizer (type traits' to_float) from the libggml llama-cpp-python ships."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from llama_cpp import _ggml  # noqa: F401
+    import llama_cpp._ggml  # noqa: F401  (loads libggml)
 
     lib = llama_cpp._ggml.libggml
 
