@@ -155,8 +155,10 @@ def choose_engine(hw: HardwareProfile, model: ModelInfo, requested: str, rules_n
         return "llama.cpp", [f"engine llama.cpp: {blockers[0]}"] + [f"  also: {b}" for b in blockers[1:3]]
     why = "installed, NVIDIA GPU present, DeepSeek architecture, every routed-expert type runs on its CPU kernel"
     patch = nonexp - kernels.KT_DEQUANT
-    if patch:
-        why += f"; needs `hybridinfer patch ktransformers` for {'/'.join(sorted(patch))}"
+    if patch and "IQ patch: applied" in (kt.detail if kt else ""):
+        why += f"; {'/'.join(sorted(patch))} load through hybridinfer's patch (applied)"
+    elif patch:
+        why += f"; needs `hybridinfer patch ktransformers --apply` for {'/'.join(sorted(patch))}"
     return "ktransformers", [f"engine ktransformers: {why}"]
 
 

@@ -296,10 +296,26 @@ def probe_engines() -> list[EngineInfo]:
     engines = [probe_llama_server()]
     for dist, label in PYTHON_ENGINES.items():
         try:
-            engines.append(EngineInfo(name=label, installed=True, version=metadata.version(dist)))
+            version = metadata.version(dist)
         except metadata.PackageNotFoundError:
             engines.append(EngineInfo(name=label, installed=False, detail="not installed"))
+            continue
+        engines.append(EngineInfo(name=label, installed=True, version=version,
+                                  detail=kt_patch_state() if label == "ktransformers" else ""))
     return engines
+
+
+def kt_patch_state() -> str:
+    """Whether the installed legacy KTransformers carries hybridinfer's IQ patch (read from its files)."""
+    from .errors import HybridError
+    from .patch_kt import detect, find
+
+    try:
+        state = detect(find(None)).state
+    except HybridError as e:
+        return f"IQ patch: not applicable ({e.problem})"
+    return {"patched": "IQ patch: applied",
+            "unpatched": "IQ patch: not applied (hybridinfer patch ktransformers --apply)"}.get(state, f"IQ patch: {state}")
 
 
 def measure_bandwidth(seconds: float = 3.0, threads: int | None = None) -> float:

@@ -99,6 +99,16 @@ def test_engine_choice(models):
     xeon = load_profile("xeon4-ddr5-4090")
     p = make_plan(xeon, models["r1-ud-iq1_s"])
     assert p.engine == "ktransformers" and "every routed-expert type runs" in p.reasons[0]
+    assert "patch" not in p.reasons[0]  # UD-IQ1_S keeps non-expert tensors in Q4_K/Q6_K/Q8_0
+    # A quant with IQ3_XXS attention (ggml type 18) needs hybridinfer's patch; the plan says whether it is applied.
+    from hybridinfer.probe import EngineInfo
+    m = models["r1-ud-iq1_s"]
+    att = m.groups["attention"]
+    iq = replace(m, groups={**m.groups, "attention": replace(att, types={"IQ3_XXS": sum(att.types.values())})})
+    assert "needs `hybridinfer patch ktransformers --apply` for IQ3_XXS" in make_plan(xeon, iq).reasons[0]
+    patched = replace(xeon, engines=[e for e in xeon.engines if e.name != "ktransformers"] +
+                      [EngineInfo(name="ktransformers", installed=True, version="0.2.1.post1", detail="IQ patch: applied")])
+    assert "IQ3_XXS load through hybridinfer's patch (applied)" in make_plan(patched, iq).reasons[0]
     p = make_plan(xeon, models["r1-ud-iq1_m"])  # IQ1_M experts: KTransformers would compute garbage
     assert p.engine == "llama.cpp" and "IQ1_M" in p.reasons[0]
     p = make_plan(load_profile("desktop-4090"), models["r1-ud-iq1_s"])
