@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from served import wait_healthy
+
 VERSION = "0.12.4"
 # Heavy or optional requirements chat + functions never touch (RAG, audio, OCR, documents, search, cloud, DB drivers).
 SKIP = re.compile(r"^(accelerate|sentence-transformers|transformers|faster-whisper|onnxruntime|opencv-python-headless|"
@@ -71,18 +73,11 @@ class OpenWebUI:
         self._log_f = open(self.log, "w")
         self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)], env=env,
                                      stdout=self._log_f, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("open-webui exited:\n" + self.log.read_text()[-3000:])
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("open-webui did not become healthy:\n" + self.log.read_text()[-3000:])
+        try:
+            wait_healthy(self.url, self.proc, 180, "open-webui", lambda: self.log.read_text()[-3000:])
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self):
         if self.proc.poll() is None:

@@ -31,18 +31,7 @@ class Served:
             raise
 
     def _wait_healthy(self):
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("serve exited:\n" + "\n".join(self.lines))
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("serve did not become healthy:\n" + "\n".join(self.lines))
+        wait_healthy(self.url, self.proc, 60, "serve", lambda: "\n".join(self.lines))
         # The engine's private address (a Unix socket where the build takes one); None for the in-process engine.
         text = "\n".join(self.lines)
         m = re.search(r"llama-server .*?--host (\S+\.sock)", text)
@@ -74,6 +63,21 @@ class Served:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def wait_healthy(url: str, proc, timeout: float, what: str, log) -> None:
+    """Poll url/health until 200; fail with the process's log if it exits or the time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n" + log())
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become healthy:\n" + log())
 
 
 def free_port():

@@ -15,6 +15,8 @@ A running engine is an async context manager with:
 
 from __future__ import annotations
 
+import asyncio
+
 
 class EngineRejected(Exception):
     """The engine answered the request with an error (bad request, context exceeded, ...)."""
@@ -28,3 +30,22 @@ class EngineRejected(Exception):
 
 class EngineFailed(Exception):
     """The engine broke during the request (died, connection lost)."""
+
+
+class Running:
+    """What every running engine shares: async-context-manager lifecycle and waiting for readiness.
+    Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.stop()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False

@@ -23,7 +23,7 @@ import orjson
 
 from ..plan import Plan
 from ..probe import find_llama_binary
-from .base import EngineFailed, EngineRejected
+from .base import EngineFailed, EngineRejected, Running
 from .llamacpp_args import buffer_name, compile_placement
 
 name = "llama.cpp"
@@ -100,7 +100,7 @@ def _die_with_parent():  # runs in the child before exec: no orphan engine if hy
         pass
 
 
-class Supervisor:
+class Supervisor(Running):
     """Runs llama-server as a child on a private loopback port, streams its log, restarts it if it dies.
 
     Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.
@@ -146,30 +146,21 @@ class Supervisor:
         """Where the engine listens, for people: a socket path or host:port."""
         return self.sock or f"127.0.0.1:{self.port}"
 
-    def _transport(self, **kw) -> httpx.AsyncHTTPTransport:
+    def _transport(self, max_connections: int = 10) -> httpx.AsyncHTTPTransport:
         if self.sock:
-            return httpx.AsyncHTTPTransport(uds=self.sock, **kw)
+            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections))
         # TCP fallback: a fresh loopback connection per request, since on a reused one the kernel's delayed ACKs
         # and llama-server's Nagle hold the first streamed tokens back by tens of ms.
-        kw.setdefault("limits", httpx.Limits(max_keepalive_connections=0))
-        return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)], **kw)
+        return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                                        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0))
 
     def command(self) -> list[str]:
         return command(self.plan, host=self.sock or "127.0.0.1", port=self.port, binary=self.binary, extra=self.extra)
 
-    async def __aenter__(self):
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.stop()
-
     async def start(self) -> None:
         if self._client is None:
-            transport = self._transport(limits=httpx.Limits(max_connections=self.max_connections,
-                                                            max_keepalive_connections=None if self.sock else 0))
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=5.0),
-                                             transport=transport)
+                                             transport=self._transport(self.max_connections))
         cmd = self.command()
         if self.sock and os.path.exists(self.sock):
             os.unlink(self.sock)  # left by a crashed engine
@@ -231,13 +222,6 @@ class Supervisor:
                     pass
                 await asyncio.sleep(0.1)
 
-    async def wait_ready(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self.state = "stopped"
@@ -290,8 +274,8 @@ class Supervisor:
                 chunk = orjson.loads(payload)
                 if "error" in chunk:
                     e = chunk["error"]
-                    raise EngineRejected(int(e.get("code") or 500) if str(e.get("code", "")).isdigit() else 500,
-                                         e.get("message") or str(e), e.get("type"))
+                    code = str(e.get("code", ""))
+                    raise EngineRejected(int(code) if code.isdigit() else 500, e.get("message") or str(e), e.get("type"))
                 yield chunk
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None

@@ -21,7 +21,7 @@ import time
 import uuid
 
 from ..plan import Plan
-from .base import EngineFailed, EngineRejected
+from .base import EngineFailed, EngineRejected, Running
 from .llamacpp_args import buffer_name, compile_placement
 
 name = "llama-cpp-python"
@@ -62,7 +62,7 @@ def buffer_types(llama_cpp) -> dict[str, int]:
     return out
 
 
-class InProcess:
+class InProcess(Running):
     """A llama-cpp-python `Llama` behind the engine interface of engines/base.py."""
 
     def __init__(self, plan: Plan, log_file: str | None = None, on_line=None):
@@ -89,13 +89,6 @@ class InProcess:
         return ["llama_cpp.Llama", f"model_path={self.plan.model_path}", f"n_ctx={self.plan.ctx}",
                 f"n_gpu_layers={self.compiled.ngl}", f"n_threads={self.plan.threads}"] + \
             ([f"tensor_buft_overrides={ov}"] if ov else [])
-
-    async def __aenter__(self):
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.stop()
 
     async def start(self) -> None:
         self.state = "loading"
@@ -185,13 +178,6 @@ class InProcess:
             template, eos_token=piece(self.eos), bos_token=piece(llama_cpp.llama_vocab_bos(vocab))) if template else None
         self._is_eog = lambda t: llama_cpp.llama_vocab_is_eog(vocab, t)
 
-    async def wait_ready(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
     async def stop(self, timeout: float = 10.0) -> None:
         self.state = "stopped"
         for ev in list(self._active):
@@ -266,8 +252,7 @@ class InProcess:
                 break
             out.append(tok)
             text_all += utf8.decode(llm.detokenize([tok], prev_tokens=tokens + out[:-1]))
-            hit = next((text_all.find(s, max(0, emitted - len(s))) for s in stops
-                        if text_all.find(s, max(0, emitted - len(s))) >= 0), -1)
+            hit = next((i for i in (text_all.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0), -1)
             if hit >= 0:
                 text_all = text_all[:hit]
                 finish = "stop"
@@ -354,7 +339,7 @@ class InProcess:
                 usage, timings = ch["usage"], ch.get("timings") or {}
                 continue
             c = ch["choices"][0]
-            parts.append((c.get("delta") or {}).get("content") or "" if chat else c.get("text") or "")
+            parts.append(((c.get("delta") or {}).get("content") if chat else c.get("text")) or "")
             final = c.get("finish_reason") or final
         text = "".join(parts)
         choice = {"index": 0, "finish_reason": final}

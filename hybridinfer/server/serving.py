@@ -190,12 +190,11 @@ class Serving:
                     chunk["model"] = model_id
                     if chunk.get("usage"):
                         usage = chunk["usage"]
+                    chunk.pop("timings", None)  # llama.cpp's own field; usage carries the counts
                     choices = chunk.get("choices")
                     if not choices:
-                        chunk.pop("timings", None)
                         yield sse(chunk)
                         continue
-                    chunk.pop("timings", None)
                     ch = choices[0]
                     delta = ch.get("delta") or {}
                     text = delta.get("content") if chat else ch.get("text")
