@@ -79,3 +79,10 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HYBRIDINFER_CACHE") or Path.home() / ".cache" / "hybridinfer")
+
+
+def shell(cmd: list[str]) -> str:
+    """An argv as one copy-pasteable shell line."""
+    import shlex
+
+    return " ".join(shlex.quote(c) for c in cmd)

@@ -1,5 +1,9 @@
-"""llama.cpp's `llama-server`: the plan as its exact command line (flags checked against the build), and a
-supervisor that runs it."""
+"""llama.cpp's `llama-server` as an engine: the plan as its exact command line (flags checked against the installed
+build's --help), a supervisor that runs it, and `llama-bench` with the same placement.
+
+A sibling engine built from a llama.cpp fork (ik_llama.cpp) subclasses `LlamaCpp` and differs only in its binary
+names, flags and capabilities.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +14,34 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
 import orjson
 
-from ..plan import Plan
-from ..probe import find_llama_binary
-from .base import EngineFailed, EngineRejected, Running
-from .llamacpp_args import buffer_name, compile_placement
+from ..errors import HybridError
+from ..predict import PredictionParams
+from ..probe import EngineInfo, binary_has_cuda, find_llama_binary
+from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings
+from .llamacpp_args import Compiled, buffer_name, compile_placement
 
-name = "llama.cpp"
-serves_openai = True
-supports_placement = True
+if TYPE_CHECKING:
+    from ..inspect_gguf import ModelInfo
+    from ..plan import Plan
+    from ..probe import HardwareProfile
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080  # in the printed command; `serve` injects its own
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def help_text(binary: str) -> str:
     """The installed build's `--help`: flags differ between llama.cpp versions, so never assume one."""
     try:
@@ -48,38 +58,140 @@ def has_flag(binary: str | None, flag: str) -> bool:
     return f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text
 
 
-def placement_args(plan: Plan) -> list[str]:
-    return compile_placement(plan.device_of, plan.n_layer).args()
+def compiled_of(plan: "Plan") -> Compiled:
+    """The plan's placement in llama.cpp's form (computed once at plan time, stored in plan.compiled)."""
+    c = plan.compiled
+    if c and "ngl" in c:
+        return Compiled(ngl=c["ngl"], overrides=[tuple(x) for x in c["overrides"]], cpu_moe=c["cpu_moe"])
+    return compile_placement(plan.device_of, plan.n_layer)
 
 
-def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str | None = None,
-            extra: list[str] | None = None) -> list[str]:
-    binary = binary or (find_llama_binary("llama-server") if plan.hardware else None)
-    exe = binary or "llama-server"
-    cmd = [exe, "-m", plan.model_path, "-c", str(plan.ctx), "-np", str(plan.parallel),
-           "-t", str(plan.threads), "-tb", str(plan.threads)]
-    cmd += placement_args(plan)
-    if plan.numa:
-        cmd += ["--numa", plan.numa]
-    if plan.kv_type != "f16":
-        cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-    cpu_experts = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
-    # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
-    if has_flag(binary, "--load-mode"):
-        if plan.streaming:
-            cmd += ["--load-mode", "mmap"]
-        elif cpu_experts:
-            cmd += ["--load-mode", "none"]
-    elif cpu_experts and not plan.streaming and has_flag(binary, "--no-mmap"):
-        cmd += ["--no-mmap"]
-    if has_flag(binary, "--metrics"):
-        cmd += ["--metrics"]
-    if has_flag(binary, "--jinja"):
-        cmd += ["--jinja"]
-    if has_flag(binary, "--reasoning-format"):
-        cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
-    cmd += ["--host", host, "--port", str(port)]
-    return cmd + list(extra or [])
+def placement_args(plan: "Plan") -> list[str]:
+    return compiled_of(plan).args()
+
+
+class LlamaCpp(Engine):
+    name = "llama.cpp"
+    summary = "llama.cpp's llama-server: every GGUF type on CPU and CUDA, -ot tensor placement, concurrent slots"
+    kind = "server"
+    server_binary = "llama-server"  # looked up by probe.find_llama_binary (HYBRIDINFER_LLAMA_SERVER, the venv, PATH)
+    bench_binary = "llama-bench"
+    install_hint = "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER to a llama-server binary"
+    # ggml's CPU kernels are about 15 % slower than KTransformers' on CPU-resident experts; with a GPU it uploads
+    # CPU-resident weights per 512-token ubatch for prefill when that beats computing them on the CPU.
+    prediction_params = PredictionParams(cpu_eff=0.85, prefill_uploads_weights=True)
+    # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
+    runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
+
+    # --- this box ---------------------------------------------------------------------------------------
+    def binary(self) -> str | None:
+        return find_llama_binary(self.server_binary)
+
+    def probe(self) -> EngineInfo:
+        path = self.binary()
+        if not path:
+            return EngineInfo(name=self.name, installed=False, detail=f"{self.server_binary} not found ({self.install_hint})")
+        version = ""
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+            text = out.stdout + out.stderr
+            m = re.search(r"version: (\S+ \([0-9a-f]+\))", text)
+            version = m.group(1) if m else text.strip().splitlines()[0] if text.strip() else ""
+        except (OSError, subprocess.SubprocessError) as e:
+            return EngineInfo(name=self.name, installed=False, path=path, detail=f"{self.server_binary} does not run: {e}")
+        return EngineInfo(name=self.name, installed=True, version=version, path=path, gpu=binary_has_cuda(path))
+
+    def flags(self, binary: str | None) -> set[str]:
+        return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", help_text(binary))) if binary else set()
+
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("distribute", f"NUMA: {nodes} nodes; {self.name} --numa distribute spreads threads and pages")
+
+    def chosen_because(self, model, hw) -> str:
+        return "runs every GGUF quant type on CPU and CUDA"
+
+    # --- the command ------------------------------------------------------------------------------------
+    def compile(self, plan: "Plan") -> dict:
+        c = compile_placement(plan.device_of, plan.n_layer)
+        return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe}
+
+    def command(self, plan: "Plan") -> list[str]:
+        binary = self.binary()
+        return [binary or self.server_binary, "-m", plan.model_path] + self.model_args(plan, binary) + \
+            self.endpoint_args(DEFAULT_HOST, DEFAULT_PORT)
+
+    def model_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        cmd = ["-c", str(plan.ctx), "-np", str(plan.parallel), "-t", str(plan.threads), "-tb", str(plan.threads)]
+        cmd += placement_args(plan)
+        if plan.numa:
+            cmd += ["--numa", plan.numa]
+        cmd += self.kv_args(plan, binary)
+        cmd += self.load_args(plan, binary)
+        if has_flag(binary, "--metrics"):
+            cmd += ["--metrics"]
+        if has_flag(binary, "--jinja"):
+            cmd += ["--jinja"]
+        if has_flag(binary, "--reasoning-format"):
+            cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
+        return cmd
+
+    def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        if plan.kv_type == "f16":
+            return []
+        return ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+
+    def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
+        devs = set(plan.device_of.values()) if plan.device_of else {d.device for d in plan.devices}
+        cpu_experts = "cpu" in devs and len(devs) > 1
+        if has_flag(binary, "--load-mode"):
+            if plan.streaming:
+                return ["--load-mode", "mmap"]
+            if cpu_experts:
+                return ["--load-mode", "none"]
+        elif cpu_experts and not plan.streaming and has_flag(binary, "--no-mmap"):
+            return ["--no-mmap"]
+        return []
+
+    def endpoint_args(self, host: str, port: int | str) -> list[str]:
+        return ["--host", host, "--port", str(port)]
+
+    def strip_runtime(self, argv: list[str]) -> list[str]:
+        """argv without the flags `serve` injects (runtime_flags): what must equal plan.command stripped alike."""
+        out, i = [], 0
+        while i < len(argv):
+            if argv[i] in self.runtime_flags:
+                i += 2 if self.runtime_flags[argv[i]] else 1
+                continue
+            out.append(argv[i])
+            i += 1
+        return out
+
+    def launch_argv(self, command: list[str], host: str, port: int, settings: RunSettings) -> list[str]:
+        """plan.command with the server's endpoint, model id and verbosity: the only differences allowed."""
+        argv = self.strip_runtime(command) + self.endpoint_args(host, port) + ["--alias", settings.model_id]
+        return argv + (["-v"] if settings.verbose else [])
+
+    def runner(self, plan: "Plan", settings: RunSettings) -> "Supervisor":
+        return Supervisor(self, plan, settings)
+
+    # --- llama-bench ------------------------------------------------------------------------------------
+    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
+        """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
+        exe = find_llama_binary(self.bench_binary) or self.bench_binary
+        c = compiled_of(plan)
+        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+        if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
+            cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
+        if plan.numa:
+            cmd += ["--numa", plan.numa]
+        if plan.kv_type != "f16":
+            cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+        return cmd
+
+
+ENGINE = LlamaCpp()
 
 
 # --- supervision --------------------------------------------------------------------------------------
@@ -106,13 +218,16 @@ class Supervisor(Running):
     Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.
     """
 
-    def __init__(self, plan: Plan, binary: str | None = None, extra: list[str] | None = None,
-                 log_file: str | None = None, restart: bool = True, on_line=None):
+    def __init__(self, engine: LlamaCpp, plan: "Plan", settings: RunSettings, restart: bool = True):
+        self.engine = engine
         self.plan = plan
-        self.binary = binary or find_llama_binary("llama-server")
-        if not self.binary:
-            from ..errors import HybridError
-            raise HybridError("llama-server not found", "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER")
+        self.settings = settings
+        argv0 = plan.command[0]
+        # The planned binary; a bare name (planned where none was installed) is looked up here.
+        self.binary = argv0 if os.sep in argv0 else engine.binary()
+        if not self.binary or not os.access(self.binary, os.X_OK):
+            raise HybridError(f"{argv0} not found (engine {engine.name})", engine.install_hint)
+        self.label = os.path.basename(self.binary)
         self.port = free_port()
         # A private Unix socket where the build takes one (`--host x.sock`): no TCP Nagle/delayed-ACK stalls on the
         # streamed tokens (llama-server leaves Nagle on) and no port another local user could reach.
@@ -120,10 +235,9 @@ class Supervisor(Running):
         if "UNIX socket" in help_text(self.binary):
             self._sockdir = tempfile.mkdtemp(prefix="hybridinfer-")  # 0700
             self.sock = os.path.join(self._sockdir, "engine.sock")
-        self.extra = list(extra or [])
-        self.log_file = log_file
+        self.log_file = settings.log_file
         self.restart = restart
-        self.on_line = on_line
+        self.on_line = settings.on_line
         self.state = "starting"
         self.proc: asyncio.subprocess.Process | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -134,8 +248,8 @@ class Supervisor(Running):
         self._stopping = False
         self._ready = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
-        self.request_timeout = 600.0
-        self.max_connections = 64
+        self.request_timeout = settings.request_timeout
+        self.max_connections = settings.max_connections
 
     @property
     def base_url(self) -> str:
@@ -155,7 +269,9 @@ class Supervisor(Running):
                                         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0))
 
     def command(self) -> list[str]:
-        return command(self.plan, host=self.sock or "127.0.0.1", port=self.port, binary=self.binary, extra=self.extra)
+        """plan.command, run as planned: only the engine's runtime flags (endpoint, model id, verbosity) differ."""
+        cmd = self.engine.launch_argv(self.plan.command, self.sock or "127.0.0.1", self.port, self.settings)
+        return [self.binary] + cmd[1:]
 
     async def start(self) -> None:
         if self._client is None:
@@ -199,7 +315,7 @@ class Supervisor(Running):
         self.state = "down"
         self._ready.clear()
         last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
-        log.error("llama-server exited with status %s (last line: %s)", rc, last)
+        log.error("%s exited with status %s (last line: %s)", self.label, rc, last)
         if self.restart:
             delay = min(30.0, 1.0 * 2 ** min(self.restarts, 5))
             await asyncio.sleep(delay)
@@ -216,7 +332,7 @@ class Supervisor(Running):
                         self.state = "ready"
                         self.ready_at = time.monotonic()
                         self._ready.set()
-                        log.info("llama-server ready in %.1f s", self.ready_at - self.started_at)
+                        log.info("%s ready in %.1f s", self.label, self.ready_at - self.started_at)
                         return
                 except httpx.HTTPError:
                     pass
@@ -311,23 +427,7 @@ def _rejected(r: httpx.Response) -> EngineRejected:
         return EngineRejected(r.status_code, r.text or f"engine returned HTTP {r.status_code}")
 
 
-# --- llama-bench ---------------------------------------------------------------------------------------
-
-def bench_command(plan: Plan, binary: str | None = None, n_prompt: int = 512, n_gen: int = 128,
-                  repetitions: int = 3) -> list[str]:
-    """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
-    exe = binary or find_llama_binary("llama-bench") or "llama-bench"
-    c = compile_placement(plan.device_of, plan.n_layer)
-    cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
-           "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
-    if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
-        cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
-    if plan.numa:
-        cmd += ["--numa", plan.numa]
-    if plan.kv_type != "f16":
-        cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-    return cmd
-
+# --- llama-bench output ---------------------------------------------------------------------------
 
 def parse_bench(stdout: str) -> list[dict]:
     """llama-bench -o json -> [{"test": "pp512"|"tg128", "tokens_per_s": mean, "stddev": s}, ...]."""
