@@ -20,7 +20,7 @@ from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
 from .predict import Prediction, predict
 from .probe import HardwareProfile
-from .util import GIB, MIB, from_dict, to_dict
+from .util import GIB, MIB, from_dict, ranges, to_dict
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
 UBATCH = 512
@@ -155,7 +155,8 @@ def _static_blockers(e: Engine, hw: HardwareProfile, model: ModelInfo, opts: Pla
         out.append("hybridinfer does not run it itself yet (`hybridinfer plan --engine "
                    f"{e.name}` prints its command)")
     if e.max_slots and opts.parallel > e.max_slots:
-        out.append(f"serves at most {e.max_slots} request(s) at a time (--parallel {opts.parallel})")
+        most = "one request" if e.max_slots == 1 else f"at most {e.max_slots} requests"
+        out.append(f"it serves {most} at a time (--parallel {opts.parallel})")
     return out + e.blockers(model, None, hw)
 
 
@@ -327,7 +328,7 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
     if model.is_moe and gpus and rs.name == "moe-auto-fill":
         reasons.append(f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
-                       f"({_ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
+                       f"({ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
     reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
     if numa_nodes > 1:
         reasons.append(policy.reason)
@@ -343,14 +344,3 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
     )
-
-
-def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..predict import PredictionParams
 from ..probe import EngineInfo
-from ..util import atomic_write, cache_dir
+from ..util import atomic_write, cache_dir, ranges
 from .base import GIB, Engine, NumaPolicy
 from .ktransformers_args import Unsupported, kt_kernel_flags, optimize_rules
 
@@ -138,10 +138,20 @@ class KTransformers(Engine):
         if nonexp - KT_DEQUANT_PATCHED:
             out.append(f"{'/'.join(sorted(nonexp - KT_DEQUANT_PATCHED))} tensors cannot be dequantized")
         if placement is not None and not out:
-            try:
-                optimize_rules(placement)
-            except Unsupported as e:
-                out.append(f"this placement: {e}")
+            on_cpu: dict[str, set[int]] = {}
+            for t in model.tensors:
+                if placement.get(t.name) == "cpu" and t.cls not in ("routed_experts", "token_embd"):
+                    on_cpu.setdefault(t.cls, set()).add(t.block if t.block is not None else -1)
+            if on_cpu:
+                blocks = {b for bs in on_cpu.values() for b in bs if b >= 0}
+                where = f" (blocks {ranges(blocks)})" if blocks else ""
+                out.append(f"this placement keeps {', '.join(sorted(on_cpu))} on the CPU{where}; "
+                           "it runs only routed experts there")
+            else:
+                try:
+                    optimize_rules(placement)
+                except Unsupported as e:
+                    out.append(f"this placement: {e}")
         return out
 
     @staticmethod
