@@ -182,3 +182,31 @@ def test_serve_plan_conflicts_with_plan_options(tmp_path, tiny_model):
     assert r.returncode == 2 and "--plan fixes the plan; --ctx" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("serve", "--plan", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "plan file" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.engine
+def test_serve_plan_runs_the_planned_argv(tmp_path, tiny_model):
+    """`plan --json > plan.json; serve --plan plan.json` runs plan.command: only the runtime flags differ."""
+    from served import Served
+
+    from hybridinfer.probe import find_llama_binary
+
+    e = engines.get(engines.DEFAULT)
+    if not find_llama_binary(e.server_binary):
+        pytest.skip(f"needs {e.server_binary} (./install.sh)")
+    r = run_cli("plan", "--gguf", tiny_model, "--threads", "2", "--ctx", "4096", "--parallel", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    planned = json.loads(r.stdout)
+    f = tmp_path / "plan.json"
+    f.write_text(r.stdout)
+    s = Served(["--plan", str(f), "--alias", "tiny"], tmp_path)
+    try:
+        argv = Path(f"/proc/{s.engine_pid()}/cmdline").read_text().split("\0")[:-1]
+        assert planned["engine"] == e.name and argv[0] == planned["command"][0]
+        assert e.strip_runtime(argv) == e.strip_runtime(planned["command"])
+        extra = [a for a in argv if a.startswith("-") and a not in planned["command"]]
+        assert set(extra) <= set(e.runtime_flags) and "--alias" in extra
+        assert f"(saved plan {f})" in "\n".join(s.lines)
+        assert [m.id for m in s.client().models.list().data] == ["tiny"]
+    finally:
+        s.stop()
