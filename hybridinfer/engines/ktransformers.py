@@ -126,17 +126,19 @@ class KTransformers(Engine):
         out = []
         if not model.is_moe:
             out.append("dense model: no routed experts to keep on the CPU")
-        if not hw.gpus:
+        if self.needs_nvidia_gpu and not hw.gpus:
             out.append("no NVIDIA GPU: it runs attention on CUDA")
         if model.arch != "deepseek2":
             out.append(f"architecture {model.arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only")
-        routed = set(model.groups["routed_experts"].types) if model.is_moe else set()
-        bad = sorted(routed - KT_CPU_EXPERTS)
+        # Its point is CPU-resident experts: every routed-expert type must run on its CPU kernel.
+        routed = model.groups["routed_experts"].types if model.is_moe else {}
+        bad = sorted(t for t in routed if not self.runs("routed_experts", t, "cpu"))
         if bad:
             out.append(f"routed experts in {'/'.join(bad)} are not computed by its CPU kernel (would run silently wrong)")
-        nonexp = self._non_expert_types(model)
-        if nonexp - KT_DEQUANT_PATCHED:
-            out.append(f"{'/'.join(sorted(nonexp - KT_DEQUANT_PATCHED))} tensors cannot be dequantized")
+        undeq = sorted({t for cls, g in model.groups.items() if cls != "routed_experts" for t in g.types
+                        if not self.runs(cls, t, "gpu")})
+        if undeq:
+            out.append(f"{'/'.join(undeq)} tensors cannot be dequantized")
         if placement is not None and not out:
             on_cpu: dict[str, set[int]] = {}
             for t in model.tensors:

@@ -51,11 +51,10 @@ def help_text(binary: str) -> str:
         return ""
 
 
-def has_flag(binary: str | None, flag: str) -> bool:
-    if not binary:
-        return True  # no binary to ask (planning another box): write the current flag set
-    text = help_text(binary)
-    return f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text
+@functools.lru_cache(maxsize=8)
+def help_flags(binary: str) -> frozenset[str]:
+    """Every flag the build's --help names (`-fa, --flash-attn [on|off]` -> {-fa, --flash-attn})."""
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", help_text(binary)))
 
 
 def compiled_of(plan: "Plan") -> Compiled:
@@ -90,7 +89,7 @@ class LlamaCpp(Engine):
     def probe(self) -> EngineInfo:
         path = self.binary()
         if not path:
-            return EngineInfo(name=self.name, installed=False, detail=f"{self.server_binary} not found ({self.install_hint})")
+            return EngineInfo(name=self.name, installed=False, detail=f"{self.server_binary} not found: {self.install_hint}")
         version = ""
         try:
             out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
@@ -102,7 +101,11 @@ class LlamaCpp(Engine):
         return EngineInfo(name=self.name, installed=True, version=version, path=path, gpu=binary_has_cuda(path))
 
     def flags(self, binary: str | None) -> set[str]:
-        return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", help_text(binary))) if binary else set()
+        return set(help_flags(binary)) if binary else set()
+
+    def has_flag(self, binary: str | None, flag: str) -> bool:
+        # No binary to ask (planning where none is installed): write the current flag set.
+        return not binary or flag in self.flags(binary)
 
     def numa_policy(self, nodes: int) -> NumaPolicy:
         return NumaPolicy("distribute", f"NUMA: {nodes} nodes; {self.name} --numa distribute spreads threads and pages")
@@ -127,11 +130,11 @@ class LlamaCpp(Engine):
             cmd += ["--numa", plan.numa]
         cmd += self.kv_args(plan, binary)
         cmd += self.load_args(plan, binary)
-        if has_flag(binary, "--metrics"):
+        if self.has_flag(binary, "--metrics"):
             cmd += ["--metrics"]
-        if has_flag(binary, "--jinja"):
+        if self.has_flag(binary, "--jinja"):
             cmd += ["--jinja"]
-        if has_flag(binary, "--reasoning-format"):
+        if self.has_flag(binary, "--reasoning-format"):
             cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
         return cmd
 
@@ -144,12 +147,12 @@ class LlamaCpp(Engine):
         # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
         devs = set(plan.device_of.values()) if plan.device_of else {d.device for d in plan.devices}
         cpu_experts = "cpu" in devs and len(devs) > 1
-        if has_flag(binary, "--load-mode"):
+        if self.has_flag(binary, "--load-mode"):
             if plan.streaming:
                 return ["--load-mode", "mmap"]
             if cpu_experts:
                 return ["--load-mode", "none"]
-        elif cpu_experts and not plan.streaming and has_flag(binary, "--no-mmap"):
+        elif cpu_experts and not plan.streaming and self.has_flag(binary, "--no-mmap"):
             return ["--no-mmap"]
         return []
 
