@@ -142,10 +142,14 @@ def _candidates(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], l
         return [engines.get(opts.engine)], []
     out, skipped = [], []
     for e in engines.REGISTRY.values():
-        if e.installed(hw) or e.name == engines.DEFAULT:
+        if e.installed(hw):
             out.append(e)
         else:
             skipped.append(f"engine {e.name}: not installed on {hw.id}")
+    default = engines.get(engines.DEFAULT)
+    if default not in out and not (opts.serving and any(e.serves for e in out)):  # serving: one that is here, if any
+        out.insert(0, default)
+        skipped.remove(f"engine {default.name}: not installed on {hw.id}")
     return out, skipped
 
 
@@ -194,8 +198,9 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if first_error:
             raise first_error
         raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
-    # Fastest predicted decode wins; ties keep the registry's order.
-    best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, -cands.index(ep[0])))
+    # Fastest predicted decode wins; on a tie an installed engine, then the registry's order.
+    best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, bool(ep[0].installed(hw)),
+                                                -cands.index(ep[0])))
     head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
             f"predicted {best.prediction.decode_tps:g} tok/s decode"]
     if not best_e.installed(hw):
