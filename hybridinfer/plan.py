@@ -137,7 +137,8 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
 
 def _candidates(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
     """Engines to plan: the requested one, or every engine installed on the box (listed in a profile from another
-    box); the default engine always, since it runs any GGUF anywhere. -> (engines, verdicts for the rest)."""
+    box), plus the default engine, which runs any GGUF anywhere — for serving only when nothing servable is
+    installed (its runner then says how to install it). -> (engines, verdicts for the rest)."""
     if opts.engine != engines.AUTO:
         return [engines.get(opts.engine)], []
     out, skipped = [], []

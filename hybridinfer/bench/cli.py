@@ -183,6 +183,8 @@ def _plan_file(args, parallel: int, console) -> str:
     from ..plan import PlanOptions, make_plan
 
     if args.plan:
+        if args.gguf:
+            raise HybridError("--plan fixes the model; --gguf cannot change it", "drop --gguf, or drop --plan")
         return args.plan
     plan = make_plan(probe_box(), load_model(args), PlanOptions(parallel=min(parallel, 8), serving=True))
     fd, path = tempfile.mkstemp(prefix="hybridinfer-plan-", suffix=".json")
