@@ -24,7 +24,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from ..probe import EngineInfo
-from .base import Engine, EngineFailed, EngineRejected, Running, RunSettings
+from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings
 from .llamacpp import LlamaCpp, compiled_of
 from .llamacpp_args import buffer_name
 
@@ -44,8 +44,10 @@ class LlamaCppPython(Engine):
     install_hint = "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time)"
     prediction_params = LlamaCpp.prediction_params
     gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
-    numa_policy = LlamaCpp.numa_policy
     compile = LlamaCpp.compile
+
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("distribute", f"NUMA: {nodes} nodes; Llama(numa=True) spreads ggml's threads and pages")
 
     def probe(self) -> EngineInfo:
         try:
