@@ -94,7 +94,7 @@ class LlamaCpp(Engine):
         try:
             out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
             text = out.stdout + out.stderr
-            m = re.search(r"version: (\S+ \([0-9a-f]+\))", text)
+            m = re.search(r"version: (\S+(?: \([^)]*\))?)", text)
             version = m.group(1) if m else text.strip().splitlines()[0] if text.strip() else ""
         except (OSError, subprocess.SubprocessError) as e:
             return EngineInfo(name=self.name, installed=False, path=path, detail=f"{self.server_binary} does not run: {e}")
