@@ -210,3 +210,28 @@ def test_serve_plan_runs_the_planned_argv(tmp_path, tiny_model):
         assert [m.id for m in s.client().models.list().data] == ["tiny"]
     finally:
         s.stop()
+
+
+@pytest.mark.engine
+def test_bench_serves_and_engine_benches_one_plan(tmp_path, tiny_model):
+    """`bench --plan` hands the same plan to `serve` and to the engine's own benchmark: no second planning."""
+    from hybridinfer.probe import find_llama_binary
+
+    e = engines.get(engines.DEFAULT)
+    if not (find_llama_binary(e.server_binary) and find_llama_binary(e.bench_binary)):
+        pytest.skip(f"needs {e.server_binary} and {e.bench_binary} (./install.sh)")
+    r = run_cli("plan", "--gguf", tiny_model, "--threads", "1", "--ctx", "2048", "--json")
+    planned = json.loads(r.stdout)
+    f = tmp_path / "plan.json"
+    f.write_text(r.stdout)
+    out = tmp_path / "r.json"
+    r = run_cli("bench", "--plan", str(f), "--requests", "2", "--max-tokens", "4", "--engine-bench",
+                "--engine-bench-prompt", "16", "--json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stderr.split())  # the console wraps long lines
+    assert "serve --port" in said and f"--plan {f}" in said  # serve ran the saved plan
+    cmd = json.loads(out.read_text())["engine_bench"]["command"]
+    assert cmd[cmd.index("-m") + 1] == planned["model_path"] and cmd[cmd.index("-t") + 1] == "1"
+    assert cmd[cmd.index("-ngl") + 1] == str(planned["compiled"]["ngl"])
+    r = run_cli("bench", "--plan", str(f), "--gguf", tiny_model)
+    assert r.returncode == 2 and "--plan fixes the model" in r.stderr and r.stderr.count("\n") == 1
