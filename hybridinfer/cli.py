@@ -18,9 +18,8 @@ examples:
   hybridinfer inspect --gguf DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf
   hybridinfer plan --gguf R1.gguf --hardware desktop-4090 --compare layer-split
   hybridinfer serve                         serve the built-in tiny demo model on 127.0.0.1:8000
-  hybridinfer serve --gguf R1.gguf --engine llama-cpp-python   in-process, one request at a time
+  hybridinfer plan --gguf R1.gguf --json > plan.json && hybridinfer serve --plan plan.json   plan once, run it
   hybridinfer bench --url http://127.0.0.1:8000/v1 --concurrency 1,2,4 --json out.json --plot out.png
-  hybridinfer patch ktransformers --apply   let a legacy KTransformers load IQ quants
   hybridinfer openwebui-pipe -o hybridinfer_pipe.py   the Open-WebUI function
 """
 
@@ -36,12 +35,12 @@ def cmd_probe(args) -> int:
 
     The JSON it writes is a hardware profile: `plan --hardware FILE` plans with it instead of this box.
     """
-    from .probe import probe
+    from .options import probe_box
     from .render import render_probe
 
     if args.measure_bandwidth and not args.json:
         print("measuring memory bandwidth (~3 s)...", file=sys.stderr)
-    hw = probe(measure=args.measure_bandwidth)
+    hw = probe_box(measure=args.measure_bandwidth)
     if args.json:
         print(hw.to_json())
     else:
@@ -71,35 +70,6 @@ def cmd_inspect(args) -> int:
 
 # --- plan -------------------------------------------------------------------------------------------
 
-def _hardware(args):
-    from .probe import load_profile, probe
-
-    return load_profile(args.hardware) if args.hardware else probe()
-
-
-def _model(args):
-    from .inspect_gguf import inspect
-
-    if args.gguf:
-        return inspect(args.gguf)
-    from .demo.tiny import default_model
-
-    return inspect(default_model())
-
-
-def _plan_options(args):
-    from .plan import PlanOptions
-
-    return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
-                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream)
-
-
-def engine_command(plan, host="127.0.0.1", port=8080) -> list[str]:
-    from .engines import get
-
-    return get(plan.engine).command(plan, host=host, port=port)
-
-
 def cmd_plan(args) -> int:
     """Choose engine, placement, threads, NUMA policy, context and slots; predict memory and speed.
 
@@ -109,50 +79,34 @@ def cmd_plan(args) -> int:
     """
     from dataclasses import replace
 
-    from .engines.ktransformers import shell
+    from .options import load_hardware, load_model, plan_options
     from .plan import make_plan
     from .render import render_plan
+    from .util import shell
 
-    hw = _hardware(args)
-    model = _model(args)
-    opts = _plan_options(args)
+    hw = load_hardware(args)
+    model = load_model(args)
+    opts = plan_options(args)
     plan = make_plan(hw, model, opts)
     compare = make_plan(hw, model, replace(opts, rules=args.compare)) if args.compare else None
-    cmd = engine_command(plan)
     if args.json:
         d = plan.to_dict(placement=args.placement)
-        d["command"] = cmd
-        d["command_line"] = shell(cmd)
-        if plan.engine == "ktransformers":
-            from .engines.ktransformers import rules_file
-
-            d["ktransformers_rules_path"], d["ktransformers_rules"] = rules_file(plan)
+        d["command_line"] = shell(plan.command)
         if compare:
             d["compare"] = {"rules": compare.rules, "engine": compare.engine,
                             "prediction": compare.to_dict()["prediction"], "devices": compare.to_dict()["devices"],
-                            "command_line": shell(engine_command(compare))}
+                            "command_line": shell(compare.command)}
         _print_json(d)
     else:
-        render_plan(plan, cmd, compare, engine_command(compare) if compare else None)
+        render_plan(plan, compare)
     return 0
 
 
 # --- parser -----------------------------------------------------------------------------------------
 
-def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gguf", metavar="PATH", help="model file, first shard, or directory (default: the built-in demo model)")
-    p.add_argument("--hardware", metavar="FILE|ID", help="hardware profile JSON or a reference machine id (default: probe this box)")
-    p.add_argument("--rules", metavar="NAME|FILE", help="placement rules (default: chosen for the box: moe-auto-fill, layer-split, multi-gpu or cpu-only)")
-    p.add_argument("--engine", default="auto", choices=["auto", "llama.cpp", "ktransformers"], help="engine (default: auto)")
-    p.add_argument("--ctx", type=int, metavar="N", help="total context tokens over all slots (default: largest that fits, up to 16384 per slot)")
-    p.add_argument("--parallel", type=int, default=1, metavar="N", help="concurrent slots (default: 1)")
-    p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (default: f16)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
-    p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .options import add_plan_args
 
     parser = argparse.ArgumentParser(
         prog="hybridinfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -177,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="include every tensor (name, shape, type, bytes, class)")
 
     p = add("plan", cmd_plan)
-    _plan_args(p)
+    add_plan_args(p)
     p.add_argument("--compare", metavar="RULES", help="also plan with these rules (e.g. layer-split) and compare")
     p.add_argument("--json", action="store_true", help="print the plan (and engine command) as JSON")
     p.add_argument("--placement", action="store_true", help="with --json: include the device of every tensor")
 
     for extra in _extra_commands():
-        extra(sub, add, _plan_args)
+        extra(sub, add, add_plan_args)
     return parser
 
 
@@ -227,7 +181,7 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
-    from .patch_kt import register as patch_register
+    from .engines.ktransformers_patch import register as patch_register
     out += [bench_register, patch_register, _register_openwebui]
     return out
 

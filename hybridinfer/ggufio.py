@@ -145,7 +145,7 @@ def parse(path: str, shard: int = 0) -> tuple[dict, list[TensorEntry], int, int]
             raise HybridError(f"{path}: not a GGUF file (magic {magic!r})", "give a .gguf model file (safetensors/bin must be converted first)")
         version = b.scalar(4)
         if version not in (2, 3):
-            raise HybridError(f"{path}: GGUF version {version} is not supported", "convert it with a current llama.cpp")
+            raise HybridError(f"{path}: GGUF version {version} is not supported", "re-convert it with a current convert_hf_to_gguf.py (GGUF v3)")
         n_tensors, n_kv = b.scalar(10), b.scalar(10)
         if n_tensors > 1 << 24 or n_kv > 1 << 24:
             raise HybridError(f"{path}: corrupt GGUF header", "the file is damaged; download it again")
@@ -167,7 +167,7 @@ def parse(path: str, shard: int = 0) -> tuple[dict, list[TensorEntry], int, int]
     end = data_start
     for name, shape, ttype, offset in infos:
         if ttype not in GGML_QUANT_SIZES:
-            raise HybridError(f"{path}: tensor {name} has unknown ggml type {ttype}", "use a gguf/llama.cpp new enough for this file")
+            raise HybridError(f"{path}: tensor {name} has unknown ggml type {ttype}", "upgrade the gguf package (pip install -U gguf), or this type is a fork's own")
         bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
         n = 1
         for d in shape:

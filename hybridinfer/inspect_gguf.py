@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from . import kernels
+from .engines import REGISTRY
 from .ggufio import read_header
 from .util import from_dict, to_dict
 
@@ -183,7 +183,8 @@ def inspect(path) -> ModelInfo:
         gr["tensors"] += 1
         gr["types"][tn] = gr["types"].get(tn, 0) + t.nbytes
         qcount[tn] = qcount.get(tn, 0) + 1
-    group_objs = {c: Group(engines=kernels.support(c, set(groups[c]["types"])), **groups[c]) for c in GROUPS if c in groups}
+    group_objs = {c: Group(engines={n: e.support(c, set(groups[c]["types"])) for n, e in REGISTRY.items()}, **groups[c])
+                  for c in GROUPS if c in groups}
 
     n_layer = int(g("block_count"))
     n_embd = int(g("embedding_length"))

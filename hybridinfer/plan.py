@@ -1,7 +1,10 @@
 """Stage 4 — plan: (HardwareProfile, ModelInfo, PlanOptions) -> `Plan`: engine, placement of every tensor,
-threads, NUMA policy, context and slots, memory per device and predicted speed — before anything loads.
+threads, NUMA policy, context and slots, memory per device, predicted speed, and the engine's exact command —
+before anything loads.
 
-`make_plan` takes data, never paths; it refuses with a `HybridError` naming the shortfall and the fixes.
+`make_plan` takes data, never paths; it refuses with a `HybridError` naming the shortfall and the fixes. What an
+engine can run, costs and launches with comes from the engine registry (engines/); with `--engine auto` every
+eligible engine is planned and the fastest unblocked one wins, each engine's verdict listed in `Plan.reasons`.
 """
 
 from __future__ import annotations
@@ -9,21 +12,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from . import kernels, rules
+from dataclasses import replace
+
+from . import engines, rules
+from .engines.base import Engine
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
 from .predict import Prediction, predict
 from .probe import HardwareProfile
-from .util import GIB, MIB, from_dict, to_dict
+from .util import GIB, MIB, from_dict, ranges, to_dict
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
-ENGINES = ("auto", "llama.cpp", "ktransformers")
 UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
-GPU_RUNTIME = {"llama.cpp": int(0.45 * GIB), "ktransformers": int(1.2 * GIB)}  # CUDA context, cuBLAS, torch
-CPU_RUNTIME = int(0.5 * GIB)
 MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
-KT_MARLIN_BITS = 4.25  # KTransformers runs GPU-resident experts as Marlin int4 (+ group scales)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class PlanOptions:
     kv_type: str = "f16"
     threads: int | None = None
     allow_streaming: bool = True
+    serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Plan:
     parallel: int
     kv_type: str
     threads: int
-    numa: str  # llama.cpp --numa value, "" for none
+    numa: str  # the engine's NUMA setting (e.g. --numa distribute), "" for none
     flash_attn: bool
     streaming: bool
     resident_fraction: float
@@ -76,6 +79,8 @@ class Plan:
     moe_blocks: list[int]
     routed_types: list[str]
     device_of: dict[str, str] = field(default_factory=dict)
+    compiled: dict = field(default_factory=dict)  # the placement in the engine's own form (engine.compile)
+    command: list[str] = field(default_factory=list)  # the engine's argv for this plan (engine.command), once
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -96,12 +101,6 @@ def default_rules(hw: HardwareProfile, model: ModelInfo) -> str:
     return "multi-gpu" if len(hw.gpus) > 1 else "moe-auto-fill"
 
 
-def _kv_layer_bytes(model: ModelInfo, kv_type: str, ctx: int) -> int:
-    """KV bytes for one layer at ctx tokens (llama.cpp: -c is the total over all slots)."""
-    per_tok = model.kv.bytes_per_token[kv_type]
-    return int(per_tok * ctx / max(1, model.kv.layers))
-
-
 def _compute_bytes(model: ModelInfo, ctx: int) -> int:
     # Logits for one ubatch plus activations/attention scratch; matches llama.cpp's compute buffers within ~30 %.
     return UBATCH * (model.vocab_size + 32 * model.embedding_length) * 4 + min(ctx, 8192) * model.embedding_length + 32 * MIB
@@ -118,55 +117,11 @@ def _vram_capacity(g) -> int:
     return max(0, free - GPU_MARGIN)
 
 
-def choose_engine(hw: HardwareProfile, model: ModelInfo, requested: str, rules_name: str) -> tuple[str, list[str]]:
-    reasons = []
-    kt = hw.engine("ktransformers") or hw.engine("kt-kernel")
-    routed = set(model.groups["routed_experts"].types) if model.is_moe else set()
-    if requested == "llama.cpp":
-        return "llama.cpp", ["engine llama.cpp: requested"]
-    blockers = []
-    if not model.is_moe:
-        blockers.append("dense model: no routed experts to keep on the CPU")
-    if not hw.gpus:
-        blockers.append("no NVIDIA GPU: KTransformers runs attention on CUDA")
-    if model.arch != "deepseek2":
-        blockers.append(f"architecture {model.arch}: hybridinfer compiles KTransformers rules for DeepSeek V2/V3/R1 only")
-    bad = sorted(routed - kernels.KT_CPU_EXPERTS)
-    if bad:
-        blockers.append(f"routed experts in {'/'.join(bad)} are not computed by its CPU kernel (would run silently wrong)")
-    nonexp = set()
-    for name, g in model.groups.items():
-        if name != "routed_experts":
-            nonexp |= set(g.types)
-    if nonexp - kernels.KT_DEQUANT_PATCHED:
-        blockers.append(f"{'/'.join(sorted(nonexp - kernels.KT_DEQUANT_PATCHED))} tensors cannot be dequantized")
-    if rules_name in ("layer-split", "cpu-only", "multi-gpu"):
-        blockers.append(f"rules {rules_name}: KTransformers places only routed experts off the GPU")
-    if requested == "ktransformers":
-        if blockers:
-            raise HybridError(f"KTransformers cannot run this plan: {blockers[0]}", "use --engine llama.cpp (or auto)")
-        reasons.append("engine ktransformers: requested")
-        if not kt:
-            reasons.append("note: KTransformers is not installed on this box; the command is what it would run")
-        return "ktransformers", reasons
-    if not kt:
-        blockers.insert(0, "KTransformers is not installed")
-    if blockers:
-        return "llama.cpp", [f"engine llama.cpp: {blockers[0]}"] + [f"  also: {b}" for b in blockers[1:3]]
-    why = "installed, NVIDIA GPU present, DeepSeek architecture, every routed-expert type runs on its CPU kernel"
-    patch = nonexp - kernels.KT_DEQUANT
-    if patch and "IQ patch: applied" in (kt.detail if kt else ""):
-        why += f"; {'/'.join(sorted(patch))} load through hybridinfer's patch (applied)"
-    elif patch:
-        why += f"; needs `hybridinfer patch ktransformers --apply` for {'/'.join(sorted(patch))}"
-    return "ktransformers", [f"engine ktransformers: {why}"]
-
-
 def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOptions()) -> Plan:
     if opts.kv_type not in KV_TYPES:
         raise HybridError(f"unknown KV cache type '{opts.kv_type}'", f"use one of {', '.join(KV_TYPES)}")
-    if opts.engine not in ENGINES:
-        raise HybridError(f"unknown engine '{opts.engine}'", f"use one of {', '.join(ENGINES)}")
+    if opts.engine != engines.AUTO:
+        engines.get(opts.engine)  # unknown -> one line listing the known engines
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
     try:
@@ -180,8 +135,89 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         return plan
 
 
+def _candidates(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
+    """Engines to plan: the requested one, or every engine installed on the box (listed in a profile from another
+    box), plus the default engine, which runs any GGUF anywhere — for serving only when nothing servable is
+    installed (its runner then says how to install it). -> (engines, verdicts for the rest)."""
+    if opts.engine != engines.AUTO:
+        return [engines.get(opts.engine)], []
+    out, skipped = [], []
+    for e in engines.REGISTRY.values():
+        if e.installed(hw):
+            out.append(e)
+        else:
+            skipped.append(f"engine {e.name}: not installed on {hw.id}")
+    default = engines.get(engines.DEFAULT)
+    if default not in out and not (opts.serving and any(e.serves for e in out)):  # serving: one that is here, if any
+        out.insert(0, default)
+        skipped.remove(f"engine {default.name}: not installed on {hw.id}")
+    return out, skipped
+
+
+def _static_blockers(e: Engine, hw: HardwareProfile, model: ModelInfo, opts: PlanOptions) -> list[str]:
+    out = []
+    if opts.serving and not e.serves:
+        out.append("hybridinfer does not run it itself yet (`hybridinfer plan --engine "
+                   f"{e.name}` prints its command)")
+    if e.max_slots and opts.parallel > e.max_slots:
+        most = "one request" if e.max_slots == 1 else f"at most {e.max_slots} requests"
+        out.append(f"it serves {most} at a time (--parallel {opts.parallel})")
+    return out + e.blockers(model, None, hw)
+
+
+def _blocked(e: Engine, why: list[str]) -> str:
+    return f"engine {e.name}: blocked because {why[0]}" + "".join(f"; also {b}" for b in why[1:3])
+
+
 def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet) -> Plan:
-    engine, reasons = choose_engine(hw, model, opts.engine, rs.name)
+    """Plan every candidate engine; the fastest unblocked one wins. A placement an engine cannot run is a blocker
+    (its verdict in the reasons), never an exception — unless that engine was asked for by name."""
+    requested = opts.engine != engines.AUTO
+    cands, verdicts = _candidates(hw, opts)
+    planned: list[tuple[Engine, Plan]] = []
+    blocked: list[tuple[Engine, str]] = []
+    first_error: HybridError | None = None
+    for e in cands:
+        why = _static_blockers(e, hw, model, opts)
+        if not why:
+            try:
+                p = _plan_for(hw, model, opts, rs, e)
+            except HybridError as err:
+                if requested:
+                    raise
+                first_error = first_error or err
+                why = [f"it does not fit: {err.problem}"]
+            else:
+                why = e.blockers(model, p.device_of, hw)
+        if why and requested:
+            raise HybridError(f"{e.name} cannot run this plan: {why[0]}", "use --engine auto (or another engine)")
+        if why:
+            blocked.append((e, _blocked(e, why)))
+        else:
+            planned.append((e, p))
+    if not planned:
+        if first_error:
+            raise first_error
+        raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
+    # Fastest predicted decode wins; on a tie an installed engine, then the registry's order.
+    best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, bool(ep[0].installed(hw)),
+                                                -cands.index(ep[0])))
+    head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
+            f"predicted {best.prediction.decode_tps:g} tok/s decode"]
+    if not best_e.installed(hw):
+        head.append(f"note: {best_e.name} is not installed on {hw.id}; the command is what it would run "
+                    f"({best_e.install_hint})")
+    for e, p in planned:
+        if e is not best_e:
+            d = p.prediction.decode_tps
+            head.append(f"engine {e.name}: {'slower' if d < best.prediction.decode_tps else 'not faster'}: {d:g} tok/s decode")
+    head += [b for _, b in blocked] + verdicts
+    best = replace(best, reasons=head + best.reasons)
+    best = replace(best, compiled=best_e.compile(best))
+    return replace(best, command=best_e.command(best))
+
+
+def _plan_for(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet, engine: Engine) -> Plan:
     if opts.ctx is not None:
         if opts.ctx < 256 * opts.parallel:
             raise HybridError(f"--ctx {opts.ctx} is too small for {opts.parallel} slot(s)", f"use at least {256 * opts.parallel}")
@@ -195,7 +231,7 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
     last_err = None
     for i, ctx in enumerate(ctx_candidates):
         try:
-            plan = _plan_at(hw, model, opts, rs, engine, reasons, ctx)
+            plan = _plan_at(hw, model, opts, rs, engine, ctx)
         except _DoesNotFit as e:
             last_err = e
             continue
@@ -210,21 +246,18 @@ class _DoesNotFit(Exception):
         self.problem, self.fix, self.short = problem, fix, short
 
 
-def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
+def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     kv_type = opts.kv_type
-    kv_layer = _kv_layer_bytes(model, kv_type, ctx)
+    kv_tok = engine.kv_bytes_per_token(model, kv_type)
+    kv_layer = int(kv_tok * ctx / max(1, model.kv.layers))  # ctx is the total over all slots
     compute = _compute_bytes(model, ctx)
     gpus = {f"gpu:{g.index}": g for g in hw.gpus}
-    runtime_gpu = GPU_RUNTIME.get(engine, GPU_RUNTIME["llama.cpp"])
+    runtime_gpu = engine.gpu_runtime_bytes
+    runtime_cpu = engine.cpu_runtime_bytes
     budgets = {d: _vram_capacity(g) - compute - runtime_gpu for d, g in gpus.items()}
 
-    def marlin(t: Tensor) -> int:
-        return int(t.n_elements * KT_MARLIN_BITS / 8)
-
     def cost(t: Tensor, dev: str) -> int:
-        b = t.nbytes
-        if dev != "cpu" and engine == "ktransformers" and t.cls == "routed_experts":
-            b = max(b, marlin(t))
+        b = engine.tensor_bytes(t, dev)
         if dev != "cpu" and t.name.endswith(".attn_norm.weight"):
             b += kv_layer  # a block's KV cache lives where its attention does
         return b
@@ -263,12 +296,12 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
     cpu_weights = weights.get("cpu", 0)
     expert_cpu = groups.get("cpu", {}).get("routed_experts", 0)
     ram_need_weights = cpu_weights
-    if engine == "ktransformers" and numa_nodes > 1:
-        ram_need_weights += expert_cpu * (numa_nodes - 1)
-        warnings.append(f"KTransformers legacy with USE_NUMA=1 keeps a copy of the CPU experts per NUMA node: "
-                        f"{numa_nodes} x {expert_cpu / GIB:.1f} GiB of RAM")
+    extra, why = engine.extra_ram(expert_cpu, numa_nodes)
+    if extra:
+        ram_need_weights += extra
+        warnings.append(why)
     cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus else compute // 4
-    ram_fixed = kv.get("cpu", 0) + cpu_compute + CPU_RUNTIME
+    ram_fixed = kv.get("cpu", 0) + cpu_compute + runtime_cpu
     ram_cap = _ram_capacity(hw)
     streaming, resident = False, 1.0
     if ram_need_weights + ram_fixed > ram_cap:
@@ -288,43 +321,32 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
                         f"through the page cache (mmap); {resident:.0%} stay resident — expect the predicted, slow speed")
     ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
-                                kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=CPU_RUNTIME,
+                                kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=runtime_cpu,
                                 total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))
 
     threads = opts.threads or hw.cpu.physical_cores
-    numa = "distribute" if numa_nodes > 1 and engine == "llama.cpp" else ""
-    pred = predict(model, hw, dev_of, engine, threads, kv_type, resident,
-                   gpu_cost=(lambda t: max(t.nbytes, marlin(t))) if engine == "ktransformers" else None)
-    reasons = list(reasons)
+    policy = engine.numa_policy(numa_nodes)
+    numa = policy.flag if numa_nodes > 1 else ""
+    pred = predict(model, hw, dev_of, engine.prediction_params, threads, kv_type, resident,
+                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok)
+    reasons = []
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
     if model.is_moe and gpus and rs.name == "moe-auto-fill":
         reasons.append(f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
-                       f"({_ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
+                       f"({ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
     reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
     if numa_nodes > 1:
-        reasons.append(f"NUMA: {numa_nodes} nodes; " + ("llama.cpp --numa distribute spreads threads and pages"
-                                                        if engine == "llama.cpp" else "one KTransformers thread pool per node"))
+        reasons.append(policy.reason)
     if kv_type != "f16":
         reasons.append(f"KV cache {kv_type}: needs flash attention (on)")
-    reasons.append(f"context {ctx} over {opts.parallel} slot(s); KV cache {model.kv.form} form, "
-                   f"{model.kv.bytes_per_token[kv_type]:,} B/token")
+    reasons.append(f"context {ctx} over {opts.parallel} slot(s); KV cache {engine.kv_form(model)} form, "
+                   f"{kv_tok:,} B/token")
     return Plan(
-        model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine,
+        model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine.name,
         rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=kv_type,
         threads=threads, numa=numa, flash_attn=kv_type != "f16", streaming=streaming,
         resident_fraction=round(resident, 3), devices=devices, prediction=pred, reasons=reasons, warnings=warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
     )
-
-
-def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)

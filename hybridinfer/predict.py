@@ -8,9 +8,11 @@ named, with the reason for its value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .inspect_gguf import ModelInfo
-from .probe import HardwareProfile
+if TYPE_CHECKING:  # annotations only: engines import this module, and inspect asks the engines
+    from .inspect_gguf import ModelInfo
+    from .probe import HardwareProfile
 
 # Sustained fraction of spec DRAM bandwidth a decode kernel reaches (STREAM-like reads are ~70-80 %).
 CPU_BW_EFF = 0.75
@@ -20,9 +22,6 @@ GPU_BW_EFF = 0.70
 DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 18.0, "avx512": 29.0, "amx": 29.0}
 # Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
 PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 55.0}
-PREFILL_GFLOPS_PER_CORE_KT_AMX = 200.0
-# Engine kernel efficiency on CPU-resident MoE (KTransformers' llamafile/AMX kernels vs ggml's).
-ENGINE_CPU_EFF = {"ktransformers": 1.0, "llama.cpp": 0.85}
 # A second NUMA node adds this fraction of its own bandwidth/compute (cross-node traffic, imperfect split).
 NUMA_EXTRA_NODE_GAIN = 0.45
 # Each hop of the hidden state between GPU and CPU (one MoE block with experts on the CPU = 2 hops).
@@ -33,6 +32,16 @@ TOKEN_OVERHEAD_S = {"gpu": 3e-3, "cpu": 1e-3}
 PAGE_CACHE_LOCALITY_EXP = 1 / 4  # hit = resident ** exp
 GPU_FP16_TFLOPS_DEFAULT = 50.0
 CONTEXT_FOR_DECODE = 1024  # the context length at which decode speed is quoted
+
+
+@dataclass(frozen=True)
+class PredictionParams:
+    """What differs between engines in the model below; each engine module sets its own (engines/*.py)."""
+    cpu_eff: float = 0.85  # kernel efficiency on CPU-resident MoE relative to the best engine's kernels
+    prefill_gflops_per_core_amx: float | None = None  # batched GEMM per core with AMX tiles, if its kernels use them
+    prefill_cpu_scale: float = 1.0  # measured prefill speed-up of its CPU kernels over the base figures
+    prefill_uploads_weights: bool = False  # with a GPU, streams CPU-resident weights to it per ubatch for prefill
+    ubatch: int = 512
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,9 @@ def _frac(model: ModelInfo, cls: str) -> float:
     return 1.0
 
 
-def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], engine: str, threads: int,
-            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None) -> Prediction:
+def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], params: PredictionParams, threads: int,
+            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None, kv_bytes_per_token: int | None = None) -> Prediction:
+    """`params`: the engine's (engine.prediction_params); `gpu_cost(t)`: bytes it reads for t on a GPU."""
     gpu_cost = gpu_cost or (lambda t: t.nbytes)
     cpu_b = cpu_flops = 0.0
     cpu_expert_b_active = 0.0
@@ -95,7 +105,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
     if hops == 0 and len({d for s in blocks_dev.values() for d in s}) > 1:
         hops = 2
 
-    kv_tok = model.kv.bytes_per_token.get(kv_type, model.kv.bytes_per_token["f16"])
+    kv_tok = kv_bytes_per_token or model.kv.bytes_per_token.get(kv_type, model.kv.bytes_per_token["f16"])
     n_layers = max(1, attn_cpu_layers + attn_gpu_layers)
     kv_read_cpu = kv_tok * CONTEXT_FOR_DECODE * attn_cpu_layers / n_layers
     kv_read_gpu = kv_tok * CONTEXT_FOR_DECODE * attn_gpu_layers / n_layers
@@ -105,7 +115,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
     bw = hw.memory_bandwidth_gbs * 1e9
     cores = min(threads, hw.cpu.physical_cores)
     isa = hw.cpu.isa
-    eff = ENGINE_CPU_EFF.get(engine, 0.85)
+    eff = params.cpu_eff
     t_cpu_bw = (cpu_b + kv_read_cpu) / (bw * CPU_BW_EFF * numa_scale) if cpu_b else 0.0
     t_cpu_compute = cpu_flops / (cores * DECODE_GFLOPS_PER_CORE[isa] * 1e9 * numa_scale * eff) if cpu_flops else 0.0
 
@@ -140,18 +150,18 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
         limit_t += cpu_expert_b_active * (1 - resident_fraction ** PAGE_CACHE_LOCALITY_EXP) / (hw.disk_read_gbs * 1e9)
     limit = 1 / limit_t if limit_t else decode
 
-    # Prefill: compute-bound. llama.cpp with a GPU uploads CPU-resident weights over PCIe for big batches
-    # (512-token ubatch) when that beats computing them on the CPU.
-    if engine == "ktransformers" and isa == "amx":
-        pre_core = PREFILL_GFLOPS_PER_CORE_KT_AMX
+    # Prefill: compute-bound. Some engines with a GPU upload CPU-resident weights over PCIe for big batches
+    # (one ubatch) when that beats computing them on the CPU.
+    if params.prefill_gflops_per_core_amx and isa == "amx":
+        pre_core = params.prefill_gflops_per_core_amx
     else:
-        pre_core = PREFILL_GFLOPS_PER_CORE[isa]
+        pre_core = PREFILL_GFLOPS_PER_CORE[isa] * params.prefill_cpu_scale
     t_pre_cpu = cpu_prefill_flops / (cores * pre_core * 1e9 * numa_scale * eff) if cpu_prefill_flops else 0.0
-    if engine == "llama.cpp" and gpu_b and hw.gpus:
-        t_upload = cpu_b_all / (hw.gpus[0].pcie_gbs * 0.8e9) / 512
+    if params.prefill_uploads_weights and gpu_b and hw.gpus:
+        t_upload = cpu_b_all / (hw.gpus[0].pcie_gbs * 0.8e9) / params.ubatch
         if t_upload < t_pre_cpu:
             t_pre_cpu = t_upload
-            notes.append("prefill: llama.cpp streams CPU-resident weights to the GPU per 512-token batch")
+            notes.append(f"prefill: the engine streams CPU-resident weights to the GPU per {params.ubatch}-token batch")
     tflops = sum((g.fp16_tflops or GPU_FP16_TFLOPS_DEFAULT) for g in hw.gpus) if gpu_b else 0
     t_pre_gpu = gpu_flops / (tflops * 1e12 * 0.35) if gpu_flops and tflops else 0.0
     prefill = 1 / max(1e-9, t_pre_cpu + t_pre_gpu + (t_disk if resident_fraction < 1 else 0.0) / 8)

@@ -1,5 +1,7 @@
 """Stage 1 — probe: what this box is (CPU, NUMA, ISA, RAM, bandwidth, GPUs, engines) as a `HardwareProfile`.
 
+The engine rows come from each engine's own probe() (engines.probe_all()), passed in by the caller.
+
 A profile round-trips through JSON, so `plan --hardware FILE` can plan a box we do not have
 (see benchmarks/hardware/ for the reference machines).
 """
@@ -11,11 +13,9 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from .errors import HybridError
@@ -26,14 +26,6 @@ ISA_FLAGS = (
     "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_vbmi",
     "amx_tile", "amx_int8", "amx_bf16",
 )
-PYTHON_ENGINES = {  # distribution name -> engine label
-    "llama_cpp_python": "llama-cpp-python",
-    "kt-kernel": "kt-kernel",
-    "ktransformers": "ktransformers",
-    "sglang": "sglang",
-}
-
-
 @dataclass(frozen=True)
 class NumaNode:
     id: int
@@ -252,8 +244,9 @@ def probe_gpus() -> list[GpuInfo]:
     return gpus
 
 
-def find_llama_binary(name: str = "llama-server") -> str | None:
-    """HYBRIDINFER_LLAMA_SERVER / _LLAMA_BENCH, then this environment's bin/ (install.sh links there), then PATH."""
+def find_llama_binary(name: str) -> str | None:
+    """An engine binary by name: HYBRIDINFER_<NAME> (e.g. HYBRIDINFER_LLAMA_SERVER), then this environment's bin/
+    (install.sh links there), then PATH."""
     env = os.environ.get("HYBRIDINFER_" + name.upper().replace("-", "_"))
     if env:
         return env if os.access(env, os.X_OK) else None
@@ -263,22 +256,7 @@ def find_llama_binary(name: str = "llama-server") -> str | None:
     return shutil.which(name)
 
 
-def probe_llama_server() -> EngineInfo:
-    path = find_llama_binary("llama-server")
-    if not path:
-        return EngineInfo(name="llama.cpp", installed=False, detail="llama-server not found (run ./install.sh)")
-    version = ""
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
-        text = out.stdout + out.stderr
-        m = re.search(r"version: (\S+ \([0-9a-f]+\))", text)
-        version = m.group(1) if m else text.strip().splitlines()[0] if text.strip() else ""
-    except (OSError, subprocess.SubprocessError) as e:
-        return EngineInfo(name="llama.cpp", installed=False, path=path, detail=f"llama-server does not run: {e}")
-    return EngineInfo(name="llama.cpp", installed=True, version=version, path=path, gpu=_binary_has_cuda(path))
-
-
-def _binary_has_cuda(path: str) -> bool:
+def binary_has_cuda(path: str) -> bool:
     """A CUDA-enabled ggml carries its CUDA backend's symbols, whether or not a GPU is present now."""
     try:
         real = os.path.realpath(path)
@@ -290,32 +268,6 @@ def _binary_has_cuda(path: str) -> bool:
         return any(libdir.glob("libggml-cuda*"))
     except OSError:
         return False
-
-
-def probe_engines() -> list[EngineInfo]:
-    engines = [probe_llama_server()]
-    for dist, label in PYTHON_ENGINES.items():
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            engines.append(EngineInfo(name=label, installed=False, detail="not installed"))
-            continue
-        engines.append(EngineInfo(name=label, installed=True, version=version,
-                                  detail=kt_patch_state() if label == "ktransformers" else ""))
-    return engines
-
-
-def kt_patch_state() -> str:
-    """Whether the installed legacy KTransformers carries hybridinfer's IQ patch (read from its files)."""
-    from .errors import HybridError
-    from .patch_kt import detect, find
-
-    try:
-        state = detect(find(None)).state
-    except HybridError as e:
-        return f"IQ patch: not applicable ({e.problem})"
-    return {"patched": "IQ patch: applied",
-            "unpatched": "IQ patch: not applied (hybridinfer patch ktransformers --apply)"}.get(state, f"IQ patch: {state}")
 
 
 def measure_bandwidth(seconds: float = 3.0, threads: int | None = None) -> float:
@@ -343,7 +295,8 @@ def measure_bandwidth(seconds: float = 3.0, threads: int | None = None) -> float
     return round(best, 1)
 
 
-def probe(measure: bool = False, engines: bool = True) -> HardwareProfile:
+def probe(measure: bool = False, engines: list[EngineInfo] | None = None) -> HardwareProfile:
+    """This box. `engines`: the engine table to record (engines.probe_all(); probe itself knows no engine)."""
     import psutil
 
     cpu = probe_cpu()
@@ -359,5 +312,5 @@ def probe(measure: bool = False, engines: bool = True) -> HardwareProfile:
         description=f"{cpu.model}, {cpu.physical_cores} cores, {vm.total / 1024**3:.0f} GiB RAM (probed)",
         cpu=cpu, numa_nodes=numa, ram_total=int(vm.total), ram_available=int(vm.available),
         memory_bandwidth_gbs=bw, bandwidth_source=src, gpus=probe_gpus(),
-        engines=probe_engines() if engines else [], source="probe",
+        engines=list(engines or []), source="probe",
     )

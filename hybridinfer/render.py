@@ -51,10 +51,11 @@ def render_model(m, tensors: bool = False) -> None:
     else:
         console.print("  dense model (no experts): plans use a layer split")
     console.print("  quant types: " + ", ".join(f"{k} x{v}" for k, v in m.quant_types.items()))
-    t = Table("group", "GiB", "share", "params (M)", "tensors", "types", "llama.cpp", "ktransformers", box=None)
+    names = list(next(iter(m.groups.values())).engines) if m.groups else []  # the engine registry's, in order
+    t = Table("group", "GiB", "share", "params (M)", "tensors", "types", *names, box=None)
     for name, g in m.groups.items():
         t.add_row(name, _g(g.bytes), f"{g.bytes / m.bytes:.1%}", f"{g.params / 1e6:,.0f}", str(g.tensors),
-                  ", ".join(g.types), g.engines.get("llama.cpp", ""), g.engines.get("ktransformers", ""))
+                  ", ".join(g.types), *(g.engines.get(n, "") for n in names))
     console.print(t)
     kv = m.kv
     console.print(f"  KV cache: {kv.form} form, {kv.values_per_token_per_layer} values/token/layer x {kv.layers} layers = "
@@ -67,8 +68,8 @@ def render_model(m, tensors: bool = False) -> None:
         console.print(tt)
 
 
-def render_plan(plan, cmd, compare=None, compare_cmd=None) -> None:
-    from .engines.ktransformers import shell
+def render_plan(plan, compare=None) -> None:
+    from .util import shell
 
     p = plan.prediction
     console.print(f"[bold]Plan[/]: {plan.model_name or plan.model_path} on [bold]{plan.hardware}[/] — engine "
@@ -90,11 +91,11 @@ def render_plan(plan, cmd, compare=None, compare_cmd=None) -> None:
         console.print(f"[bold]Compare[/]: rules {compare.rules} ({compare.engine}): decode {c.decode_tps:g} tok/s, "
                       f"prefill ~{c.prefill_tps:g} tok/s → this plan decodes [bold]{ratio:.2f}x[/] "
                       f"{'faster' if ratio >= 1 else 'slower'}")
-        console.print(f"  {shell(compare_cmd)}", soft_wrap=True)
+        console.print(f"  {shell(compare.command)}", soft_wrap=True)
     console.print("[bold]Why[/]:")
     for r in plan.reasons:
         console.print(f"  {r}")
     for w in plan.warnings:
         console.print(f"[yellow]warning[/]: {w}")
     console.print("[bold]Command[/]:")
-    console.print(shell(cmd), soft_wrap=True)
+    console.print(shell(plan.command), soft_wrap=True)

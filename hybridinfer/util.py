@@ -79,3 +79,23 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("HYBRIDINFER_CACHE") or Path.home() / ".cache" / "hybridinfer")
+
+
+def shell(cmd: list[str]) -> str:
+    """An argv as one copy-pasteable shell line."""
+    import shlex
+
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def ranges(xs: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    xs = sorted(xs)
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)

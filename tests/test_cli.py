@@ -34,8 +34,9 @@ def test_plan_default_model_and_compare(shapes_dir):
     assert "-ot" in d["command"] and "-ngl" in d["compare"]["command_line"]
     r = run_cli("plan", "--gguf", shapes_dir["r1-ud-iq1_s"], "--hardware", "xeon4-ddr5-4090", "--json")
     d = json.loads(r.stdout)
-    assert d["engine"] == "ktransformers" and "KExpertsCPU" in d["ktransformers_rules"]
+    assert d["engine"] == "ktransformers" and "KExpertsCPU" in d["compiled"]["rules"]
     assert d["command"][0] == "ktransformers" and "--optimize_config_path" in d["command"]
+    assert d["command"][d["command"].index("--optimize_config_path") + 1] == d["compiled"]["rules_path"]
 
 
 def test_plan_errors_are_one_line(shapes_dir, tmp_path):

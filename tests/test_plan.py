@@ -110,10 +110,11 @@ def test_engine_choice(models):
                       [EngineInfo(name="ktransformers", installed=True, version="0.2.1.post1", detail="IQ patch: applied")])
     assert "IQ3_XXS load through hybridinfer's patch (applied)" in make_plan(patched, iq).reasons[0]
     p = make_plan(xeon, models["r1-ud-iq1_m"])  # IQ1_M experts: KTransformers would compute garbage
-    assert p.engine == "llama.cpp" and "IQ1_M" in p.reasons[0]
+    assert p.engine == "llama.cpp" and p.reasons[0].startswith("engine llama.cpp: chosen")
+    assert any(r.startswith("engine ktransformers: blocked because") and "IQ1_M" in r for r in p.reasons)
     p = make_plan(load_profile("desktop-4090"), models["r1-ud-iq1_s"])
-    assert p.engine == "llama.cpp" and "not installed" in p.reasons[0]
-    with pytest.raises(HybridError, match="KTransformers cannot run this plan"):
+    assert p.engine == "llama.cpp" and "engine ktransformers: not installed on desktop-4090" in p.reasons
+    with pytest.raises(HybridError, match="ktransformers cannot run this plan"):
         make_plan(xeon, models["r1-ud-iq1_m"], PlanOptions(engine="ktransformers"))
 
 

@@ -24,7 +24,9 @@ def test_numa_from_sysfs(tmp_path):
 
 
 def test_live_probe_roundtrips():
-    hw = probe()
+    from hybridinfer.options import probe_box
+
+    hw = probe_box()  # probe() plus every registered engine's own probe()
     assert hw.cpu.physical_cores >= 1 and hw.ram_total > 0 and hw.source == "probe"
     assert HardwareProfile.from_json(hw.to_json()) == hw
     names = {e.name for e in hw.engines}

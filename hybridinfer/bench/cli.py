@@ -57,8 +57,12 @@ def cmd_bench(args) -> int:
 
     served = None
     urls = list(args.url or [])
+    plan_file = None
+    if not urls or args.engine_bench:
+        # Planned once: the served engine and the engine bench run this same plan.
+        plan_file = _plan_file(args, max(levels), console)
     if not urls:
-        served = _start_serve(args, max(levels), console)
+        served = _start_serve(args, plan_file, console)
         urls = [served[1]]
     try:
         report = asyncio.run(_run(args, urls, levels, rate, console))
@@ -70,7 +74,9 @@ def cmd_bench(args) -> int:
             except subprocess.TimeoutExpired:
                 served[0].kill()
     if args.engine_bench:
-        report["engine_bench"] = _engine_bench(args, console)
+        report["engine_bench"] = _engine_bench(plan_file, args, console)
+    if plan_file and not args.plan:
+        os.unlink(plan_file)
     render(report)
     if args.json:
         atomic_write(args.json, dump_json(report) + "\n")
@@ -162,22 +168,40 @@ def _machine() -> dict:
     from ..probe import probe
 
     try:
-        hw = probe(engines=False)
+        hw = probe()
         return {"host": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
                 "ram_gib": round(hw.ram_total / 2**30, 1), "gpus": [g.name for g in hw.gpus]}
     except Exception:  # noqa: BLE001 — the report still stands without the machine line
         return {"host": platform.node(), "logical_cores": psutil.cpu_count(), "gpus": []}
 
 
-def _start_serve(args, parallel: int, console):
+def _plan_file(args, parallel: int, console) -> str:
+    """The plan `serve` and the engine bench share: --plan as given, or planned here for this box and saved."""
+    import tempfile
+
+    from ..options import load_model, load_plan, probe_box
+    from ..plan import PlanOptions, make_plan
+
+    if args.plan:
+        if args.gguf:
+            raise HybridError("--plan fixes the model; --gguf cannot change it", "drop --gguf, or drop --plan")
+        load_plan(args.plan)  # a bad file is one line here, not a failed serve later
+        return args.plan
+    plan = make_plan(probe_box(), load_model(args), PlanOptions(parallel=min(parallel, 8), serving=True))
+    fd, path = tempfile.mkstemp(prefix="hybridinfer-plan-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_json(plan))
+    console.print(f"plan: engine {plan.engine}, rules {plan.rules}, {plan.parallel} slot(s) (saved to {path})")
+    return path
+
+
+def _start_serve(args, plan_file: str, console):
     exe = Path(sys.executable).parent / "hybridinfer"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "hybridinfer.cli"]),
-           "serve", "--port", str(port), "--parallel", str(min(parallel, 8)), "--queue", "64"]
-    if args.gguf:
-        cmd += ["--gguf", args.gguf]
+           "serve", "--port", str(port), "--queue", "64", "--plan", plan_file]
     console.print(f"starting: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -197,23 +221,23 @@ def _start_serve(args, parallel: int, console):
     raise HybridError("hybridinfer serve did not become ready in 600 s", "check it by hand, or pass --url")
 
 
-def _engine_bench(args, console) -> dict:
-    from ..cli import _model
-    from ..engines.llamacpp import bench_command, parse_bench
-    from ..plan import PlanOptions, make_plan
-    from ..probe import find_llama_binary, probe
+def _engine_bench(plan_file: str, args, console) -> dict:
+    from ..engines import get
+    from ..engines.llamacpp import parse_bench
+    from ..options import load_plan
 
-    binary = find_llama_binary("llama-bench")
-    if not binary:
-        raise HybridError("--engine-bench needs llama-bench, which is not installed", "run ./install.sh, or drop --engine-bench")
-    model = _model(args)
-    plan = make_plan(probe(engines=False), model, PlanOptions(engine="llama.cpp"))
-    cmd = bench_command(plan, binary, n_prompt=args.engine_bench_prompt, n_gen=args.max_tokens)
+    plan = load_plan(plan_file)
+    engine = get(plan.engine)
+    cmd = engine.bench_command(plan, n_prompt=args.engine_bench_prompt, n_gen=args.max_tokens)
+    if not cmd:
+        raise HybridError(f"engine {engine.name} has no benchmark tool of its own", "drop --engine-bench")
+    if not os.access(cmd[0], os.X_OK):
+        raise HybridError(f"--engine-bench needs {cmd[0]}, which is not installed", f"{engine.install_hint}; or drop --engine-bench")
     console.print(f"engine bench: {' '.join(cmd)}")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise HybridError(f"llama-bench failed: {last}", "run the command above by hand to see why")
+        raise HybridError(f"{os.path.basename(cmd[0])} failed: {last}", "run the command above by hand to see why")
     return {"command": cmd, "results": parse_bench(r.stdout)}
 
 
@@ -243,6 +267,7 @@ def register(sub, add, plan_args) -> None:
     p = add("bench", cmd_bench)
     p.add_argument("--url", action="append", metavar="URL", help="OpenAI base URL, e.g. http://127.0.0.1:8000/v1 (repeat to compare; default: start hybridinfer serve)")
     p.add_argument("--gguf", metavar="PATH", help="without --url: the model hybridinfer serve loads (default: the demo model)")
+    p.add_argument("--plan", metavar="PLAN.json", help="the saved plan (`hybridinfer plan --json`) that serve and --engine-bench run (default: plan for this box)")
     p.add_argument("--model", metavar="M", help="model id to request (default: the first of /v1/models)")
     p.add_argument("--concurrency", default="1", metavar="1,2,4,8", help="concurrency levels to sweep (default: 1)")
     p.add_argument("--request-rate", default="inf", metavar="R|inf", help="Poisson arrivals per second, at most --concurrency in flight (default: inf = closed loop)")
@@ -262,5 +287,5 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout (default: 600)")
     p.add_argument("--json", metavar="OUT", help="write every figure and raw sample as JSON (schema in the README)")
     p.add_argument("--plot", metavar="OUT.png", help="plot throughput and latency percentiles vs concurrency")
-    p.add_argument("--engine-bench", action="store_true", help="also run llama-bench with the plan's placement (pp/tg)")
-    p.add_argument("--engine-bench-prompt", type=int, default=512, metavar="N", help="llama-bench prompt length (default: 512)")
+    p.add_argument("--engine-bench", action="store_true", help="also run the engine's own benchmark tool (llama-bench) with the plan's placement (pp/tg)")
+    p.add_argument("--engine-bench-prompt", type=int, default=512, metavar="N", help="engine benchmark prompt length (default: 512)")

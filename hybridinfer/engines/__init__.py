@@ -1,14 +1,40 @@
-"""Stage 5 — engines: each turns a `Plan` into its native command line and (for llama.cpp) runs it.
+"""Stage 5 — engines: one module per engine, each exposing one `ENGINE` (an `engines.base.Engine`), and the one
+registry everything else asks: the CLI's `--engine` choices, the planner's choice, `inspect`'s support table,
+`probe`'s engine table and `serve`.
 
-One small interface (capabilities as attributes, `command(plan, ...)`), chosen through a plain dict.
+Adding an engine: write `engines/<name>.py` with `ENGINE = MyEngine()` and list it in `_MODULES` below. Every
+engine name appears under engines/ only (tests/test_seam.py greps the rest of the package).
 """
 
 from __future__ import annotations
 
-from . import ktransformers, llamacpp
+from ..errors import HybridError
+from ..probe import EngineInfo
+from . import ktransformers, llamacpp, llamacpp_python
+from .base import Engine
 
-ENGINES = {"llama.cpp": llamacpp, "ktransformers": ktransformers}
+_MODULES = (llamacpp, llamacpp_python, ktransformers)  # order breaks ties between equally fast engines
+REGISTRY: dict[str, Engine] = {m.ENGINE.name: m.ENGINE for m in _MODULES}
+DEFAULT = llamacpp.ENGINE.name  # planned when no other engine is installed: runs every GGUF on any box
+AUTO = "auto"
 
 
-def get(name: str):
-    return ENGINES[name]
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> Engine:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise HybridError(f"unknown engine '{name}'", f"use one of {AUTO}, {', '.join(REGISTRY)}") from None
+
+
+def probe_all() -> list[EngineInfo]:
+    """`probe`'s engine table: every engine's own report of this box."""
+    return [info for e in REGISTRY.values() for info in e.probe_all()]
+
+
+def choices_help() -> str:
+    """For --engine's help: the names and what each is."""
+    return "; ".join(f"{n}: {e.summary.split(':')[0]}" for n, e in REGISTRY.items())

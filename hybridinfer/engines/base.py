@@ -1,9 +1,15 @@
-"""The small interface a running engine offers the server.
+"""The engine seam: what every engine module under `engines/` offers the rest of hybridinfer.
+
+An engine is one object (`ENGINE` in its module, listed in `engines.REGISTRY`) whose capability attributes the planner,
+`inspect`, `probe`, the CLI and the server read, and whose methods say whether it can run a placement (`blockers`),
+how it is launched (`command`, computed once at plan time and stored on the frozen Plan), and how the server drives
+it while it runs (`runner` -> a `Running`).
 
 A running engine is an async context manager with:
   state          starting | loading | ready | down | stopped
   restarts       how many times it was restarted after dying
   started_at / ready_at   monotonic seconds (load time = ready_at - started_at)
+  fatal          a load failure no restart can fix (None otherwise)
   command()      what it runs, for the banner (argv list)
   wait_ready(timeout) -> bool
   complete(path, body) -> dict                     one OpenAI-shaped response
@@ -16,6 +22,17 @@ A running engine is an async context manager with:
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..predict import PredictionParams
+from ..probe import EngineInfo, HardwareProfile
+
+if TYPE_CHECKING:  # annotations only: the planner imports the engines, never the other way round
+    from ..inspect_gguf import ModelInfo, Tensor
+    from ..plan import Plan
+
+GIB = 1024**3
 
 
 class EngineRejected(Exception):
@@ -36,6 +53,8 @@ class Running:
     """What every running engine shares: async-context-manager lifecycle and waiting for readiness.
     Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""
 
+    fatal: str | None = None
+
     async def __aenter__(self):
         await self.start()
         return self
@@ -49,3 +68,141 @@ class Running:
             return True
         except asyncio.TimeoutError:
             return False
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the server tells an engine's runner beyond the plan (the server's own settings stay in server/)."""
+    model_id: str = "default"  # the id the API serves under (engines that name their model get it too)
+    request_timeout: float = 600.0
+    max_connections: int = 64  # concurrent requests the runner may open to the engine
+    log_file: str | None = None  # also write the engine's full log here
+    on_line: Callable[[str], None] | None = None  # each engine log line
+    verbose: bool = False  # the engine's own verbose logging (per-tensor placement)
+
+
+@dataclass(frozen=True)
+class NumaPolicy:
+    flag: str  # the engine's NUMA setting for the command ("" = none)
+    reason: str  # one line for the plan's "Why"
+
+
+class Engine:
+    """Base class: capability attributes with the values most engines share, and the methods each engine defines.
+
+    Subclasses override attributes as class attributes; the rest of the program reads them from the instance."""
+
+    name: str = ""
+    summary: str = ""
+    kind: str = "server"  # "server" (a supervised subprocess) | "in-process"
+    needs_nvidia_gpu: bool = False
+    max_slots: int | None = None  # None = no limit of its own
+    serves: bool = True  # `hybridinfer serve` can run it (False: plan prints its command only)
+    gpu_runtime_bytes: int = int(0.45 * GIB)  # CUDA context, cuBLAS workspace, ...
+    cpu_runtime_bytes: int = int(0.5 * GIB)
+    prediction_params: PredictionParams = PredictionParams()
+    install_hint: str = "see the README"
+    probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
+
+    # --- capabilities -------------------------------------------------------------------------------
+    def runs(self, cls: str, type_: str, device: str) -> bool:
+        """Whether its kernels compute tensors of class `cls` in quant type `type_` on `device` ("cpu" | "gpu")."""
+        return True
+
+    def support(self, cls: str, types: set[str]) -> str:
+        """For `inspect`: 'ok', 'ok after patch (...)' or 'refused: ...' for a tensor group with these types."""
+        bad = sorted(t for t in types if not (self.runs(cls, t, "cpu") or self.runs(cls, t, "gpu")))
+        return "ok" if not bad else f"refused: {'/'.join(bad)} not computed by its kernels"
+
+    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
+        return model.kv.bytes_per_token[kv_type]
+
+    def kv_form(self, model: "ModelInfo") -> str:
+        return model.kv.form
+
+    def tensor_bytes(self, t: "Tensor", device: str) -> int:
+        """Bytes a tensor occupies on `device` ("cpu" | "gpu:N"): engines that repack weights differ from the file."""
+        return t.nbytes
+
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("", f"NUMA: {nodes} nodes")
+
+    def extra_ram(self, cpu_expert_bytes: int, nodes: int) -> tuple[int, str]:
+        """RAM it needs beyond the CPU-side weights (e.g. per-node copies) and the warning saying why."""
+        return 0, ""
+
+    # --- this box -------------------------------------------------------------------------------------
+    def probe(self) -> EngineInfo | None:
+        """What `probe` reports for it on this box (version, CUDA, path); installed=False with why when absent."""
+        return None
+
+    def probe_all(self) -> list[EngineInfo]:
+        """Every row it contributes to `probe`'s engine table (an engine may come as several packages)."""
+        info = self.probe()
+        return [info] if info else []
+
+    def installed(self, hw: HardwareProfile) -> EngineInfo | None:
+        """Its entry in the hardware profile's engines list, if installed there."""
+        for n in self.probe_names or (self.name,):
+            e = hw.engine(n)
+            if e:
+                return e
+        return None
+
+    def flags(self, binary: str | None) -> set[str]:
+        """Flags the installed build accepts (from its --help); empty when there is no binary to ask."""
+        return set()
+
+    # --- planning ------------------------------------------------------------------------------------
+    def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: HardwareProfile) -> list[str]:
+        """Why it cannot run this model with this placement (tensor name -> device) on this box; [] = it can.
+        With placement None, only what holds for any placement (architecture, quant types, GPU)."""
+        out = []
+        if self.needs_nvidia_gpu and not hw.gpus:
+            out.append(f"no NVIDIA GPU: {self.name} needs CUDA")
+        for cls, g in model.groups.items():
+            for t in sorted(g.types):
+                if placement is None:
+                    if not (self.runs(cls, t, "cpu") or self.runs(cls, t, "gpu")):
+                        out.append(f"{cls} in {t}: not computed by its kernels")
+        if placement is not None:
+            bad: dict[tuple[str, str], int] = {}
+            for t in model.tensors:
+                dev = placement.get(t.name, "cpu")
+                kind = "cpu" if dev == "cpu" else "gpu"
+                if not self.runs(t.cls, t.type, kind):
+                    bad[(t.type, kind)] = bad.get((t.type, kind), 0) + 1
+            for (typ, kind), n in sorted(bad.items()):
+                out.append(f"{n} tensor(s) in {typ} placed on the {kind.upper()}: its {kind.upper()} kernels do not run {typ}")
+        return out
+
+    def chosen_because(self, model: "ModelInfo", hw: HardwareProfile) -> str:
+        """A short clause for the plan's "Why" when it is chosen (what makes it eligible here)."""
+        return self.summary
+
+    def compile(self, plan: "Plan") -> dict:
+        """The placement in the engine's own form (JSON-able), stored on the plan as `plan.compiled`."""
+        return {}
+
+    def command(self, plan: "Plan") -> list[str]:
+        """The argv that runs this plan (stored on the plan as `plan.command`)."""
+        raise NotImplementedError
+
+    def endpoint_args(self, host: str, port: int) -> list[str]:
+        """The arguments the server injects into `plan.command` to say where the engine listens."""
+        return []
+
+    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str] | None:
+        """Its own benchmark tool with the plan's placement (None: it has none)."""
+        return None
+
+    def runner(self, plan: "Plan", settings: RunSettings) -> Running:
+        from ..errors import HybridError
+        raise HybridError(f"hybridinfer does not run {self.name} itself yet", "use `hybridinfer plan` for its command")
+
+    def not_installed_error(self):
+        from ..errors import HybridError
+        return HybridError(f"engine {self.name} is not installed on this box", self.install_hint)
+
+    def __repr__(self) -> str:
+        return f"<engine {self.name}>"

@@ -1,37 +1,32 @@
-"""llama.cpp's `llama-server`: the plan as its exact command line (flags checked against the build), and a
-supervisor that runs it."""
+"""llama.cpp's `llama-server` as an engine: the plan as its exact command line (flags checked against the installed
+build's --help), `llama-bench` with the same placement; `supervisor.py` runs it.
+
+A sibling engine built from a llama.cpp fork (ik_llama.cpp) subclasses `LlamaCpp` and differs only in its binary
+names, flags and capabilities.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import ctypes
 import functools
 import json
-import logging
-import os
-import shutil
-import signal
-import socket
+import re
 import subprocess
-import tempfile
-import time
+from typing import TYPE_CHECKING
 
-import anyio
-import httpx
-import orjson
+from ..predict import PredictionParams
+from ..probe import EngineInfo, binary_has_cuda, find_llama_binary
+from .base import Engine, NumaPolicy, Running, RunSettings
+from .llamacpp_args import Compiled, buffer_name, compile_placement
 
-from ..plan import Plan
-from ..probe import find_llama_binary
-from .base import EngineFailed, EngineRejected, Running
-from .llamacpp_args import buffer_name, compile_placement
+if TYPE_CHECKING:
+    from ..inspect_gguf import ModelInfo
+    from ..plan import Plan
+    from ..probe import HardwareProfile
 
-name = "llama.cpp"
-serves_openai = True
-supports_placement = True
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080  # in the printed command; `serve` injects its own
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def help_text(binary: str) -> str:
     """The installed build's `--help`: flags differ between llama.cpp versions, so never assume one."""
     try:
@@ -41,293 +36,159 @@ def help_text(binary: str) -> str:
         return ""
 
 
-def has_flag(binary: str | None, flag: str) -> bool:
-    if not binary:
-        return True  # no binary to ask (planning another box): write the current flag set
-    text = help_text(binary)
-    return f"{flag} " in text or f"{flag}," in text or f"{flag}\n" in text
+@functools.lru_cache(maxsize=8)
+def help_flags(binary: str) -> frozenset[str]:
+    """Every flag the build's --help names (`-fa, --flash-attn [on|off]` -> {-fa, --flash-attn})."""
+    return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", help_text(binary)))
 
 
-def placement_args(plan: Plan) -> list[str]:
-    return compile_placement(plan.device_of, plan.n_layer).args()
+def compiled_of(plan: "Plan") -> Compiled:
+    """The plan's placement in llama.cpp's form (computed once at plan time, stored in plan.compiled)."""
+    c = plan.compiled
+    if c and "ngl" in c:
+        return Compiled(ngl=c["ngl"], overrides=[tuple(x) for x in c["overrides"]], cpu_moe=c["cpu_moe"])
+    return compile_placement(plan.device_of, plan.n_layer)
 
 
-def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str | None = None,
-            extra: list[str] | None = None) -> list[str]:
-    binary = binary or (find_llama_binary("llama-server") if plan.hardware else None)
-    exe = binary or "llama-server"
-    cmd = [exe, "-m", plan.model_path, "-c", str(plan.ctx), "-np", str(plan.parallel),
-           "-t", str(plan.threads), "-tb", str(plan.threads)]
-    cmd += placement_args(plan)
-    if plan.numa:
-        cmd += ["--numa", plan.numa]
-    if plan.kv_type != "f16":
-        cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-    cpu_experts = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
-    # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
-    if has_flag(binary, "--load-mode"):
-        if plan.streaming:
-            cmd += ["--load-mode", "mmap"]
-        elif cpu_experts:
-            cmd += ["--load-mode", "none"]
-    elif cpu_experts and not plan.streaming and has_flag(binary, "--no-mmap"):
-        cmd += ["--no-mmap"]
-    if has_flag(binary, "--metrics"):
-        cmd += ["--metrics"]
-    if has_flag(binary, "--jinja"):
-        cmd += ["--jinja"]
-    if has_flag(binary, "--reasoning-format"):
-        cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
-    cmd += ["--host", host, "--port", str(port)]
-    return cmd + list(extra or [])
+def placement_args(plan: "Plan") -> list[str]:
+    return compiled_of(plan).args()
 
 
-# --- supervision --------------------------------------------------------------------------------------
+class LlamaCpp(Engine):
+    name = "llama.cpp"
+    summary = "llama.cpp's llama-server: every GGUF type on CPU and CUDA, -ot tensor placement, concurrent slots"
+    kind = "server"
+    server_binary = "llama-server"  # looked up by probe.find_llama_binary (HYBRIDINFER_LLAMA_SERVER, the venv, PATH)
+    bench_binary = "llama-bench"
+    install_hint = "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER to a llama-server binary"
+    # ggml's CPU kernels are about 15 % slower than KTransformers' on CPU-resident experts; with a GPU it uploads
+    # CPU-resident weights per 512-token ubatch for prefill when that beats computing them on the CPU.
+    prediction_params = PredictionParams(cpu_eff=0.85, prefill_uploads_weights=True)
+    # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
+    runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
 
-log = logging.getLogger("hybridinfer.engine")
+    # --- this box ---------------------------------------------------------------------------------------
+    def binary(self) -> str | None:
+        return find_llama_binary(self.server_binary)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent():  # runs in the child before exec: no orphan engine if hybridinfer is killed
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class Supervisor(Running):
-    """Runs llama-server as a child on a private loopback port, streams its log, restarts it if it dies.
-
-    Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.
-    """
-
-    def __init__(self, plan: Plan, binary: str | None = None, extra: list[str] | None = None,
-                 log_file: str | None = None, restart: bool = True, on_line=None):
-        self.plan = plan
-        self.binary = binary or find_llama_binary("llama-server")
-        if not self.binary:
-            from ..errors import HybridError
-            raise HybridError("llama-server not found", "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER")
-        self.port = free_port()
-        # A private Unix socket where the build takes one (`--host x.sock`): no TCP Nagle/delayed-ACK stalls on the
-        # streamed tokens (llama-server leaves Nagle on) and no port another local user could reach.
-        self.sock: str | None = None
-        if "UNIX socket" in help_text(self.binary):
-            self._sockdir = tempfile.mkdtemp(prefix="hybridinfer-")  # 0700
-            self.sock = os.path.join(self._sockdir, "engine.sock")
-        self.extra = list(extra or [])
-        self.log_file = log_file
-        self.restart = restart
-        self.on_line = on_line
-        self.state = "starting"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        self.restarts = 0
-        self.started_at = 0.0
-        self.ready_at = 0.0
-        self._tasks: list[asyncio.Task] = []
-        self._stopping = False
-        self._ready = asyncio.Event()
-        self._client: httpx.AsyncClient | None = None
-        self.request_timeout = 600.0
-        self.max_connections = 64
-
-    @property
-    def base_url(self) -> str:
-        return "http://engine" if self.sock else f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        """Where the engine listens, for people: a socket path or host:port."""
-        return self.sock or f"127.0.0.1:{self.port}"
-
-    def _transport(self, max_connections: int = 10) -> httpx.AsyncHTTPTransport:
-        if self.sock:
-            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections))
-        # TCP fallback: a fresh loopback connection per request, since on a reused one the kernel's delayed ACKs
-        # and llama-server's Nagle hold the first streamed tokens back by tens of ms.
-        return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                                        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0))
-
-    def command(self) -> list[str]:
-        return command(self.plan, host=self.sock or "127.0.0.1", port=self.port, binary=self.binary, extra=self.extra)
-
-    async def start(self) -> None:
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=5.0),
-                                             transport=self._transport(self.max_connections))
-        cmd = self.command()
-        if self.sock and os.path.exists(self.sock):
-            os.unlink(self.sock)  # left by a crashed engine
-        log.info("starting: %s", " ".join(cmd))
-        self.state = "loading"
-        self._ready.clear()
-        self.started_at = time.monotonic()
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-        self._tasks = [asyncio.create_task(self._pump_log(self.proc)), asyncio.create_task(self._watch(self.proc))]
-
-    async def _pump_log(self, proc) -> None:
-        f = open(self.log_file, "a") if self.log_file else None
+    def probe(self) -> EngineInfo:
+        path = self.binary()
+        if not path:
+            return EngineInfo(name=self.name, installed=False, detail=f"{self.server_binary} not found: {self.install_hint}")
+        version = ""
         try:
-            async for raw in proc.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                self.tail.append(line)
-                if f:
-                    f.write(line + "\n")
-                    f.flush()
-                if self.on_line:
-                    self.on_line(line)
-                else:
-                    log.debug("%s", line)
-        finally:
-            if f:
-                f.close()
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+            text = out.stdout + out.stderr
+            m = re.search(r"version: (\S+(?: \([^)]*\))?)", text)
+            version = m.group(1) if m else text.strip().splitlines()[0] if text.strip() else ""
+        except (OSError, subprocess.SubprocessError) as e:
+            return EngineInfo(name=self.name, installed=False, path=path, detail=f"{self.server_binary} does not run: {e}")
+        return EngineInfo(name=self.name, installed=True, version=version, path=path, gpu=binary_has_cuda(path))
 
-    async def _watch(self, proc) -> None:
-        health = asyncio.create_task(self._wait_healthy(proc))
-        rc = await proc.wait()
-        health.cancel()
-        if self._stopping:
-            return
-        self.state = "down"
-        self._ready.clear()
-        last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
-        log.error("llama-server exited with status %s (last line: %s)", rc, last)
-        if self.restart:
-            delay = min(30.0, 1.0 * 2 ** min(self.restarts, 5))
-            await asyncio.sleep(delay)
-            if not self._stopping:
-                self.restarts += 1
-                await self.start()
+    def flags(self, binary: str | None) -> set[str]:
+        return set(help_flags(binary)) if binary else set()
 
-    async def _wait_healthy(self, proc) -> None:
-        async with httpx.AsyncClient(timeout=2.0, transport=self._transport()) as c:
-            while proc.returncode is None:
-                try:
-                    r = await c.get(self.base_url + "/health")
-                    if r.status_code == 200:
-                        self.state = "ready"
-                        self.ready_at = time.monotonic()
-                        self._ready.set()
-                        log.info("llama-server ready in %.1f s", self.ready_at - self.started_at)
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+    def unix_socket(self, binary: str) -> bool:
+        """Whether this build listens on a Unix socket given `--host PATH.sock`."""
+        return "UNIX socket" in help_text(binary)
 
-    async def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True
-        self.state = "stopped"
-        proc = self.proc
-        if proc and proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                await proc.wait()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-        if self.sock:
-            shutil.rmtree(self._sockdir, ignore_errors=True)
+    def has_flag(self, binary: str | None, flag: str) -> bool:
+        # No binary to ask (planning where none is installed): write the current flag set.
+        return not binary or flag in self.flags(binary)
 
-    # --- the engine interface the server uses (see engines/base.py) ----------------------------------
-    async def complete(self, path: str, body: dict) -> dict:
-        try:
-            r = await self._client.post(self.base_url + path, json=body)
-        except httpx.HTTPError as e:
-            raise EngineFailed(e.__class__.__name__) from None
-        if r.status_code >= 400:
-            raise _rejected(r)
-        return r.json()
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("distribute", f"NUMA: {nodes} nodes; {self.name} --numa distribute spreads threads and pages")
 
-    async def stream(self, path: str, body: dict):
-        r = None
-        try:
-            r = await self._client.send(self._client.build_request("POST", self.base_url + path, json=body), stream=True)
-            if r.status_code >= 400:
-                await r.aread()
-                raise _rejected(r)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == "[DONE]":
-                    return
-                chunk = orjson.loads(payload)
-                if "error" in chunk:
-                    e = chunk["error"]
-                    code = str(e.get("code", ""))
-                    raise EngineRejected(int(code) if code.isdigit() else 500, e.get("message") or str(e), e.get("type"))
-                yield chunk
-        except httpx.HTTPError as e:
-            raise EngineFailed(e.__class__.__name__) from None
-        finally:
-            if r is not None:
-                # The engine stops generating only when this socket closes. Starlette cancels through anyio,
-                # whose cancellation would also cancel an unshielded close and leak the connection.
-                with anyio.CancelScope(shield=True):
-                    await r.aclose()
+    def chosen_because(self, model: "ModelInfo", hw: "HardwareProfile") -> str:
+        return "runs every GGUF quant type on CPU and CUDA"
 
-    async def tokenize(self, text: str) -> list[int]:
-        try:
-            r = await self._client.post(self.base_url + "/tokenize", json={"content": text}, timeout=30)
-        except httpx.HTTPError as e:
-            raise EngineFailed(e.__class__.__name__) from None
-        if r.status_code >= 400:
-            raise _rejected(r)
-        return r.json().get("tokens", [])
+    # --- the command ------------------------------------------------------------------------------------
+    def compile(self, plan: "Plan") -> dict:
+        c = compile_placement(plan.device_of, plan.n_layer)
+        return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe}
 
-    async def metrics_text(self) -> str:
-        try:
-            r = await self._client.get(self.base_url + "/metrics", timeout=1.0)
-            return r.text if r.status_code == 200 else ""
-        except (httpx.HTTPError, AttributeError):
-            return ""
+    def command(self, plan: "Plan") -> list[str]:
+        binary = self.binary()
+        return [binary or self.server_binary, "-m", plan.model_path] + self.model_args(plan, binary) + \
+            self.endpoint_args(DEFAULT_HOST, DEFAULT_PORT)
+
+    def model_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        cmd = ["-c", str(plan.ctx), "-np", str(plan.parallel), "-t", str(plan.threads), "-tb", str(plan.threads)]
+        cmd += placement_args(plan)
+        if plan.numa:
+            cmd += ["--numa", plan.numa]
+        cmd += self.kv_args(plan, binary)
+        cmd += self.load_args(plan, binary)
+        if self.has_flag(binary, "--metrics"):
+            cmd += ["--metrics"]
+        if self.has_flag(binary, "--jinja"):
+            cmd += ["--jinja"]
+        if self.has_flag(binary, "--reasoning-format"):
+            cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
+        return cmd
+
+    def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        if plan.kv_type == "f16":
+            return []
+        return ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+
+    def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
+        devs = set(plan.device_of.values()) if plan.device_of else {d.device for d in plan.devices}
+        cpu_experts = "cpu" in devs and len(devs) > 1
+        if self.has_flag(binary, "--load-mode"):
+            if plan.streaming:
+                return ["--load-mode", "mmap"]
+            if cpu_experts:
+                return ["--load-mode", "none"]
+        elif cpu_experts and not plan.streaming and self.has_flag(binary, "--no-mmap"):
+            return ["--no-mmap"]
+        return []
+
+    def endpoint_args(self, host: str, port: int | str) -> list[str]:
+        return ["--host", host, "--port", str(port)]
+
+    def strip_runtime(self, argv: list[str]) -> list[str]:
+        """argv without the flags `serve` injects (runtime_flags): what must equal plan.command stripped alike."""
+        out, i = [], 0
+        while i < len(argv):
+            if argv[i] in self.runtime_flags:
+                i += 2 if self.runtime_flags[argv[i]] else 1
+                continue
+            out.append(argv[i])
+            i += 1
+        return out
+
+    def launch_argv(self, command: list[str], host: str, port: int, settings: RunSettings) -> list[str]:
+        """plan.command with the server's endpoint, model id and verbosity: the only differences allowed."""
+        argv = self.strip_runtime(command) + self.endpoint_args(host, port) + ["--alias", settings.model_id]
+        return argv + (["-v"] if settings.verbose else [])
+
+    def runner(self, plan: "Plan", settings: RunSettings) -> "Running":
+        from .supervisor import Supervisor  # httpx & co. load only when something runs
+
+        return Supervisor(self, plan, settings)
+
+    # --- llama-bench ------------------------------------------------------------------------------------
+    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
+        """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
+        exe = find_llama_binary(self.bench_binary) or self.bench_binary
+        c = compiled_of(plan)
+        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+        if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
+            cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
+        if plan.numa:
+            cmd += ["--numa", plan.numa]
+        if plan.kv_type != "f16":
+            cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+        return cmd
 
 
-def _rejected(r: httpx.Response) -> EngineRejected:
-    try:
-        e = r.json().get("error", {})
-        return EngineRejected(r.status_code, e.get("message") or r.text, e.get("type"))
-    except (ValueError, AttributeError):
-        return EngineRejected(r.status_code, r.text or f"engine returned HTTP {r.status_code}")
+ENGINE = LlamaCpp()
 
 
-# --- llama-bench ---------------------------------------------------------------------------------------
-
-def bench_command(plan: Plan, binary: str | None = None, n_prompt: int = 512, n_gen: int = 128,
-                  repetitions: int = 3) -> list[str]:
-    """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
-    exe = binary or find_llama_binary("llama-bench") or "llama-bench"
-    c = compile_placement(plan.device_of, plan.n_layer)
-    cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
-           "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
-    if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
-        cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
-    if plan.numa:
-        cmd += ["--numa", plan.numa]
-    if plan.kv_type != "f16":
-        cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-    return cmd
-
+# --- llama-bench output ---------------------------------------------------------------------------
 
 def parse_bench(stdout: str) -> list[dict]:
     """llama-bench -o json -> [{"test": "pp512"|"tg128", "tokens_per_s": mean, "stddev": s}, ...]."""

@@ -20,12 +20,56 @@ import threading
 import time
 import uuid
 
-from ..plan import Plan
-from .base import EngineFailed, EngineRejected, Running
-from .llamacpp_args import buffer_name, compile_placement
+from importlib import metadata
+from typing import TYPE_CHECKING
 
-name = "llama-cpp-python"
+from ..probe import EngineInfo
+from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings
+from .llamacpp import LlamaCpp, compiled_of
+from .llamacpp_args import buffer_name
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
 log = logging.getLogger("hybridinfer.engine")
+
+
+class LlamaCppPython(Engine):
+    """The same ggml kernels as llama-server, so the same capabilities and prediction; one request at a time."""
+    name = "llama-cpp-python"
+    summary = "llama.cpp in-process through llama-cpp-python: same kernels and placement, one request at a time"
+    kind = "in-process"
+    max_slots = 1  # one llama context, generation on one worker thread
+    distribution = "llama_cpp_python"
+    install_hint = "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time)"
+    prediction_params = LlamaCpp.prediction_params
+    gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
+    compile = LlamaCpp.compile
+
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("distribute", f"NUMA: {nodes} nodes; Llama(numa=True) spreads ggml's threads and pages")
+
+    def probe(self) -> EngineInfo:
+        try:
+            version = metadata.version(self.distribution)
+        except metadata.PackageNotFoundError:
+            return EngineInfo(name=self.name, installed=False, detail="not installed")
+        return EngineInfo(name=self.name, installed=True, version=version)
+
+    def chosen_because(self, model, hw) -> str:
+        return "runs every GGUF quant type, in this process"
+
+    def command(self, plan: "Plan") -> list[str]:
+        """Not an argv to exec: the `Llama(...)` call it makes, written like one for the plan and the banner."""
+        c = compiled_of(plan)
+        ov = ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)
+        return ["llama_cpp.Llama", f"model_path={plan.model_path}", f"n_ctx={plan.ctx}",
+                f"n_gpu_layers={c.ngl}", f"n_threads={plan.threads}"] + ([f"tensor_buft_overrides={ov}"] if ov else [])
+
+    def runner(self, plan: "Plan", settings: RunSettings) -> "InProcess":
+        if not available():
+            raise self.not_installed_error()
+        return InProcess(plan, log_file=settings.log_file, on_line=settings.on_line)
 
 
 class BuftOverride(ctypes.Structure):
@@ -65,9 +109,9 @@ def buffer_types(llama_cpp) -> dict[str, int]:
 class InProcess(Running):
     """A llama-cpp-python `Llama` behind the engine interface of engines/base.py."""
 
-    def __init__(self, plan: Plan, log_file: str | None = None, on_line=None):
+    def __init__(self, plan: "Plan", log_file: str | None = None, on_line=None):
         self.plan = plan
-        self.compiled = compile_placement(plan.device_of, plan.n_layer)
+        self.compiled = compiled_of(plan)
         self.log_file = log_file
         self.on_line = on_line
         self.state = "starting"
@@ -85,10 +129,7 @@ class InProcess(Running):
         self._active: set[threading.Event] = set()
 
     def command(self) -> list[str]:
-        ov = ",".join(f"{rx}={buffer_name(d)}" for rx, d in self.compiled.overrides)
-        return ["llama_cpp.Llama", f"model_path={self.plan.model_path}", f"n_ctx={self.plan.ctx}",
-                f"n_gpu_layers={self.compiled.ngl}", f"n_threads={self.plan.threads}"] + \
-            ([f"tensor_buft_overrides={ov}"] if ov else [])
+        return list(self.plan.command)
 
     async def start(self) -> None:
         self.state = "loading"
@@ -157,8 +198,8 @@ class InProcess(Running):
                 p.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
             return p
 
-        cpu_experts = any(d == "cpu" for d in self.plan.device_of.values()) and \
-            any(d != "cpu" for d in self.plan.device_of.values())
+        devs = {d.device for d in self.plan.devices if d.weights}
+        cpu_experts = "cpu" in devs and len(devs) > 1
         kv = {"f16": None, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}[self.plan.kv_type]
         lib.llama_model_default_params = with_overrides
         try:
@@ -349,3 +390,6 @@ class InProcess(Running):
             choice["text"] = text
         return {"id": cid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": "", "choices": [choice], "usage": usage, "timings": timings}
+
+
+ENGINE = LlamaCppPython()

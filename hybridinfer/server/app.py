@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -64,15 +65,36 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
-    """`engine`: a running engine as described in engines/base.py (the llama.cpp Supervisor, or in-process)."""
+async def _report_loading(engine, say, on_fatal) -> None:
+    """Says how loading goes (every 5 s, then once ready); a load failure no restart can fix ends the server."""
+    t = 0
+    while not await engine.wait_ready(timeout=1.0):
+        t += 1
+        if getattr(engine, "fatal", None):
+            on_fatal(engine.fatal)
+            return
+        if engine.state == "loading" and t % 5 == 0:
+            say(f"  loading model… {t} s")
+    say(f"  ready: engine loaded in {engine.ready_at - engine.started_at:.1f} s")
+
+
+def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None,
+               say=None, on_fatal=None) -> FastAPI:
+    """`engine`: a running engine as described in engines/base.py (engine.runner(plan, ...)). With `say` (a
+    print-like callable) the lifespan reports loading progress; `on_fatal(message)` is called on a load failure."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         metrics = ServerMetrics()
         async with engine:
             app.state.serving = Serving(settings, engine, metrics)
-            yield
+            report = asyncio.create_task(_report_loading(engine, say, on_fatal or (lambda m: None))) if say else None
+            try:
+                yield
+            finally:
+                if report:
+                    report.cancel()
+                    say("  stopping engine…")
 
     app = FastAPI(title="hybridinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
     if cors_origins:

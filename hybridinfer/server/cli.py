@@ -1,4 +1,4 @@
-"""`hybridinfer serve`: plan for this box, run llama-server under supervision, expose the OpenAI API."""
+"""`hybridinfer serve`: plan for this box (or take a saved plan), run the plan's engine, expose the OpenAI API."""
 
 from __future__ import annotations
 
@@ -19,18 +19,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def cmd_serve(args) -> int:
     """Serve a model with an OpenAI-compatible API (streaming, reasoning split, /health, /metrics).
 
-    Plans for this box (like `plan`), starts llama-server with that plan on a private loopback port,
-    and serves /v1/chat/completions, /v1/completions and /v1/models on --host:--port. Without --gguf it
-    serves the built-in tiny demo model (random weights: it shows the whole path, its text is meaningless).
-    Stop with Ctrl-C: the engine is stopped with it.
+    Plans for this box (like `plan`) — or runs a saved plan exactly (`--plan PLAN.json`, from `plan --json`) —
+    starts the plan's engine under supervision on a private loopback address, and serves /v1/chat/completions,
+    /v1/completions and /v1/models on --host:--port. Without --gguf it serves the built-in tiny demo model
+    (random weights: it shows the whole path, its text is meaningless). Stop with Ctrl-C: the engine stops with it.
     """
     import uvicorn
 
-    from ..cli import _model, _plan_options
-    from ..engines.ktransformers import shell
-    from ..engines.llamacpp import Supervisor
-    from ..plan import make_plan
-    from ..probe import load_profile, probe
+    from ..engines import get
+    from ..engines.base import RunSettings
+    from ..options import plan_from_args
     from .app import create_app
     from .serving import Settings
 
@@ -39,48 +37,57 @@ def cmd_serve(args) -> int:
         raise HybridError(f"binding {args.host} exposes the server beyond this machine without authentication",
                           "pass --api-key KEY (or set HYBRIDINFER_API_KEY), or bind 127.0.0.1")
     _check_port(args.host, args.port)
+    if args.engine != "auto":  # asked for by name: it must be here (auto plans only what is)
+        info = get(args.engine).probe()
+        if info is not None and not info.installed:
+            raise get(args.engine).not_installed_error()
     # --hardware plans as if on another box (its flags then run here: useful to check a plan's placement).
-    hw = load_profile(args.hardware) if args.hardware else probe(engines=False)
-    model = _model(args)
-    opts = _plan_options(args)
-    if opts.engine == "ktransformers":
-        raise HybridError("serve runs llama.cpp; KTransformers is planned but not run by hybridinfer",
-                          "use `hybridinfer plan --engine ktransformers` for its command, or drop --engine")
-    in_process = opts.engine == "llama-cpp-python"
-    if in_process:
-        from ..engines import llamacpp_python
-        if not llamacpp_python.available():
-            raise HybridError("--engine llama-cpp-python needs the llama_cpp module, which is not installed",
-                              "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time), or drop --engine")
-        if args.parallel != 1:
-            raise HybridError("--engine llama-cpp-python serves one request at a time",
-                              "drop --parallel, or use the default engine (llama-server) for concurrent slots")
-    from dataclasses import replace
-    plan = make_plan(hw, model, replace(opts, engine="llama.cpp"))
-    demo = not args.gguf
-    starts_in_think = model.opens_think
+    plan, model = plan_from_args(args, serving=True)
+    engine = get(plan.engine)
+    if not engine.serves:
+        raise HybridError(f"hybridinfer does not run {engine.name} itself yet",
+                          f"`hybridinfer plan --engine {engine.name}` prints its command; or plan another engine")
+    demo = not args.gguf and not args.plan
     alias = args.alias or ("hybridinfer-demo" if demo else Path(plan.model_path).name.removesuffix(".gguf"))
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
-                        starts_in_think=starts_in_think, reasoning_model=starts_in_think,
+                        starts_in_think=model.opens_think, reasoning_model=model.opens_think,
                         request_timeout=args.request_timeout)
-
     _setup_logging(args.verbose)
+    label = engine.name if engine.kind == "in-process" else os.path.basename(plan.command[0])
+    running = engine.runner(plan, RunSettings(
+        model_id=alias, request_timeout=args.request_timeout, max_connections=settings.parallel + settings.queue + 8,
+        log_file=args.engine_log, on_line=_engine_log(label, args.verbose), verbose=args.engine_verbose))
+    _banner(args, plan, model, engine, running, alias, api_key, demo)
+
+    failed = []
+
+    def on_fatal(message: str) -> None:
+        print(f"hybridinfer: error: {message}", file=sys.stderr, flush=True)
+        failed.append(message)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
+
+    app = create_app(settings, running, api_key=api_key, cors_origins=args.cors_origin,
+                     say=lambda m: print(m, flush=True), on_fatal=on_fatal)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                            access_log=args.verbose)
+    uvicorn.Server(config).run()
+    return 1 if failed else 0
+
+
+def _engine_log(label: str, verbose: bool):
     elog = logging.getLogger("hybridinfer.engine")
 
     def on_line(line: str):
-        # llama.cpp log lines carry a level letter: show warnings/errors always, the rest with --verbose.
-        if args.verbose or re.match(r"^\S+ [WE] ", line) or line.startswith(("error", "warning")):
-            elog.info("[%s] %s", "llama-cpp-python" if in_process else "llama-server", line)
+        # llama.cpp-family log lines carry a level letter: show warnings/errors always, the rest with --verbose.
+        if verbose or re.match(r"^\S+ [WE] ", line) or line.startswith(("error", "warning")):
+            elog.info("[%s] %s", label, line)
+    return on_line
 
-    extra = ["-v"] if args.engine_verbose else []
-    extra += ["--alias", alias]
-    if in_process:
-        sup = llamacpp_python.InProcess(plan, log_file=args.engine_log, on_line=on_line)
-    else:
-        sup = Supervisor(plan, extra=extra, log_file=args.engine_log, on_line=on_line)
-        sup.request_timeout = args.request_timeout
-        sup.max_connections = settings.parallel + settings.queue + 8
+
+def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
+    from ..util import shell
+
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     p = plan.prediction
     print(f"hybridinfer serve — {model.name or plan.model_path}", flush=True)
@@ -88,57 +95,15 @@ def cmd_serve(args) -> int:
         print("  demo model: a tiny DeepSeek-R1-architecture MoE with RANDOM weights — its text is meaningless;\n"
               "  it exercises the real path (plan, expert placement, MLA cache, reasoning split). Use --gguf FILE for a real model.")
     devs = ", ".join(f"{d.device} {d.total / 2**30:.2f} GiB" for d in plan.devices)
-    print(f"  plan: engine {'llama-cpp-python (in-process)' if in_process else plan.engine}, rules {plan.rules}, ctx {plan.ctx} over {plan.parallel} slot(s), "
-          f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s")
-    print(f"  engine: {shell(sup.command())}")
+    kind = " (in-process)" if engine.kind == "in-process" else ""
+    print(f"  plan: engine {plan.engine}{kind}, rules {plan.rules}, ctx {plan.ctx} over {plan.parallel} slot(s), "
+          f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s"
+          + (f" (saved plan {args.plan})" if args.plan else ""))
+    print(f"  engine: {shell(running.command())}")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
-
-    engine = _Progress(sup)
-    app = create_app(settings, engine, api_key=api_key, cors_origins=args.cors_origin)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
-                            access_log=args.verbose)
-    uvicorn.Server(config).run()
-    return 1 if engine.failed else 0
-
-
-class _Progress:
-    """Wraps the supervisor to print loading progress and readiness once."""
-
-    def __init__(self, sup):
-        self.sup = sup
-        self.failed = False
-
-    def __getattr__(self, name):
-        return getattr(self.sup, name)
-
-    async def __aenter__(self):
-        import asyncio
-
-        await self.sup.start()
-
-        async def report():
-            t = 0.0
-            while not await self.sup.wait_ready(timeout=1.0):
-                t += 1
-                if getattr(self.sup, "fatal", None):
-                    print(f"hybridinfer: error: {self.sup.fatal}", file=sys.stderr, flush=True)
-                    self.failed = True
-                    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
-                    return
-                if self.sup.state == "loading" and t % 5 == 0:
-                    print(f"  loading model… {t:.0f} s", flush=True)
-            print(f"  ready: engine loaded in {self.sup.ready_at - self.sup.started_at:.1f} s", flush=True)
-
-        self._report = asyncio.create_task(report())
-        return self
-
-    async def __aexit__(self, *exc):
-        self._report.cancel()
-        print("  stopping engine…", flush=True)
-        await self.sup.stop()
 
 
 def _is_loopback(host: str) -> bool:
@@ -168,11 +133,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def register(sub, add, plan_args) -> None:
     p = add("serve", cmd_serve)
-    plan_args(p)
-    for a in p._actions:  # serve can also run llama.cpp in-process
-        if a.dest == "engine":
-            a.choices = [*a.choices, "llama-cpp-python"]
-            a.help = "engine (default: auto); llama-cpp-python runs llama.cpp in-process, one request at a time"
+    plan_args(p, saved_plan=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (env HYBRIDINFER_API_KEY)")
@@ -181,5 +142,5 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--alias", metavar="NAME", help="model id to serve under (default: the file name)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="engine request timeout (default: 600)")
     p.add_argument("--engine-log", metavar="FILE", help="also write the engine's full log to FILE")
-    p.add_argument("--engine-verbose", action="store_true", help="run the engine with -v (per-tensor placement in its log)")
+    p.add_argument("--engine-verbose", action="store_true", help="run the engine verbosely (per-tensor placement in its log)")
     p.add_argument("--verbose", action="store_true", help="show every engine log line and access log")

@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HybridError
-from .util import atomic_write
+from ..errors import HybridError
+from ..util import atomic_write
 
 MARK_BEGIN = "# >>> hybridinfer ktransformers patch v1 >>>"
 MARK_END = "# <<< hybridinfer ktransformers patch v1 <<<"
-PATCH_DIR = Path(__file__).resolve().parent.parent / "patches" / "ktransformers"
+PATCH_DIR = Path(__file__).resolve().parents[2] / "patches" / "ktransformers"
 MODULE = "hybridinfer_iq.py"
 TABLES = ("GGML_TYPES", "GGML_NAMES", "GGML_BLOCK_SIZES", "GGML_ELEMENTS_PER_BLOCK", "GGML_DEQUANTIZE",
           "GGML_DEQUANTIZE_GPU")
@@ -89,7 +89,7 @@ def detect(root: Path) -> Tree:
 
 def module_source() -> str:
     """hybridinfer_iq.py: hybridinfer/quants.py + ggml's grids as literals + the KTransformers glue."""
-    from . import quants
+    from .. import quants
 
     src = Path(quants.__file__).read_text()
     grids = quants.grid_source()

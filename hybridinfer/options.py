@@ -1,0 +1,88 @@
+"""What the plan-taking verbs share — `plan`, `serve`, `bench`: the plan options on the command line, and loading
+the hardware profile, the model and a saved plan. It sits below the verbs: cli.py, server/cli.py and bench/cli.py
+import it and never each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import engines
+from .errors import HybridError
+from .inspect_gguf import ModelInfo, inspect
+from .plan import KV_TYPES, Plan, PlanOptions, make_plan
+from .probe import HardwareProfile, load_profile, probe
+
+# Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
+PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
+                 "kv_type": "f16", "threads": None, "no_stream": False}
+
+
+def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
+    p.add_argument("--gguf", metavar="PATH", help="model file, first shard, or directory (default: the built-in demo model)")
+    p.add_argument("--hardware", metavar="FILE|ID", help="hardware profile JSON or a reference machine id (default: probe this box)")
+    p.add_argument("--rules", metavar="NAME|FILE", help="placement rules (default: chosen for the box: moe-auto-fill, layer-split, multi-gpu or cpu-only)")
+    # Validated by the registry (one-line error naming the known engines), not argparse's choices.
+    p.add_argument("--engine", default=engines.AUTO, metavar="{" + ",".join([engines.AUTO, *engines.names()]) + "}",
+                   help=f"engine (default: {engines.AUTO}: the fastest predicted among those installed) — "
+                        + engines.choices_help())
+    p.add_argument("--ctx", type=int, metavar="N", help="total context tokens over all slots (default: largest that fits, up to 16384 per slot)")
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="concurrent slots (default: 1)")
+    p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), help="KV cache type (default: f16)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+    if saved_plan:
+        p.add_argument("--plan", metavar="PLAN.json", help="run this saved plan (`hybridinfer plan ... --json > PLAN.json`) "
+                                                           "exactly, instead of planning")
+
+
+def plan_options(args, serving: bool = False) -> PlanOptions:
+    return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
+                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving)
+
+
+def probe_box(measure: bool = False) -> HardwareProfile:
+    """This box, with every registered engine's own probe in its engine table."""
+    return probe(measure=measure, engines=engines.probe_all())
+
+
+def load_hardware(args) -> HardwareProfile:
+    return load_profile(args.hardware) if args.hardware else probe_box()
+
+
+def load_model(args) -> ModelInfo:
+    if args.gguf:
+        return inspect(args.gguf)
+    from .demo.tiny import default_model
+
+    return inspect(default_model())
+
+
+def load_plan(path: str) -> Plan:
+    p = Path(path)
+    if not p.is_file():
+        raise HybridError(f"plan file '{path}' not found", "write one with `hybridinfer plan ... --json > PLAN.json`")
+    try:
+        plan = Plan.from_json(p.read_text())
+    except (ValueError, TypeError, KeyError) as e:
+        raise HybridError(f"{path} is not a plan ({e.__class__.__name__}: {e})",
+                          "write it with `hybridinfer plan ... --json > PLAN.json`") from None
+    if not plan.command:
+        raise HybridError(f"{path} carries no engine command", "re-plan it with this version's `hybridinfer plan --json`")
+    engines.get(plan.engine)
+    return plan
+
+
+def plan_from_args(args, serving: bool = False) -> tuple[Plan, ModelInfo]:
+    """The plan a verb runs: the saved one (--plan), or planned now from the options. -> (plan, model)."""
+    saved = getattr(args, "plan", None)
+    if saved:
+        given = [k for k, v in PLAN_DEFAULTS.items() if getattr(args, k, v) != v]
+        if given:
+            raise HybridError(f"--plan fixes the plan; --{given[0].replace('_', '-')} cannot change it",
+                              "drop the plan options, or re-plan with them")
+        plan = load_plan(saved)
+        return plan, inspect(plan.model_path)
+    model = load_model(args)
+    return make_plan(load_hardware(args), model, plan_options(args, serving=serving)), model
