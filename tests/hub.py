@@ -6,7 +6,7 @@ ModelScope `GET /api/v1/models/{repo}/repo/files` (listing) and `GET /api/v1/mod
 `HEAD /{repo}/resolve/{sha}/{path}` (302 to storage with X-Linked-Size, like an LFS file) and the storage GET
 (with Range). Errors use each hub's shapes (ModelScope JSON `Code`/`Message`, Hugging Face `X-Error-Code`).
 Faults for the tests: a throttle, a connection dropped once mid-file, a listed file that 404s, a size that
-differs from the listing. Every request is logged with the bytes it was sent.
+differs from the listing, a replica that serves damaged bytes to downloads only. Every request is logged with the bytes it was sent.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Hub:
         self.size_lie: dict[str, int] = {}  # path -> size the listing claims
         self.drop_once: dict[str, int] = {}  # path -> close the connection after this many body bytes, once
         self.no_sha: set[str] = set()
+        self.flaky: set[str] = set()  # header reads get the true bytes, downloads a damaged copy (a bad replica)
         self._sha: dict[Path, str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
@@ -211,6 +212,8 @@ def _handler(hub: Hub):
                     if drop is not None and entry["sent"] + n > drop:
                         n = drop - entry["sent"]
                     data = f.read(n)
+                    if rel in hub.flaky and not (m and m.group(2)) and entry["sent"] == 0 and start == 0:
+                        data = b"GGUX" + data[4:]
                     try:
                         self.wfile.write(data)
                     except (BrokenPipeError, ConnectionResetError):

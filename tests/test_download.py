@@ -130,7 +130,7 @@ def test_plan_only_lists_checks_and_predicts(hub, tmp_path, shapes_dir):
 def test_box_that_cannot_hold_it_needs_force_then_disk_says_how_short(hub, tmp_path):
     d = tmp_path / "models"
     r = run_cli("download", R1, "--quant", "UD-IQ1_S", "--dir", str(d), "--hardware", "ci-box")
-    one_line_error(r, "pass --force")
+    one_line_error(r, "--force")
     assert "cannot serve it on ci-box" in r.stderr
     free_gib = shutil.disk_usage(tmp_path).free / 2**30
     # --keep-free larger than the free space makes the shortfall certain on any disk
@@ -221,6 +221,19 @@ def test_corrupted_shard(hub, repo_trees, tmp_path, source):
 
 
 @pytest.mark.parametrize("source", SOURCES)
+def test_shard_damaged_in_transfer_fails_verification(hub, tmp_path, source):
+    d = tmp_path / "models"
+    hub.flaky.add(SHARDS[1])
+    hub.no_sha.add(SHARDS[1])  # with a listed SHA-256 ModelScope's client would catch it first
+    r = run_cli("download", TINY, "--quant", "UD-IQ1_S", "--dir", str(d), "--source", source)
+    one_line_error(r, f"{Path(SHARDS[1]).name} failed verification (not a GGUF file", progress_before=True)
+    assert "removed" in r.stderr and not (d / SHARDS[1]).exists()
+    assert "hybridinfer serve" not in r.stdout
+    from hybridinfer.download.registry import find_gguf
+    assert find_gguf(TINY, "UD-IQ1_S") is None
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_unknown_repository_or_quant(hub, tmp_path, source):
     d = tmp_path / "models"
     r = run_cli("download", "nobody/no-such-model-GGUF", "--quant", "Q4_K_M", "--dir", str(d), "--source", source)
@@ -276,3 +289,30 @@ def test_quant_detection():
     assert [f.path[-13:] for f in q["UD-IQ1_S"].files] == ["1-of-00003.gguf"[-13:], "2-of-00003.gguf"[-13:], "3-of-00003.gguf"[-13:]]
     assert q["UD-IQ1_S"].size == 30 and not q["UD-IQ1_S"].missing
     assert q["BF16"].missing == ("Model-BF16-00002-of-00002.gguf",)
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(not shutil.which("llama-server", path=str(Path(sys.executable).parent)), reason="needs llama-server")
+def test_serve_by_repository_name(hub, repo_trees, tmp_path):
+    from served import Served
+
+    s = Served(["--gguf", f"{TINY}:UD-IQ1_S"], tmp_path)  # not here yet: listed, checked, fetched, verified, served
+    try:
+        out = "\n".join(s.lines)
+        assert "<- chosen" in out and "Plan (from the shards' GGUF headers" in out
+        for sh in SHARDS:
+            assert downloaded(hub, sh) == (repo_trees[TINY] / sh).stat().st_size
+        c = s.client()
+        assert [m.id for m in c.models.list().data] == ["DeepSeek-R1-UD-IQ1_S"]
+        r = c.chat.completions.create(model="DeepSeek-R1-UD-IQ1_S", messages=[{"role": "user", "content": "hello"}],
+                                      max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens > 0
+    finally:
+        s.stop()
+    mark = len(hub.log)
+    s = Served(["--gguf", f"{TINY}:UD-IQ1_S"], tmp_path)  # now from the registry: the hub is not asked at all
+    try:
+        assert hub.log[mark:] == []
+        assert s.client().models.list().data[0].id == "DeepSeek-R1-UD-IQ1_S"
+    finally:
+        s.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..errors import HybridError
 from ..util import GIB
@@ -39,7 +40,8 @@ def cmd_download(args) -> int:
         if first is not None:
             print(f"verified: every shard complete, sizes as listed, GGUF headers parse\nserve it with:\n  {serve_command(first)}")
     if args.kt_config and not args.plan_only:
-        kt_dir = args.dir if args.dir and not args.repo else None
+        # with a GGUF download in the same --dir, the config folder goes beside it, named like the repository
+        kt_dir = (Path(args.dir) / args.kt_config.split("/")[-1] if args.repo else Path(args.dir)) if args.dir else None
         folder = download_kt_config(args.kt_config, args.source, kt_dir)
         print(f"KTransformers config for {args.kt_config}: {folder} (recorded; plan/serve find it)")
     sys.stdout.flush()

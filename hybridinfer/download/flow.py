@@ -141,8 +141,8 @@ def _predict(model, hw) -> tuple[bool, str]:
 
 
 def survey(repo: str, quant: str | None, source: str, root: Path | None, hw=None,
-           keep_free: int = DEFAULT_KEEP_FREE, plan_only: bool = False) -> Survey:
-    hub = get_source(source)
+           keep_free: int = DEFAULT_KEEP_FREE, plan_only: bool = False, hub=None) -> Survey:
+    hub = hub or get_source(source)
     files = hub.list_files(repo)
     quants = find_quants(files)
     root = Path(root) if root else default_dir(repo)
@@ -195,9 +195,10 @@ def report(s: Survey, out=None) -> None:
     q = s.quant
     w(f"Target: {s.root / PurePosixPath(q.first.path).parent} — {len(q.files)} file(s), {_gib(q.size)}; "
       f"{_gib(s.present)} already here, {_gib(s.need)} to fetch")
-    after = s.free - s.need
-    disk = "ok" if not s.shortfall else f"{_gib(s.shortfall)} short"
-    w(f"Disk: {_gib(s.free)} free, {_gib(after)} after the download (keeping {_gib(s.keep_free)} free) — {disk}")
+    if s.shortfall:
+        w(f"Disk: {_gib(s.free)} free, {_gib(s.need)} needed and {_gib(s.keep_free)} kept free — {_gib(s.shortfall)} short")
+    else:
+        w(f"Disk: {_gib(s.free)} free, {_gib(s.free - s.need)} after the download (keeping {_gib(s.keep_free)} free) — ok")
     w(f"Plan (from the shards' GGUF headers, {_gib(s.header_bytes)} fetched with Range requests): {s.verdict}")
 
 
@@ -205,20 +206,19 @@ def _check(s: Survey, force: bool) -> None:
     q = s.quant
     if not s.servable and not force:  # first: whether it is wanted at all, then where it would go
         raise HybridError(f"{s.repo} {q.label}: {s.verdict}",
-                          "pass --force to download it anyway (e.g. to serve it on a bigger machine), or pick a smaller quant")
+                          "pick a smaller quant, or fetch it anyway with `hybridinfer download … --force` (e.g. to serve it on a bigger machine)")
     if s.shortfall:
         fix = "free space there" + (f", or use {s.room}" if s.room else ", or use --dir on a filesystem with room")
         raise HybridError(f"not enough disk for {q.label}: {s.root} has {_gib(s.free)} free, the download needs "
                           f"{_gib(s.need)} more and {_gib(s.keep_free)} stays free — {s.shortfall / GIB:.1f} GiB short", fix)
 
 
-def fetch(s: Survey, out=None) -> None:
+def fetch(s: Survey, hub, out=None) -> None:
+    """Fetch the files of s.quant not yet complete, through the hub object that listed them (for Hugging Face it
+    holds the commit the listing came from, so every shard comes from that commit)."""
     from .progress import Meter
 
     q = s.quant
-    hub = get_source(s.source)
-    if s.source == "huggingface":
-        hub.list_files(s.repo)  # pins the commit every file is fetched from
     todo = [f for f in q.files if _present(s.target(f), f.size) != f.size or not s.target(f).is_file()]
     meter = Meter(total=q.size, done=s.present, files=len(q.files), out=out)
     try:
@@ -280,12 +280,13 @@ def serve_command(first: Path) -> str:
 
 def download_quant(repo: str, quant: str | None, source: str, root: Path | None, *, hw=None, force=False,
                    keep_free=DEFAULT_KEEP_FREE, plan_only=False, out=None) -> Path | None:
-    s = survey(repo, quant, source, root, hw=hw, keep_free=keep_free, plan_only=plan_only)
+    hub = get_source(source)
+    s = survey(repo, quant, source, root, hw=hw, keep_free=keep_free, plan_only=plan_only, hub=hub)
     report(s, out)
     if plan_only or not s.quant:
         return None
     _check(s, force)
-    fetch(s)
+    fetch(s, hub)
     first = verify(s)
     registry.record_gguf(repo, s.quant.label, source, first, {str(s.target(f)): f.size for f in s.quant.files})
     return first

@@ -41,7 +41,7 @@ class Meter:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
 
-            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+            self._rich = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), DownloadColumn(binary_units=True),
                                   TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=self.out),
                                   redirect_stdout=False, redirect_stderr=False)
             self._rich.start()
@@ -53,7 +53,8 @@ class Meter:
         if self._rich:
             if self._file_task is not None:
                 self._rich.remove_task(self._file_task)
-            self._file_task = self._rich.add_task(f"[{index}/{self.files}] {name}", total=size, completed=have)
+            short = name if len(name) <= 32 else "…" + name[-31:]
+            self._file_task = self._rich.add_task(f"[{index}/{self.files}] {short}", total=size, completed=have)
         else:
             resumed = f", resuming at {_size(have)}" if have else ""
             print(f"  [{index}/{self.files}] {name} ({_size(size)}{resumed})", file=self.out, flush=True)
