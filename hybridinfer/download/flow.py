@@ -238,7 +238,8 @@ def fetch(s: Survey, hub, out=None) -> None:
         print(f"\ninterrupted: {_gib(kept)} of {_gib(q.size)} kept (partial files end in .incomplete); "
               "rerun the same command to resume", file=sys.stderr)
         raise
-    meter.close()
+    finally:
+        meter.close()  # also on an error: the live bar must give the terminal back before the error line
 
 
 def verify(s: Survey) -> Path:

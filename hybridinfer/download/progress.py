@@ -100,3 +100,4 @@ class Meter:
     def close(self) -> None:
         if self._rich:
             self._rich.stop()
+            self._rich = None
