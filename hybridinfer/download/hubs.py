@@ -3,7 +3,8 @@ read a byte range (for GGUF headers before anything is downloaded).
 
 Where each client's endpoint comes from (read from their source, modelscope 1.40 / modelscope-hub 0.5,
 huggingface_hub 2.4):
-- ModelScope: `HubApi(endpoint=…)`, else `MODELSCOPE_ENDPOINT`, else the deprecated `MODELSCOPE_DOMAIN` (a bare
+- ModelScope (modelscope 1.40's `HubApi` is a shim over `modelscope_hub.HubApi`, used here directly):
+  `HubApi(endpoint=…)`, else `MODELSCOPE_ENDPOINT`, else the deprecated `MODELSCOPE_DOMAIN` (a bare
   domain gets https://, an http:// URL is kept), else https://www.modelscope.cn. Listing is
   `GET /api/v1/models/{repo}/repo/files?Revision=master&Recursive=True`; a file is
   `GET /api/v1/models/{repo}/repo?Revision=…&FilePath=…`, resumed with `Range: bytes=N-` from `<file>.incomplete`
@@ -66,13 +67,17 @@ class ModelScope:
     def __init__(self):
         import warnings
 
-        from modelscope.hub.api import HubApi
+        # modelscope 1.40 delegates its hub client (HubApi, snapshot_download, file download) to modelscope_hub;
+        # importing that directly skips `import modelscope`, which imports torch when it is installed (~4 s).
+        from modelscope_hub.api import HubApi
+        from modelscope_hub.config import HubConfig
 
         _quiet_loggers("modelscope", "modelscope_hub")
         with warnings.catch_warnings():  # MODELSCOPE_DOMAIN still works; its deprecation notice is not ours to print
             warnings.simplefilter("ignore", FutureWarning)
-            self.api = HubApi()
-        self.endpoint = self.api.endpoint
+            config = HubConfig()
+        self.api = HubApi(config)
+        self.endpoint = config.endpoint
 
     def _fail(self, e: BaseException, repo: str, what: str) -> HybridError:
         from modelscope_hub.errors import AuthenticationError, NetworkError, NotExistError, PermissionDeniedError
