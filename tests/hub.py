@@ -6,7 +6,8 @@ ModelScope `GET /api/v1/models/{repo}/repo/files` (listing) and `GET /api/v1/mod
 `HEAD /{repo}/resolve/{sha}/{path}` (302 to storage with X-Linked-Size, like an LFS file) and the storage GET
 (with Range). Errors use each hub's shapes (ModelScope JSON `Code`/`Message`, Hugging Face `X-Error-Code`).
 Faults for the tests: a throttle, a connection dropped once mid-file, a listed file that 404s, a size that
-differs from the listing, a replica that serves damaged bytes to downloads only. Every request is logged with the bytes it was sent.
+differs from the listing, a replica that serves damaged bytes to downloads only. Every request is logged with
+the bytes it was sent.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ class Hub:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-    def served(self, path: str) -> int:
-        """Body bytes sent for a file (by name or repository path) over all GETs so far."""
-        return sum(e["sent"] for e in self.log if e.get("file") and (e["file"] == path or e["file"].endswith("/" + path)))
-
-    def ranges(self, path: str) -> list[str | None]:
-        return [e["range"] for e in self.log if e.get("file") and e["file"].endswith(path) and e["method"] == "GET"]
 
     # --- what a listing says about a file ---
     def size(self, path: str, p: Path) -> int:

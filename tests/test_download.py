@@ -144,8 +144,6 @@ def test_box_that_cannot_hold_it_needs_force_then_disk_says_how_short(hub, tmp_p
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_interrupted_download_resumes_with_only_the_rest(hub, repo_trees, tmp_path, source):
-    from conftest import ROOT  # noqa: F401
-
     d = tmp_path / "models"
     size2 = (repo_trees[TINY] / SHARDS[1]).stat().st_size
     hub.rate = 8 << 20
