@@ -172,8 +172,8 @@ def survey(repo: str, quant: str | None, source: str, root: Path | None, hw=None
     with tempfile.TemporaryDirectory(prefix="hybridinfer-headers-") as tmp:
         model, header_bytes = read_headers(hub, repo, q, Path(tmp))
         if hw is None:
-            from ..probe import probe
-            hw = probe()
+            from ..options import probe_box
+            hw = probe_box()  # with every registered engine, so `auto` picks among those installed
         servable, verdict = _predict(model, hw)
     s = Survey(repo=repo, source=source, endpoint=hub.endpoint, quants=quants, quant=q, root=root, present=present,
                free=free, keep_free=keep_free, header_bytes=header_bytes, servable=servable, verdict=verdict)
