@@ -43,7 +43,7 @@ def cmd_download(args) -> int:
         # with a GGUF download in the same --dir, the config folder goes beside it, named like the repository
         kt_dir = (Path(args.dir) / args.kt_config.split("/")[-1] if args.repo else Path(args.dir)) if args.dir else None
         folder = download_kt_config(args.kt_config, args.source, kt_dir)
-        print(f"KTransformers config for {args.kt_config}: {folder} (recorded; plan/serve find it)")
+        print(f"config folder of {args.kt_config}: {folder} (recorded: plan/serve find it as the engine's --model_path)")
     sys.stdout.flush()
     return 0
 
@@ -56,6 +56,6 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--source", default="modelscope", choices=SOURCES, help="hub (default: modelscope)")
     p.add_argument("--plan-only", action="store_true", help="list, check disk and predict; fetch nothing")
     p.add_argument("--force", action="store_true", help="download a quant this box cannot serve (e.g. for another machine)")
-    p.add_argument("--kt-config", metavar="REPO", help="also fetch REPO's config/tokenizer/code without weights for KTransformers")
+    p.add_argument("--kt-config", metavar="REPO", help="also fetch REPO's config/tokenizer/code without weights (the --model_path folder of the KT engines)")
     p.add_argument("--hardware", metavar="FILE|ID", help="predict for this hardware profile instead of this box")
     p.add_argument("--keep-free", type=float, default=2.0, metavar="GIB", help="disk to leave free after the download (default: 2)")

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import HybridError
 from ..util import GIB, MIB, cache_dir
-from . import registry
+from .registry import record_gguf, record_kt_config
 from .hubs import get_source, incomplete_path
 from .layout import Quant, RemoteFile, config_files, find_quants, pick_quant
 
@@ -172,8 +172,9 @@ def survey(repo: str, quant: str | None, source: str, root: Path | None, hw=None
     with tempfile.TemporaryDirectory(prefix="hybridinfer-headers-") as tmp:
         model, header_bytes = read_headers(hub, repo, q, Path(tmp))
         if hw is None:
-            from ..options import probe_box
-            hw = probe_box()  # with every registered engine, so `auto` picks among those installed
+            from ..engines import probe_all
+            from ..probe import probe
+            hw = probe(engines=probe_all())  # with every registered engine, so `auto` picks among those installed
         servable, verdict = _predict(model, hw)
     s = Survey(repo=repo, source=source, endpoint=hub.endpoint, quants=quants, quant=q, root=root, present=present,
                free=free, keep_free=keep_free, header_bytes=header_bytes, servable=servable, verdict=verdict)
@@ -289,7 +290,7 @@ def download_quant(repo: str, quant: str | None, source: str, root: Path | None,
     _check(s, force)
     fetch(s, hub)
     first = verify(s)
-    registry.record_gguf(repo, s.quant.label, source, first, {str(s.target(f)): f.size for f in s.quant.files})
+    record_gguf(repo, s.quant.label, source, first, {str(s.target(f)): f.size for f in s.quant.files})
     return first
 
 
@@ -305,7 +306,7 @@ def download_kt_config(repo: str, source: str, folder: Path | None, out=None) ->
         raise HybridError(f"{repo} on {source} has no config.json", "give the original model repository, e.g. deepseek-ai/DeepSeek-R1")
     folder = Path(folder) if folder else cache_dir() / "kt-config" / repo
     total = sum(f.size for f in files)
-    print(f"{repo} config for KTransformers: {len(files)} files, {_gib(total)} (weights excluded) -> {folder}",
+    print(f"{repo} config folder: {len(files)} files, {_gib(total)} (weights excluded) -> {folder}",
           file=out or sys.stdout)
     _, free = _free(folder)
     if total + DEFAULT_KEEP_FREE > free:
@@ -331,5 +332,5 @@ def download_kt_config(repo: str, source: str, folder: Path | None, out=None) ->
     except ValueError:
         (folder / "config.json").unlink()
         raise HybridError(f"{folder / 'config.json'} is not valid JSON; removed", "rerun the download") from None
-    registry.record_kt_config(repo, source, folder, [f.path for f in files])
+    record_kt_config(repo, source, folder, [f.path for f in files])
     return folder
