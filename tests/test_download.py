@@ -142,8 +142,9 @@ def test_box_that_cannot_hold_it_needs_force_then_disk_says_how_short(hub, tmp_p
     assert downloaded(hub, SHARDS[0]) == 0
 
 
-@pytest.mark.parametrize("source", SOURCES)
-def test_interrupted_download_resumes_with_only_the_rest(hub, repo_trees, tmp_path, source):
+@pytest.mark.parametrize("source,sig", [("modelscope", signal.SIGINT), ("huggingface", signal.SIGINT),
+                                        ("modelscope", signal.SIGKILL)], ids=["modelscope-ctrl-c", "huggingface-ctrl-c", "modelscope-kill"])
+def test_interrupted_download_resumes_with_only_the_rest(hub, repo_trees, tmp_path, source, sig):
     d = tmp_path / "models"
     size2 = (repo_trees[TINY] / SHARDS[1]).stat().st_size
     hub.rate = 8 << 20
@@ -153,10 +154,13 @@ def test_interrupted_download_resumes_with_only_the_rest(hub, repo_trees, tmp_pa
     deadline = time.time() + 60
     while downloaded(hub, SHARDS[1]) < size2 * 0.75 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    p.send_signal(signal.SIGINT)  # Ctrl-C mid-shard
+    p.send_signal(sig)  # Ctrl-C (or a killed process) mid-shard
     out, err = p.communicate(timeout=30)
-    assert p.returncode == 130, err
-    assert "rerun the same command to resume" in err
+    if sig == signal.SIGINT:
+        assert p.returncode == 130, err
+        assert "rerun the same command to resume" in err
+    else:
+        assert p.returncode == -signal.SIGKILL
     assert not (d / SHARDS[1]).exists() and not (d / SHARDS[2]).exists()  # no partial file under a model name
     part = d / (SHARDS[1] + ".incomplete")
     kept = part.stat().st_size
