@@ -295,10 +295,12 @@ def test_quant_detection():
 
 @pytest.mark.engine
 @pytest.mark.skipif(not shutil.which("llama-server", path=str(Path(sys.executable).parent)), reason="needs llama-server")
-def test_serve_by_repository_name(hub, repo_trees, tmp_path):
+@pytest.mark.parametrize("source", SOURCES)
+def test_serve_by_repository_name(hub, repo_trees, tmp_path, source):
     from served import Served
 
-    s = Served(["--gguf", f"{TINY}:UD-IQ1_S"], tmp_path)  # not here yet: listed, checked, fetched, verified, served
+    # not here yet: listed, checked, fetched, verified, served
+    s = Served(["--gguf", f"{TINY}:UD-IQ1_S", "--source", source], tmp_path)
     try:
         out = "\n".join(s.lines)
         assert "<- chosen" in out and "Plan (from the shards' GGUF headers" in out
