@@ -229,7 +229,10 @@ def fetch(s: Survey, hub, out=None) -> None:
             target = s.target(f)
             if target.exists():  # wrong size: a stale or foreign file under this name
                 target.unlink()
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise HybridError(f"cannot create {target.parent} ({e.strerror})", "choose a --dir you can write to") from None
             meter.start(i, PurePosixPath(f.path).name, f.size, _present(target, f.size))
             hub.fetch(s.repo, f, s.root, meter)
             meter.end_file()

@@ -152,6 +152,14 @@ class ModelScope:
                 raise self._fail(e, repo, f"{repo}/{f.path}") from None
             except HubError as e:
                 raise self._fail(e, repo, f"{repo}/{f.path}") from None
+            except OSError as e:
+                raise _write_error(part, e) from None
+
+
+def _write_error(part: Path, e: OSError) -> HybridError:
+    if e.errno == errno.ENOSPC:
+        return HybridError(f"disk full while writing {part}", "free space or choose another --dir; rerun to resume")
+    return HybridError(f"cannot write {part} ({e.strerror or e})", "choose a --dir you can write to; rerun to resume")
 
 
 class HuggingFace:
@@ -258,9 +266,7 @@ class HuggingFace:
                 part.unlink(missing_ok=True)
                 raise HybridError(f"{f.path}: the hub sent a different size than its listing says ({f.size} bytes)",
                                   "the file on the hub is damaged or being replaced; rerun later or pick another quant") from None
-            if e.errno == errno.ENOSPC:
-                raise HybridError(f"disk full while writing {part}", "free space or choose another --dir; rerun to resume") from None
-            raise self._fail(e, f"{repo}/{f.path}") from None
+            raise _write_error(part, e) from None
         except Exception as e:  # noqa: BLE001 — the partial file stays for the next run to resume
             raise self._fail(e, f"{repo}/{f.path}") from None
         got = part.stat().st_size
