@@ -50,6 +50,15 @@ def repo_trees(tmp_path_factory, shapes_dir):
     return {TINY: tiny, R1: base / "r1", CONFIG: cfg}
 
 
+@pytest.fixture(autouse=True)
+def _isolated_hub_clients(tmp_path, monkeypatch):
+    # The clients keep caches, locks and an install id under the home directory: keep them in the test's.
+    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms-home"))
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
 @pytest.fixture
 def hub(repo_trees, tmp_path, monkeypatch):
     h = Hub()
@@ -57,9 +66,6 @@ def hub(repo_trees, tmp_path, monkeypatch):
         h.add(repo, root)
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", h.url)
     monkeypatch.setenv("HF_ENDPOINT", h.url)
-    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     yield h
     h.close()
 
