@@ -272,6 +272,12 @@ def test_kt_config_without_weights(hub, repo_trees, tmp_path, source):
     assert not [n for n in got if n.endswith(".safetensors")] and not list(d.rglob("*.incomplete"))
     assert kt_config_dir(CONFIG) == d and kt_config_dir("deepseek-ai/other") is None
     assert not any(e.get("file", "").endswith(".safetensors") for e in hub.log)
+    # both of the course's downloads in one command: the config folder goes beside the quant, named like its repository
+    both = tmp_path / "both"
+    r = run_cli("download", TINY, "--quant", "UD-IQ1_S", "--kt-config", CONFIG, "--dir", str(both), "--source", source)
+    assert r.returncode == 0, r.stderr
+    assert (both / SHARDS[0]).is_file() and (both / "DeepSeek-R1" / "config.json").is_file()
+    assert kt_config_dir(CONFIG) == both / "DeepSeek-R1"
 
 
 def test_repo_refs():
