@@ -15,6 +15,7 @@ from .errors import HybridError
 EPILOG = """\
 examples:
   hybridinfer probe                         what this box has (CPU, NUMA, ISA, RAM, GPUs, engines)
+  hybridinfer download unsloth/DeepSeek-R1-GGUF --quant UD-IQ1_S   fetch a quant (checked, resumable, verified)
   hybridinfer inspect --gguf DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf
   hybridinfer plan --gguf R1.gguf --hardware desktop-4090 --compare layer-split
   hybridinfer serve                         serve the built-in tiny demo model on 127.0.0.1:8000
@@ -181,8 +182,9 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
+    from .download.cli import register as download_register
     from .engines.ktransformers_patch import register as patch_register
-    out += [bench_register, patch_register, _register_openwebui]
+    out += [download_register, bench_register, patch_register, _register_openwebui]
     return out
 
 

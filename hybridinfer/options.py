@@ -20,7 +20,7 @@ PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engine
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
-    p.add_argument("--gguf", metavar="PATH", help="model file, first shard, or directory (default: the built-in demo model)")
+    p.add_argument("--gguf", metavar="PATH", help="model file, first shard, directory, or owner/name:QUANT (default: the built-in demo model)")
     p.add_argument("--hardware", metavar="FILE|ID", help="hardware profile JSON or a reference machine id (default: probe this box)")
     p.add_argument("--rules", metavar="NAME|FILE", help="placement rules (default: chosen for the box: moe-auto-fill, layer-split, multi-gpu or cpu-only)")
     # Validated by the registry (one-line error naming the known engines), not argparse's choices.
@@ -53,7 +53,9 @@ def load_hardware(args) -> HardwareProfile:
 
 def load_model(args) -> ModelInfo:
     if args.gguf:
-        return inspect(args.gguf)
+        from .download import local_gguf
+
+        return inspect(local_gguf(args.gguf))  # a path, or owner/name:QUANT already downloaded
     from .demo.tiny import default_model
 
     return inspect(default_model())

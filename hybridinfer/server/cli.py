@@ -42,6 +42,9 @@ def cmd_serve(args) -> int:
         if info is not None and not info.installed:
             raise get(args.engine).not_installed_error()
     # --hardware plans as if on another box (its flags then run here: useful to check a plan's placement).
+    if args.gguf:
+        from ..download import ensure_gguf
+        args.gguf = ensure_gguf(args.gguf, source=args.source)  # owner/name:QUANT: downloaded when missing
     plan, model = plan_from_args(args, serving=True)
     engine = get(plan.engine)
     if not engine.serves:
@@ -134,6 +137,8 @@ def _setup_logging(verbose: bool) -> None:
 def register(sub, add, plan_args) -> None:
     p = add("serve", cmd_serve)
     plan_args(p, saved_plan=True)
+    p.add_argument("--source", default="modelscope", choices=["modelscope", "huggingface"],
+                   help="hub for --gguf owner/name:QUANT (default: modelscope)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; others need --api-key)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (env HYBRIDINFER_API_KEY)")

@@ -1,0 +1,70 @@
+"""Where verified downloads live: a small JSON file in the hybridinfer cache dir (HYBRIDINFER_CACHE).
+
+`serve --gguf REPO:QUANT` and `plan` find a downloaded quant here; the KTransformers engine finds the config
+folder of a repository through `kt_config_dir(repo)`. An entry is written only after verification, so a
+partial download is never found here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..util import atomic_write, cache_dir
+
+
+def _path() -> Path:
+    return cache_dir() / "downloads.json"
+
+
+def load() -> dict:
+    try:
+        data = json.loads(_path().read_text())
+    except (OSError, ValueError):
+        return {"gguf": {}, "kt_config": {}}
+    data.setdefault("gguf", {})
+    data.setdefault("kt_config", {})
+    return data
+
+
+def _save(data: dict) -> None:
+    atomic_write(_path(), json.dumps(data, indent=2) + "\n")
+
+
+def gguf_key(repo: str, quant: str) -> str:
+    return f"{repo}:{quant}".lower()
+
+
+def record_gguf(repo: str, quant: str, source: str, first: Path, files: dict[str, int]) -> None:
+    data = load()
+    data["gguf"][gguf_key(repo, quant)] = {"repo": repo, "quant": quant, "source": source, "path": str(first),
+                                           "files": files, "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _save(data)
+
+
+def find_gguf(repo: str, quant: str) -> Path | None:
+    """The first shard of a verified download whose files are all still there at their recorded sizes."""
+    e = load()["gguf"].get(gguf_key(repo, quant))
+    if not e:
+        return None
+    for p, size in e["files"].items():
+        if not Path(p).is_file() or Path(p).stat().st_size != size:
+            return None
+    return Path(e["path"])
+
+
+def record_kt_config(repo: str, source: str, folder: Path, files: list[str]) -> None:
+    data = load()
+    data["kt_config"][repo.lower()] = {"repo": repo, "source": source, "dir": str(folder), "files": files,
+                                       "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _save(data)
+
+
+def kt_config_dir(repo: str) -> Path | None:
+    """The folder holding `repo`'s config/tokenizer/code (KTransformers' --model_path), or None if not fetched."""
+    e = load()["kt_config"].get(repo.lower())
+    if not e:
+        return None
+    folder = Path(e["dir"])
+    return folder if (folder / "config.json").is_file() else None
