@@ -38,6 +38,7 @@ class PlanOptions:
     threads: int | None = None
     allow_streaming: bool = True
     serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
+    kt_model_dir: str | None = None  # KTransformers: the model's HF folder (config + tokenizer; SGLang: checkpoint)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,13 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         return plan
 
 
-def _candidates(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
+def _candidates(hw: HardwareProfile, opts: PlanOptions, model: ModelInfo) -> tuple[list[Engine], list[str]]:
+    """Each engine bound to this box, options and model (Engine.for_box), via _registered."""
+    cands, skipped = _registered(hw, opts)
+    return [e.for_box(hw, opts, model) for e in cands], skipped
+
+
+def _registered(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
     """Engines to plan: the requested one, or every engine installed on the box (listed in a profile from another
     box), plus the default engine, which runs any GGUF anywhere — for serving only when nothing servable is
     installed (its runner then says how to install it). -> (engines, verdicts for the rest)."""
@@ -173,7 +180,7 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
     """Plan every candidate engine; the fastest unblocked one wins. A placement an engine cannot run is a blocker
     (its verdict in the reasons), never an exception — unless that engine was asked for by name."""
     requested = opts.engine != engines.AUTO
-    cands, verdicts = _candidates(hw, opts)
+    cands, verdicts = _candidates(hw, opts, model)
     planned: list[tuple[Engine, Plan]] = []
     blocked: list[tuple[Engine, str]] = []
     first_error: HybridError | None = None

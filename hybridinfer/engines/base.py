@@ -149,6 +149,11 @@ class Engine:
                 return e
         return None
 
+    def for_box(self, hw: HardwareProfile, opts, model: "ModelInfo") -> "Engine":
+        """This engine as installed on `hw` (its version's flags, its build's features) for these plan options
+        (`plan.PlanOptions`) and model: what the planner asks for costs, blockers and the command. Default: itself."""
+        return self
+
     def flags(self, binary: str | None) -> set[str]:
         """Flags the installed build accepts (from its --help); empty when there is no binary to ask."""
         return set()

@@ -70,6 +70,10 @@ class KtVersion:
     def name(self) -> str:
         return self.tag[1:]
 
+    def at_least(self, tag: str) -> bool:
+        order = list(VERSIONS)
+        return order.index(self.tag) >= order.index(tag)
+
 
 def _flags(tag: str) -> frozenset[str]:
     out = set(_BASE)
@@ -148,8 +152,8 @@ def lookup(version: str) -> KtVersion:
             v = VERSIONS["v0.3"]
     if v is None:
         raise HybridError(f"KTransformers version '{raw or '(none)'}' is not one hybridinfer knows",
-                          f"use a supported release: {SUPPORTED} (tags of the legacy server), or the kt-kernel + "
-                          f"SGLang stack (--kt-stack sglang)")
+                          f"record a supported release in the profile: {SUPPORTED} (tags of the legacy server), or "
+                          f"plan the kt-kernel + SGLang stack (--engine kt-sglang)")
     return v
 
 
@@ -184,3 +188,29 @@ def detect_tag(root: Path) -> tuple[KtVersion, str]:
             return VERSIONS[tag], f"tree matches {tag} (__version__ {tree})"
     raise HybridError(f"{root} does not look like a legacy KTransformers server (no server/args.py)",
                       f"hybridinfer supports the legacy releases {SUPPORTED} and the kt-kernel + SGLang stack")
+
+
+# The classes (module path + class) and ops (`op:NAME`, keys of LINEAR_MAP / EXPERTS_MAP) hybridinfer's rules may
+# name, per tag: `class NAME` in ktransformers/models/modeling_deepseek_v3.py and ktransformers/operators/{RoPE,
+# linear,experts,gate,attention,balance_serve_attention,models,layernorm,mlp}.py at that tag.
+_M, _O = "ktransformers.models.modeling_deepseek_v3.", "ktransformers.operators."
+_CLASSES_BASE = frozenset({
+    _M + "DeepseekV3RotaryEmbedding", _M + "DeepseekV3MoE", _M + "MoEGate", _M + "DeepseekV3RMSNorm",
+    _M + "DeepseekV3MLP", _O + "RoPE.YarnRotaryEmbeddingV3", _O + "linear.KTransformersLinear",
+    _O + "experts.KDeepseekV3MoE", _O + "experts.KTransformersExperts", _O + "gate.KMoEGate",
+    _O + "attention.KDeepseekV2Attention", _O + "models.KDeepseekV2Model", "torch.nn.Linear",
+    "op:KLinearMarlin", "op:KLinearTorch", "op:KExpertsCPU", "op:KExpertsMarlin", "op:KExpertsTorch"})
+_CLASSES_DELTA = {  # tag -> (added, removed)
+    "v0.2.4": ({_O + "linear.VLinearMarlin", "op:VLinearMarlin", _O + "experts.KDeepseekV3MoEV2",
+                _O + "experts.KTransformersExpertsV2", _O + "attention.flashinfer_attn", _O + "layernorm.RMSNorm",
+                _O + "mlp.kDeepseekV3MLP"}, set()),
+    "v0.3": ({_O + "balance_serve_attention.flashinfer_attn"}, {_O + "attention.flashinfer_attn"}),
+}
+
+
+def classes(v: KtVersion) -> frozenset[str]:
+    out = set(_CLASSES_BASE)
+    for tag, (add, rem) in _CLASSES_DELTA.items():
+        if v.at_least(tag):
+            out = (out | add) - rem
+    return frozenset(out)
