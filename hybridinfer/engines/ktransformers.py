@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 KT_DEQUANT = frozenset({"F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})
 # ... and with hybridinfer's patch (patches/ktransformers) the IQ family as well.
 KT_DEQUANT_PATCHED = KT_DEQUANT | {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL"}
-# Its CPU expert kernel (llamafile backend, x86): any other routed-expert type is silently not computed.
+# Its CPU expert kernels (llamafile backend, x86, incl. tinyblas for the float types): any other routed-expert type
+# is silently not computed.
 KT_CPU_EXPERTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "Q4_0", "Q4_1",
-                            "Q5_0", "Q5_1", "Q8_0", "IQ1_S"})
+                            "Q5_0", "Q5_1", "Q8_0", "IQ1_S", "F32", "F16", "BF16"})
 MARLIN_BITS = 4.25  # KLinearMarlin / KExpertsMarlin requantize to 4-bit, one fp16 scale per 64 weights
 TORCH_BYTES = 2  # KLinearTorch and plain nn.Linear keep the dequantized weight in bf16/fp16
 MLA_VALUES = 576  # kv_lora_rank 512 + rope 64: the compressed cache it always keeps (args.py: cache_lens*2*576*61)
