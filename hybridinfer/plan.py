@@ -131,7 +131,10 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         # With no rules asked for, a GPU too small for the attention side still allows a layer split.
         if opts.rules or not hw.gpus or default_rules(hw, model) == "layer-split" or "gpu:" not in str(first):
             raise
-        plan = _make_plan(hw, model, opts, rules.load("layer-split"))
+        try:
+            plan = _make_plan(hw, model, opts, rules.load("layer-split"))
+        except HybridError:
+            raise first from None  # the layer split cannot run either: the first problem is the one to fix
         plan.reasons.insert(0, f"rules layer-split chosen because {default_rules(hw, model)} does not fit: {first.problem}")
         return plan
 
@@ -189,6 +192,8 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if not why:
             try:
                 p = _plan_for(hw, model, opts, rs, e)
+            except _Blocked as b:
+                why = b.reasons
             except HybridError as err:
                 if requested:
                     raise
@@ -253,6 +258,13 @@ class _DoesNotFit(Exception):
         self.problem, self.fix, self.short = problem, fix, short
 
 
+class _Blocked(Exception):
+    """The engine cannot run this placement at all (checked before its memory is counted)."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = reasons
+
+
 def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     kv_type = opts.kv_type
     kv_tok = engine.kv_bytes_per_token(model, kv_type)
@@ -272,6 +284,9 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     placement = rules.resolve(rs, model, budgets, cost)
     dev_of = placement.device_of
     warnings = list(placement.warnings)
+    blocked = engine.blockers(model, dev_of, hw)
+    if blocked:
+        raise _Blocked(blocked)
 
     # Per-device accounting.
     devices = []

@@ -106,7 +106,8 @@ VERSIONS: dict[str, KtVersion] = {v.tag: v for v in (
     _v("v0.2.0", (), ("0.2.0",), "--type", "ktransformers", _KT, "", "bare-0", False, "none", _OLD_FIELDS),
     _v("v0.2.1", ("v0.2.1.post1",), ("0.2.1", "0.2.1.post1"), "--type", "ktransformers", _KT, "value", "bare-0",
        False, "none", _OLD_FIELDS),
-    _v("v0.2.2", ("v0.2.2rc1", "v0.2.2rc2"), ("0.2.2rc1", "0.2.2rc2"), "--type", "ktransformers", _KT, "switch",
+    # The v0.2.2 tag's __version__ is still 0.2.2rc1.
+    _v("v0.2.2", (), ("0.2.2rc1",), "--type", "ktransformers", _KT, "switch",
        "bare", False, "fake", _SAMPLING),
     # v0.2.3: /v1/models becomes OpenAI's list; v0.2.3post1 adds the usage chunk and real counts (E).
     _v("v0.2.3", (), ("0.2.3",), "--type", "ktransformers", _KT, "switch", "openai", False, "fake", _SAMPLING),

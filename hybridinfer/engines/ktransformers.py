@@ -105,12 +105,14 @@ class KTransformers(Engine):
     model_dir: str | None = None
     model_dir_problem: str = ""
     hw_source: str = "probe"
+    kv_type: str = "f16"
 
     # --- binding to a box ---------------------------------------------------------------------------------
     def for_box(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KTransformers":
         b = copy.copy(self)
         b.info = self.installed(hw)
         b.hw_source = hw.source
+        b.kv_type = opts.kv_type
         if b.info is not None:
             try:
                 b.version = lookup(b.info.version)
@@ -225,6 +227,9 @@ class KTransformers(Engine):
             out.append(f"this GGUF has attn_k_b/attn_v_b but no attn_kv_b, which KTransformers {self.version.name} "
                        "needs (0.3.2+ rebuilds it): upgrade to 0.3.2+, or use a GGUF converted before llama.cpp's MLA "
                        "change")
+        if self.kv_type != "f16":
+            out.append(f"KTransformers keeps its MLA cache in 16 bits (--kv-type {self.kv_type} is llama.cpp's): "
+                       "use --kv-type f16")
         if self.model_dir_problem:
             out.append(self.model_dir_problem)
         if placement is not None and not out:
