@@ -193,6 +193,11 @@ class Engine:
         """The argv that runs this plan (stored on the plan as `plan.command`)."""
         raise NotImplementedError
 
+    def starts_in_think(self, plan: "Plan") -> bool:
+        """Whether the engine itself opens the reasoning block before the model's output (KTransformers'
+        --force_think), whatever the chat template does."""
+        return False
+
     def endpoint_args(self, host: str, port: int) -> list[str]:
         """The arguments the server injects into `plan.command` to say where the engine listens."""
         return []

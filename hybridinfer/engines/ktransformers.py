@@ -303,6 +303,9 @@ class KTransformers(Engine):
     def endpoint_args(self, host: str, port: int) -> list[str]:
         return ["--host", host, "--port", str(port)]
 
+    def starts_in_think(self, plan: "Plan") -> bool:
+        return "--force_think" in plan.command  # it appends "<think>\n" to the prompt itself
+
     def runner(self, plan: "Plan", settings: RunSettings):
         from .kt_server import KtServer
 
