@@ -32,8 +32,7 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
-    p.add_argument("--kt-model-dir", metavar="DIR", help="KTransformers: the model's Hugging Face folder — config, tokenizer "
-                                                         "and code for the legacy server; the full checkpoint for kt-sglang")
+    engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
     if saved_plan:
         p.add_argument("--plan", metavar="PLAN.json", help="run this saved plan (`hybridinfer plan ... --json > PLAN.json`) "
                                                            "exactly, instead of planning")

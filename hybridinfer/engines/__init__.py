@@ -35,6 +35,16 @@ def probe_all() -> list[EngineInfo]:
     return [info for e in REGISTRY.values() for info in e.probe_all()]
 
 
+def add_plan_args(p) -> None:
+    """The plan options engines add (`Engine.plan_args`), each flag once."""
+    seen = set()
+    for e in REGISTRY.values():
+        for flag, kw in e.plan_args:
+            if flag not in seen:
+                seen.add(flag)
+                p.add_argument(flag, **kw)
+
+
 def choices_help() -> str:
     """For --engine's help: the names and what each is."""
     return "; ".join(f"{n}: {e.summary.split(':')[0]}" for n, e in REGISTRY.items())

@@ -102,6 +102,7 @@ class Engine:
     cpu_runtime_bytes: int = int(0.5 * GIB)
     prediction_params: PredictionParams = PredictionParams()
     install_hint: str = "see the README"
+    plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions
     probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
 
     # --- capabilities -------------------------------------------------------------------------------

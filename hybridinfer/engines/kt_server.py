@@ -30,7 +30,7 @@ import orjson
 
 from ..errors import HybridError
 from .base import EngineFailed, EngineRejected
-from .llamacpp import Supervisor, free_port
+from .supervisor import Supervisor, free_port
 
 RUNTIME_FLAGS = {"--host": True, "--port": True, "--model_name": True, "--served-model-name": True}
 

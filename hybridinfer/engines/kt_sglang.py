@@ -15,7 +15,7 @@ from ..predict import PredictionParams
 from ..probe import EngineInfo
 from .base import GIB, Engine, NumaPolicy, RunSettings
 from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel
-from .ktransformers import KT_CPU_EXPERTS, MLA_VALUES, _cc, config_dir_for, hf_repo
+from .ktransformers import KT_CPU_EXPERTS, MLA_VALUES, KTransformers, _cc, config_dir_for, hf_repo
 from .ktransformers_args import module_of
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ class KtSglang(Engine):
     probe_names = ("kt-kernel",)
     install_hint = "pip install kt-kernel sglang-kt (or sglang), see github.com/kvcache-ai/ktransformers"
     prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    plan_args = KTransformers.plan_args  # the same --kt-model-dir
 
     model: "ModelInfo | None" = None
     sglang: EngineInfo | None = None

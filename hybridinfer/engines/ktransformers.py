@@ -93,6 +93,9 @@ class KTransformers(Engine):
     install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers) and "
                     "record it in the profile's engines list; or plan --engine kt-sglang")
     prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
+        "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
+        "weights), the full checkpoint for kt-sglang (default: where `hybridinfer download` put it)")}),)
 
     # Set by for_box (the registry's instance is unbound: it runs saved plans and reports probe results).
     version: KtVersion = NEWEST
@@ -239,7 +242,7 @@ class KTransformers(Engine):
     def _placement_blockers(self, model: "ModelInfo", placement: dict[str, str]) -> list[str]:
         on_cpu = [t for t in model.tensors if placement.get(t.name) == "cpu" and t.cls not in ("routed_experts", "token_embd")]
         if on_cpu:
-            blocks = {t.block for t in on_cpu if t.block is not None}
+            blocks = sorted({t.block for t in on_cpu if t.block is not None})
             where = f" (blocks {ranges(blocks)})" if blocks else ""
             return [f"this placement keeps {', '.join(sorted({t.cls for t in on_cpu}))} on the CPU{where}; "
                     "it runs only routed experts there"]
