@@ -404,3 +404,50 @@ def test_probe_reads_the_installed_kt_kernel(tmp_path):
     assert info["installed"] and info["version"] == "0.7.2"
     assert f"CPU variant: {kt_probe.kt_kernel_variant(probe_cpu().flags)}" in info["detail"]
     assert "LLAMAFILE" in info["detail"]
+
+
+def test_probe_reads_the_installed_legacy_tree(tmp_path, trees):
+    """probe on PyPI's real 0.2.1.post1 tree installed as a package. Its compiled extensions cannot be built here
+    (CUDA), so two stand-in files take their place: cpuinfer_ext linked against libnuma (a USE_NUMA=1 build) and
+    the top-level sched_ext a USE_BALANCE_SERVE=1 build installs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    site = tmp_path / "site"
+    shutil.copytree(kt_source.tree("v0.2.1.post1", trees) / "ktransformers", site / "ktransformers")
+    dist = site / "ktransformers-0.2.1.post1+cu121torch24fancy.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ktransformers\nVersion: 0.2.1.post1+cu121torch24fancy\n")
+    (site / "cpuinfer_ext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF stand-in NEEDED libnuma.so.1")
+    code = ("import json; from hybridinfer.engines.kt_probe import probe_legacy; "
+            "print(json.dumps(probe_legacy().__dict__))")
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}")
+    info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
+    assert info["installed"] and info["version"] == "0.2.1"  # the release, read from the tree
+    assert "__version__ 0.2.1.post1" in info["detail"] and "package 0.2.1.post1+cu121torch24fancy" in info["detail"]
+    assert "backends: ktransformers;" in info["detail"] and "USE_NUMA: on" in info["detail"]
+    assert "IQ patch: not applied" in info["detail"]
+    (site / "sched_ext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF stand-in")
+    info = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
+    assert "backends: ktransformers, balance_serve" in info["detail"]
+    # what a profile then records is what the planner reads
+    row = EngineInfo(**info)
+    assert kt_probe.detail_field(row, "USE_NUMA") == "on" and kt_probe.patch_state(row) == "not applied"
+
+
+def test_kt_sglang_gpu_experts_are_counted_in_fp8(models, model_dir):
+    """An 80 GB GPU holds whole blocks of R1's experts in FP8 (1 byte/weight, not the GGUF's IQ1_S ~0.2), spread by
+    kt-kernel as a per-layer count."""
+    xeon = load_profile("xeon4-ddr5-4090")
+    big = replace(xeon, gpus=[replace(g, name="H100 80GB", vram_total=80 * GIB, vram_free=0, compute_capability="9.0")
+                              for g in xeon.gpus])
+    m = models["r1-ud-iq1_s"]
+    p = make_plan(big, m, PlanOptions(engine="kt-sglang", kt_model_dir=str(model_dir)))
+    on_gpu = [t for t in m.tensors if t.cls == "routed_experts" and p.device_of[t.name] != "cpu"]
+    blocks = {t.block for t in on_gpu}
+    assert 0 < len(blocks) < 10
+    gpu = next(d for d in p.devices if d.device == "gpu:0")
+    assert gpu.groups["routed_experts"] >= sum(t.n_elements for t in on_gpu)  # FP8: >= 1 byte per weight
+    n = int(p.command[p.command.index("--kt-num-gpu-experts") + 1])
+    assert n == len(blocks) * 256 // 58 == p.compiled["gpu_experts_per_layer"]

@@ -2,7 +2,7 @@
 
 - legacy engine (0.2-0.4.1): an optimize-rule YAML over module names (`model.layers.N.mlp.experts`, ...),
   first match wins, modelled on its DeepSeek-V3 single-GPU rules;
-- kt-kernel + SGLang (0.7.x): `--kt-*` launch flags.
+- kt-kernel + SGLang: `--kt-*` launch flags (engines/kt_sglang.py).
 
 KTransformers places whole modules and can put only routed experts on the CPU; a placement that puts anything
 else there cannot be expressed and raises `Unsupported` (the planner then picks llama.cpp).
@@ -172,13 +172,3 @@ def select(rules_yaml: str, modules: dict[str, str]) -> dict[str, dict]:
                 out[mod] = r["replace"]
                 break
     return out
-
-
-def kt_kernel_flags(device_of: dict[str, str], n_expert: int, n_moe_layers: int, cpu_threads: int,
-                    numa_nodes: int, routed_types: set[str]) -> list[str]:
-    """kt-kernel/SGLang launch flags. It spreads GPU experts evenly, so blocks-on-GPU become a per-layer count."""
-    gpu_expert_tensors = sum(1 for n, d in device_of.items() if d != "cpu" and module_of(n).endswith(".mlp.experts"))
-    per_layer = (gpu_expert_tensors // 3) * n_expert // max(1, n_moe_layers)
-    method = "LLAMAFILE"  # reads the GGUF's own quant types directly
-    return ["--kt-method", method, "--kt-cpuinfer", str(cpu_threads), "--kt-threadpool-count", str(numa_nodes),
-            "--kt-num-gpu-experts", str(per_layer)]
