@@ -107,7 +107,7 @@ def test_engine_choice(models):
     xeon = load_profile("xeon4-ddr5-4090")
     p = make_plan(xeon, models["r1-ud-iq1_s"])
     assert p.engine == "ktransformers" and "every routed-expert type runs" in p.reasons[0]
-    assert "patch" not in p.reasons[0]  # UD-IQ1_S keeps non-expert tensors in Q4_K/Q6_K/Q8_0
+    assert "patch ktransformers --apply` for" not in p.reasons[0]  # UD-IQ1_S: non-expert tensors in Q4_K/Q6_K/Q8_0
     # A quant with IQ3_XXS attention (ggml type 18) needs hybridinfer's patch; the plan says whether it is applied.
     from hybridinfer.probe import EngineInfo
     m = models["r1-ud-iq1_s"]

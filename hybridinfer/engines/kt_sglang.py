@@ -93,7 +93,7 @@ class KtSglang(Engine):
         if cls == "routed_experts":
             bad = sorted(types - KT_CPU_EXPERTS)
             return "ok" if not bad else f"refused: {'/'.join(bad)} not computed by kt-kernel's LLAMAFILE method"
-        return "ok (GPU side from the HF checkpoint)"
+        return "ok (HF checkpoint)"
 
     def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
         if model.arch == "deepseek2":

@@ -90,8 +90,8 @@ class KTransformers(Engine):
     serves = True
     gpu_runtime_bytes = int(1.2 * GIB)  # CUDA context, cuBLAS, torch
     probe_names = ("ktransformers",)
-    install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers) and "
-                    "record it in the profile's engines list; or plan --engine kt-sglang")
+    install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers), "
+                    "or use --engine kt-sglang")
     prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
     plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
         "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
@@ -270,6 +270,14 @@ class KTransformers(Engine):
             why += "; GPU below compute capability 8.0: KLinearTorch (bf16 weights), no GPU experts"
         elif any(not g.compute_capability for g in hw.gpus):
             why += "; compute capability unknown: assumed 8.0+ (Marlin)"
+        iq_experts = sorted(set(model.groups["routed_experts"].types) - KT_DEQUANT) if model.is_moe else []
+        if self.backend == "balance_serve":
+            why += "; routed experts stay on the CPU (balance_serve runs no GPU experts)"
+        elif self.marlin and iq_experts and self.patch != "applied":
+            why += (f"; routed experts stay on the CPU: {'/'.join(iq_experts)} on the GPU needs the IQ patch "
+                    "(`hybridinfer patch ktransformers --apply`, then record `IQ patch: applied`)")
+        if not self.model_dir:
+            why += "; pass --kt-model-dir DIR: the model's config folder on that box"
         patch = _non_expert_types(model) - KT_DEQUANT
         if patch and self.patch == "applied":
             why += f"; {'/'.join(sorted(patch))} load through hybridinfer's patch (applied)"
