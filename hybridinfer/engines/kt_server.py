@@ -184,7 +184,10 @@ class KtServer(Supervisor):
             async for payload in _aiter_payloads(r.aiter_lines()):
                 if payload == "[DONE]":
                     break
-                chunk = orjson.loads(payload)
+                try:
+                    chunk = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise EngineFailed(f"unreadable stream event from the engine: {payload[:80]!r}") from None
                 if "error" in chunk:
                     e = chunk["error"]
                     raise EngineRejected(500, e.get("message") or str(e), e.get("type"))
