@@ -12,6 +12,11 @@ api/openai/legacy/completions.py at that tag; kt_versions.VERSIONS holds which r
   then `data: [DONE]`; max_tokens honoured (finish_reason "length").
 Before serving, it runs the real release's argument parser (KT_TREE: that release's files, see kt_source.py) on its
 own argv, as `ktransformers` would, and exits with its status if the parser rejects the command.
+
+KT_TAG=sglang: the same for `python -m sglang.launch_server` (kt-sglang): SGLang's real argparse setup
+(sglang_args.py) checks the argv; answers as sglang/srt/entrypoints/openai/serving_chat.py (sglang 0.5.9) does —
+`GET /health`, tokens, a finish chunk with an empty delta, the usage chunk (choices []) when
+stream_options.include_usage, `data: [DONE]`.
 """
 
 import asyncio
@@ -121,5 +126,62 @@ def main():
     uvicorn.run(app, host=args.host, port=int(args.port), log_level="warning")
 
 
+def main_sglang():
+    from pathlib import Path
+
+    import sglang_args
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    argv = sys.argv[1:]
+    assert argv[:2] == ["-m", "sglang.launch_server"], argv
+    r = sglang_args.parse(os.environ.get("SGLANG_FLAVOR", "sglang-kt"), argv[2:], Path(os.environ["SGLANG_TREES"]))
+    if r["exit"] != 0:
+        sys.stderr.write(r["stderr"])
+        raise SystemExit(r["exit"])
+    a = r["args"]
+    name = a.get("served_model_name") or a["model_path"]
+
+    async def health(request: Request):
+        return JSONResponse({})
+
+    async def models(request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "sglang"}]})
+
+    async def chat(request: Request):
+        body = await request.json()
+        limit = body.get("max_tokens") or 16
+        toks = tokens(limit)
+        reason = "length" if len(toks) >= limit and body.get("max_tokens") else "stop"
+        usage = {"prompt_tokens": 11, "completion_tokens": len(toks), "total_tokens": 11 + len(toks)}
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
+        if not body.get("stream"):
+            return JSONResponse({**base, "object": "chat.completion", "usage": usage,
+                                 "choices": [{"index": 0, "finish_reason": reason,
+                                              "message": {"role": "assistant", "content": "".join(toks)}}]})
+
+        async def gen():
+            for i, t in enumerate(toks):
+                delta = {"role": "assistant", "content": t} if i == 0 else {"content": t}
+                yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                                             "usage": None}) + "\n\n"
+                await asyncio.sleep(0.005)
+            yield "data: " + json.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
+                                         "usage": None}) + "\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield "data: " + json.dumps({**base, "choices": [], "usage": usage}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                            Route("/v1/chat/completions", chat, methods=["POST"])])
+    print(f"stand-in SGLang server on {a['host']}:{a['port']} (kt-method {a['kt_method']})", flush=True)
+    uvicorn.run(app, host=a["host"], port=int(a["port"]), log_level="warning")
+
+
 if __name__ == "__main__":
-    main()
+    main_sglang() if TAG == "sglang" else main()

@@ -103,3 +103,46 @@ def test_bad_request_is_a_4xx_and_the_server_stays_up(kt):
     r = httpx.post(s.url + "/v1/chat/completions", json={"model": "r1", "messages": "nope"})
     assert 400 <= r.status_code < 500
     assert httpx.get(s.url + "/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def sglang(tmp_path_factory, shapes_dir):
+    """kt-sglang's plan, run by `serve` with the same runner; SGLang is the stand-in's sglang mode (its real parser
+    checks the launch argv first)."""
+    d = tmp_path_factory.mktemp("kt-sglang")
+    model_dir = d / "DeepSeek-R1"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"]}))
+    r = run_cli("plan", "--hardware", "xeon4-ddr5-4090", "--gguf", shapes_dir["r1-ud-iq1_s"], "--engine", "kt-sglang",
+                "--kt-model-dir", str(model_dir), "--ctx", "4096", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["command"][:3] == ["python", "-m", "sglang.launch_server"]
+    shim = d / "bin" / "python-sglang"
+    shim.parent.mkdir()
+    env = {"KT_TAG": "sglang", "SGLANG_FLAVOR": "sglang-kt", "SGLANG_TREES": str(d / "sglang"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
+    shim.write_text("#!/bin/sh\n" + "".join(f"export {k}='{v}'\n" for k, v in env.items())
+                    + f"exec '{sys.executable}' '{STANDIN}' \"$@\"\n")
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    plan["command"][0] = str(shim)
+    (d / "plan.json").write_text(json.dumps(plan))
+    s = Served(["--plan", str(d / "plan.json"), "--alias", "r1"], d)
+    yield s
+    s.stop()
+
+
+def test_kt_sglang_serves_through_the_same_runner(sglang):
+    s = sglang
+    assert "stand-in SGLang server" in Path(s.log).read_text()
+    argv = next(ln for ln in s.lines if "--kt-method" in ln)
+    assert "--served-model-name r1" in argv and "--kt-method LLAMAFILE" in argv
+    c = s.client()
+    content, usage, finish = "", None, None
+    for ch in c.chat.completions.create(model="r1", messages=MSG, stream=True, max_tokens=9):
+        usage = ch.usage or usage
+        for choice in ch.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert "Hello there!" in content and finish == "length"
+    assert usage.completion_tokens == 9 and usage.prompt_tokens == 11  # SGLang's own counts, passed through
