@@ -16,7 +16,7 @@ from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
-                 "kv_type": "f16", "threads": None, "no_stream": False}
+                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -32,6 +32,7 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+    engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
     if saved_plan:
         p.add_argument("--plan", metavar="PLAN.json", help="run this saved plan (`hybridinfer plan ... --json > PLAN.json`) "
                                                            "exactly, instead of planning")
@@ -39,7 +40,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
 
 def plan_options(args, serving: bool = False) -> PlanOptions:
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
-                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving)
+                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving,
+                       kt_model_dir=getattr(args, "kt_model_dir", None))
 
 
 def probe_box(measure: bool = False) -> HardwareProfile:

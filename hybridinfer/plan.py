@@ -38,6 +38,7 @@ class PlanOptions:
     threads: int | None = None
     allow_streaming: bool = True
     serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
+    kt_model_dir: str | None = None  # KTransformers: the model's HF folder (config + tokenizer; SGLang: checkpoint)
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,21 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         # With no rules asked for, a GPU too small for the attention side still allows a layer split.
         if opts.rules or not hw.gpus or default_rules(hw, model) == "layer-split" or "gpu:" not in str(first):
             raise
-        plan = _make_plan(hw, model, opts, rules.load("layer-split"))
+        try:
+            plan = _make_plan(hw, model, opts, rules.load("layer-split"))
+        except HybridError:
+            raise first from None  # the layer split cannot run either: the first problem is the one to fix
         plan.reasons.insert(0, f"rules layer-split chosen because {default_rules(hw, model)} does not fit: {first.problem}")
         return plan
 
 
-def _candidates(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
+def _candidates(hw: HardwareProfile, opts: PlanOptions, model: ModelInfo) -> tuple[list[Engine], list[str]]:
+    """Each engine bound to this box, options and model (Engine.for_box), via _registered."""
+    cands, skipped = _registered(hw, opts)
+    return [e.for_box(hw, opts, model) for e in cands], skipped
+
+
+def _registered(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
     """Engines to plan: the requested one, or every engine installed on the box (listed in a profile from another
     box), plus the default engine, which runs any GGUF anywhere — for serving only when nothing servable is
     installed (its runner then says how to install it). -> (engines, verdicts for the rest)."""
@@ -173,7 +183,7 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
     """Plan every candidate engine; the fastest unblocked one wins. A placement an engine cannot run is a blocker
     (its verdict in the reasons), never an exception — unless that engine was asked for by name."""
     requested = opts.engine != engines.AUTO
-    cands, verdicts = _candidates(hw, opts)
+    cands, verdicts = _candidates(hw, opts, model)
     planned: list[tuple[Engine, Plan]] = []
     blocked: list[tuple[Engine, str]] = []
     first_error: HybridError | None = None
@@ -182,6 +192,8 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if not why:
             try:
                 p = _plan_for(hw, model, opts, rs, e)
+            except _Blocked as b:
+                why = b.reasons
             except HybridError as err:
                 if requested:
                     raise
@@ -246,6 +258,13 @@ class _DoesNotFit(Exception):
         self.problem, self.fix, self.short = problem, fix, short
 
 
+class _Blocked(Exception):
+    """The engine cannot run this placement at all (checked before its memory is counted)."""
+
+    def __init__(self, reasons: list[str]):
+        self.reasons = reasons
+
+
 def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     kv_type = opts.kv_type
     kv_tok = engine.kv_bytes_per_token(model, kv_type)
@@ -265,6 +284,9 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     placement = rules.resolve(rs, model, budgets, cost)
     dev_of = placement.device_of
     warnings = list(placement.warnings)
+    blocked = engine.blockers(model, dev_of, hw)
+    if blocked:
+        raise _Blocked(blocked)
 
     # Per-device accounting.
     devices = []

@@ -222,3 +222,38 @@ def test_probe_reports_the_patch_state(tmp_path):
     assert "IQ patch: not applied" in _run(tree_parent, tmp_path, code).stdout
     assert _cli("--apply", "--path", str(tree_parent)).returncode == 0
     assert _run(tree_parent, tmp_path, code).stdout.strip() == "IQ patch: applied"
+
+
+def test_patched_cpu_expert_loader_accepts_float_experts(tmp_path):
+    """F32/F16/BF16 routed experts: llamafile's tinyblas computes them and the AMX backends need BF16, so the
+    patched guard lets them through (and still refuses IQ3_XXS)."""
+    path = tmp_path / "float.gguf"
+    w = GGUFWriter(str(path), "deepseek2")
+    for layer, qt in (("blk.5", "F32"), ("blk.6", "F16"), ("blk.7", "BF16"), ("blk.8", "IQ3_XXS")):
+        for proj in ("gate", "up", "down"):
+            if qt == "IQ3_XXS":
+                _, size = _sizes(qt)
+                w.add_tensor(f"{layer}.ffn_{proj}_exps.weight", blocks(qt, "finite", n=8).reshape(2, 4 * size),
+                             raw_dtype=GGMLQuantizationType[qt])
+            elif qt == "BF16":
+                raw = np.zeros((2, 256 * 2), np.uint8)
+                w.add_tensor(f"{layer}.ffn_{proj}_exps.weight", raw, raw_dtype=GGMLQuantizationType.BF16)
+            else:
+                w.add_tensor(f"{layer}.ffn_{proj}_exps.weight", np.ones((2, 256), np.float32 if qt == "F32" else np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tree_parent = tmp_path / "tree"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "kt-v031-layout", tree_parent)
+    assert _cli("--apply", "--path", str(tree_parent)).returncode == 0
+    code = f"""
+from ktransformers.util.custom_loader import GGUFLoader
+from ktransformers.operators.experts import KExpertsCPU
+loader = GGUFLoader({str(path)!r})
+print([KExpertsCPU(k, loader).load_weights()[k]["gate_type"] for k in ("blk.5", "blk.6", "blk.7")])
+KExpertsCPU("blk.8", loader).load_weights()
+"""
+    r = _run(tree_parent, tmp_path, code)
+    assert r.stdout.strip().splitlines()[0] == "[0, 1, 30]", r.stderr
+    assert r.returncode != 0 and "blk.8.ffn_gate_exps.weight are IQ3_XXS" in r.stderr

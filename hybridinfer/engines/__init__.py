@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from ..errors import HybridError
 from ..probe import EngineInfo
-from . import ktransformers, llamacpp, llamacpp_python
+from . import kt_sglang, ktransformers, llamacpp, llamacpp_python
 from .base import Engine
 
-_MODULES = (llamacpp, llamacpp_python, ktransformers)  # order breaks ties between equally fast engines
+_MODULES = (llamacpp, llamacpp_python, ktransformers, kt_sglang)  # order breaks ties between equally fast engines
 REGISTRY: dict[str, Engine] = {m.ENGINE.name: m.ENGINE for m in _MODULES}
 DEFAULT = llamacpp.ENGINE.name  # planned when no other engine is installed: runs every GGUF on any box
 AUTO = "auto"
@@ -33,6 +33,16 @@ def get(name: str) -> Engine:
 def probe_all() -> list[EngineInfo]:
     """`probe`'s engine table: every engine's own report of this box."""
     return [info for e in REGISTRY.values() for info in e.probe_all()]
+
+
+def add_plan_args(p) -> None:
+    """The plan options engines add (`Engine.plan_args`), each flag once."""
+    seen = set()
+    for e in REGISTRY.values():
+        for flag, kw in e.plan_args:
+            if flag not in seen:
+                seen.add(flag)
+                p.add_argument(flag, **kw)
 
 
 def choices_help() -> str:

@@ -102,6 +102,7 @@ class Engine:
     cpu_runtime_bytes: int = int(0.5 * GIB)
     prediction_params: PredictionParams = PredictionParams()
     install_hint: str = "see the README"
+    plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions
     probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
 
     # --- capabilities -------------------------------------------------------------------------------
@@ -149,6 +150,11 @@ class Engine:
                 return e
         return None
 
+    def for_box(self, hw: HardwareProfile, opts, model: "ModelInfo") -> "Engine":
+        """This engine as installed on `hw` (its version's flags, its build's features) for these plan options
+        (`plan.PlanOptions`) and model: what the planner asks for costs, blockers and the command. Default: itself."""
+        return self
+
     def flags(self, binary: str | None) -> set[str]:
         """Flags the installed build accepts (from its --help); empty when there is no binary to ask."""
         return set()
@@ -187,6 +193,11 @@ class Engine:
     def command(self, plan: "Plan") -> list[str]:
         """The argv that runs this plan (stored on the plan as `plan.command`)."""
         raise NotImplementedError
+
+    def starts_in_think(self, plan: "Plan") -> bool:
+        """Whether the engine itself opens the reasoning block before the model's output (KTransformers'
+        --force_think), whatever the chat template does."""
+        return False
 
     def endpoint_args(self, host: str, port: int) -> list[str]:
         """The arguments the server injects into `plan.command` to say where the engine listens."""

@@ -1,83 +1,153 @@
-"""KTransformers as an engine: the plan as its launch command (legacy engine + compiled optimize rules, or
-kt-kernel/SGLang), and what its kernels can run.
+"""KTransformers' legacy server (releases 0.2.0 - 0.4.1) as an engine: per installed release, its exact command
+(`--backend_type` explicit where it exists, a rule set for that backend, `--force_think` in that release's form, a
+local config folder as `--model_path`), refusals before launch for what that release cannot run, and `serve`
+through the shared supervised-server runner (engines/kt_server.py).
 
-hybridinfer does not run KTransformers itself yet (`serves = False`); `plan` prints the exact command and the rules file.
-Type facts from its sources (see README): the legacy GPU dequantizer used for every non-expert tensor, and the
-llamafile CPU expert kernel.
+Facts per release live in kt_versions.py (each cited to its tag and file); the rules compiler in
+ktransformers_args.py. The kt-kernel + SGLang stack is the sibling engine in kt_sglang.py.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..predict import PredictionParams
 from ..probe import EngineInfo
 from ..util import atomic_write, cache_dir, ranges
-from .base import GIB, Engine, NumaPolicy
-from .ktransformers_args import Unsupported, kt_kernel_flags, optimize_rules
+from .base import GIB, Engine, NumaPolicy, RunSettings
+from .kt_probe import detail_field, kt_patch_state, patch_state, probe_all, probe_legacy  # noqa: F401 (re-export)
+from .kt_versions import SUPPORTED, VERSIONS, KtVersion, lookup
+from .ktransformers_args import Unsupported, optimize_rules
 
 if TYPE_CHECKING:
     from ..inspect_gguf import ModelInfo, Tensor
-    from ..plan import Plan
+    from ..plan import Plan, PlanOptions
     from ..probe import HardwareProfile
 
 # KTransformers legacy (0.2-0.4.1): the Python/GPU dequantizer used for every non-expert tensor.
 KT_DEQUANT = frozenset({"F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})
 # ... and with hybridinfer's patch (patches/ktransformers) the IQ family as well.
 KT_DEQUANT_PATCHED = KT_DEQUANT | {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL"}
-# Its CPU expert kernel (llamafile backend, x86): any other routed-expert type is silently not computed.
+# Its CPU expert kernels (llamafile backend, x86, incl. tinyblas for the float types): any other routed-expert type
+# is silently not computed.
 KT_CPU_EXPERTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "Q4_0", "Q4_1",
-                            "Q5_0", "Q5_1", "Q8_0", "IQ1_S"})
-# kt-kernel LLAMAFILE method (0.7.x) reads GGUF directly; same type list, and expert FFN % 256 == 0.
-KT_KERNEL_LLAMAFILE = KT_CPU_EXPERTS
-KT_MARLIN_BITS = 4.25  # GPU-resident experts run as Marlin int4 (+ group scales), whatever the file's type
-PYTHON_PACKAGES = {"ktransformers": "ktransformers", "kt-kernel": "kt-kernel", "sglang": "sglang"}  # row -> dist
-PATCH_APPLIED = "IQ patch: applied"
+                            "Q5_0", "Q5_1", "Q8_0", "IQ1_S", "F32", "F16", "BF16"})
+MARLIN_BITS = 4.25  # KLinearMarlin / KExpertsMarlin requantize to 4-bit, one fp16 scale per 64 weights
+TORCH_BYTES = 2  # KLinearTorch and plain nn.Linear keep the dequantized weight in bf16/fp16
+MLA_VALUES = 576  # kv_lora_rank 512 + rope 64: the compressed cache it always keeps (args.py: cache_lens*2*576*61)
+UNPLACEABLE = 1 << 50  # a GPU cost no budget meets: rules' auto-fill then keeps such tensors on the CPU
+NEWEST = VERSIONS["v0.4.1"]
+DEFAULT_PORT = 10002  # configs/config.yaml server.port
+HF_REPOS = (("r1", "deepseek-ai/DeepSeek-R1"), ("v3", "deepseek-ai/DeepSeek-V3"), ("v2.5", "deepseek-ai/DeepSeek-V2.5"),
+            ("lite", "deepseek-ai/DeepSeek-V2-Lite-Chat"), ("v2", "deepseek-ai/DeepSeek-V2-Chat"))
 
 
-def kt_patch_state() -> str:
-    """Whether the installed legacy KTransformers carries hybridinfer's IQ patch (read from its files)."""
-    from ..errors import HybridError
-    from .ktransformers_patch import detect, find
+def hf_repo(model: "ModelInfo") -> str:
+    """The Hugging Face repo whose config folder matches a DeepSeek GGUF (by its general.name)."""
+    name = (model.name or "").lower()
+    return next((repo for key, repo in HF_REPOS if key in name), "deepseek-ai/DeepSeek-R1")
 
+
+def config_dir_for(repo: str) -> str | None:
+    """Where hybridinfer's download step recorded this repo's config folder (None: not downloaded)."""
     try:
-        state = detect(find(None)).state
-    except HybridError as e:
-        return f"IQ patch: not applicable ({e.problem})"
-    return {"patched": PATCH_APPLIED,
-            "unpatched": "IQ patch: not applied (hybridinfer patch ktransformers --apply)"}.get(state, f"IQ patch: {state}")
+        from ..download import kt_config_dir  # the download step records where it put each repo
+    except ImportError:
+        kt_config_dir = None
+    if kt_config_dir is not None:
+        found = kt_config_dir(repo)
+        return str(found) if found else None
+    d = cache_dir() / "models" / repo
+    return str(d) if (d / "config.json").is_file() else None
 
 
-def rules_file(device_of: dict[str, str]) -> tuple[str, str]:
-    """Write the compiled optimize rules to the cache (content-addressed); -> (path, yaml text)."""
-    text = optimize_rules(device_of)
+def has_kv_b(model: "ModelInfo") -> bool:
+    """The GGUF's attention form: attn_kv_b (converted before llama.cpp's MLA change) or attn_k_b/attn_v_b only."""
+    return any(t.name.endswith(".attn_kv_b.weight") for t in model.tensors)
+
+
+def _is_linear(t: "Tensor") -> bool:
+    return len(t.shape) == 2 and t.cls not in ("token_embd", "norms", "router", "routed_experts")
+
+
+def rules_file(text: str) -> str:
+    """Write compiled optimize rules to the cache (content-addressed); -> path."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     path = cache_dir() / "ktransformers" / f"optimize-{digest}.yaml"
     if not path.exists():
         atomic_write(path, text)
-    return str(path), text
+    return str(path)
 
 
 class KTransformers(Engine):
     name = "ktransformers"
-    summary = "KTransformers: attention and KV on CUDA, routed experts on its CPU kernels (llamafile/AMX)"
+    summary = "KTransformers (legacy server 0.2-0.4.1): attention and KV on CUDA, routed experts on its CPU kernels"
     kind = "server"
     needs_nvidia_gpu = True
-    serves = False  # hybridinfer plans it and prints the command; it does not run it yet
+    serves = True
     gpu_runtime_bytes = int(1.2 * GIB)  # CUDA context, cuBLAS, torch
-    probe_names = ("ktransformers", "kt-kernel")
-    install_hint = "install KTransformers (see its README: pip install ktransformers, or kt-kernel + sglang)"
-    # Its llamafile/AMX expert kernels are the reference for CPU-resident MoE; AMX tiles speed up prefill (>= 0.3).
+    probe_names = ("ktransformers",)
+    install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers), "
+                    "or use --engine kt-sglang")
     prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
+        "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
+        "weights), the full checkpoint for kt-sglang (default: where `hybridinfer download` put it)")}),)
+
+    # Set by for_box (the registry's instance is unbound: it runs saved plans and reports probe results).
+    version: KtVersion = NEWEST
+    version_problem: str = ""  # an unknown version recorded for the box
+    info: EngineInfo | None = None
+    backend: str = "ktransformers"
+    marlin: bool = True
+    numa_copies: bool = True
+    patch: str = "unknown"
+    model_dir: str | None = None
+    model_dir_problem: str = ""
+    hw_source: str = "probe"
+    kv_type: str = "f16"
+
+    # --- binding to a box ---------------------------------------------------------------------------------
+    def for_box(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KTransformers":
+        b = copy.copy(self)
+        b.info = self.installed(hw)
+        b.hw_source = hw.source
+        b.kv_type = opts.kv_type
+        if b.info is not None:
+            try:
+                b.version = lookup(b.info.version)
+            except Exception as e:  # HybridError: unknown version -> a blocker naming the supported ones
+                b.version_problem = f"{e.problem}; {e.fix}" if hasattr(e, "problem") else str(e)
+        backends = detail_field(b.info, "backends")
+        has_bs = bool(b.version.flashinfer_attn) and (backends is None or "balance_serve" in backends)
+        ccs = [g.compute_capability for g in hw.gpus]
+        b.marlin = all(_cc(c) >= 8.0 for c in ccs if c)  # unknown ("") is taken as Ampere+: said in the reasons
+        # balance_serve: concurrent requests (the ktransformers backend serves one at a time); it needs a
+        # USE_BALANCE_SERVE build and flashinfer (Ampere+), and keeps every routed expert on the CPU.
+        b.backend = "balance_serve" if (opts.parallel > 1 and has_bs and b.marlin) else "ktransformers"
+        b.max_slots = None if b.backend == "balance_serve" else 1
+        numa = detail_field(b.info, "USE_NUMA")
+        b.numa_copies = numa != "off"  # the published multi-socket setups build with USE_NUMA=1
+        b.patch = patch_state(b.info)
+        b.model_dir = opts.kt_model_dir or config_dir_for(hf_repo(model))
+        b.model_dir_problem = ""
+        if not b.model_dir and hw.source == "probe":
+            b.model_dir_problem = (
+                f"it needs the model's config folder (config.json, tokenizer, code; no weights) as --model_path: pass "
+                f"--kt-model-dir DIR (get it with `modelscope download --model {hf_repo(model)} --exclude "
+                f"'*.safetensors' --local_dir DIR`)")
+        elif b.model_dir and hw.source == "probe" and not (Path(b.model_dir) / "config.json").is_file():
+            b.model_dir_problem = f"--kt-model-dir {b.model_dir} has no config.json (the model's Hugging Face folder)"
+        return b
 
     # --- capabilities -----------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
         if cls == "routed_experts" and device == "cpu":
             return type_ in KT_CPU_EXPERTS
-        return type_ in KT_DEQUANT_PATCHED  # dequantized on the GPU (Marlin repacks experts from that)
+        return type_ in KT_DEQUANT_PATCHED  # dequantized on the GPU (Marlin repacks from that)
 
     def support(self, cls: str, types: set[str]) -> str:
         if cls == "routed_experts":
@@ -90,109 +160,188 @@ class KTransformers(Engine):
             return f"ok after patch ({'/'.join(bad)})"
         return f"refused: {'/'.join(sorted(types - KT_DEQUANT_PATCHED))} not dequantized"
 
+    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
+        # Always the compressed MLA cache in 16 bits, whatever the GGUF's attention form (args.py sizes it so).
+        if model.arch == "deepseek2":
+            return MLA_VALUES * 2 * model.kv.layers
+        return model.kv.bytes_per_token["f16"]
+
+    def kv_form(self, model: "ModelInfo") -> str:
+        return "mla" if model.arch == "deepseek2" else model.kv.form
+
     def tensor_bytes(self, t: "Tensor", device: str) -> int:
-        if device != "cpu" and t.cls == "routed_experts":
-            return max(t.nbytes, int(t.n_elements * KT_MARLIN_BITS / 8))
+        if device == "cpu":
+            return t.nbytes
+        if t.cls == "routed_experts":
+            if self.backend == "balance_serve" or not self.marlin or (
+                    t.type not in KT_DEQUANT and self.patch != "applied"):
+                return UNPLACEABLE  # KExpertsMarlin only: ktransformers backend, Ampere+, types it can load
+            return max(t.nbytes, int(t.n_elements * MARLIN_BITS / 8))
+        if ".attn_kv_b." in t.name or ".attn_k_b." in t.name or ".attn_v_b." in t.name:
+            return t.n_elements * TORCH_BYTES  # kv_b_proj stays an nn.Linear (rules exclude it)
+        if _is_linear(t) and (t.cls != "output" or self.version.at_least("v0.2.2")):
+            return int(t.n_elements * MARLIN_BITS / 8) if self.marlin else t.n_elements * TORCH_BYTES
+        if t.cls == "output":
+            return t.n_elements * TORCH_BYTES  # lm_head stays nn.Linear before v0.2.2
         return t.nbytes
 
     def numa_policy(self, nodes: int) -> NumaPolicy:
-        return NumaPolicy("", f"NUMA: {nodes} nodes; one {self.name} thread pool per node")
+        how = "a copy of the experts per node (USE_NUMA)" if self.numa_copies else "no NUMA build: threads cross nodes"
+        return NumaPolicy("", f"NUMA: {nodes} nodes; {self.name} runs one CPU thread pool per node with {how}")
 
     def extra_ram(self, cpu_expert_bytes: int, nodes: int) -> tuple[int, str]:
-        if nodes < 2:
+        if nodes < 2 or not self.numa_copies:
             return 0, ""
         return cpu_expert_bytes * (nodes - 1), (
             f"{self.name} legacy with USE_NUMA=1 keeps a copy of the CPU experts per NUMA node: "
             f"{nodes} x {cpu_expert_bytes / GIB:.1f} GiB of RAM")
 
     # --- this box ---------------------------------------------------------------------------------------
-    def probe_all(self) -> list[EngineInfo]:
-        rows = []
-        for label, dist in PYTHON_PACKAGES.items():
-            try:
-                version = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                rows.append(EngineInfo(name=label, installed=False, detail="not installed"))
-                continue
-            rows.append(EngineInfo(name=label, installed=True, version=version,
-                                   detail=kt_patch_state() if label == "ktransformers" else ""))
-        return rows
+    def probe(self) -> EngineInfo:
+        return probe_legacy()
 
-    def probe(self) -> EngineInfo | None:
-        return self.probe_all()[0]
+    def probe_all(self) -> list[EngineInfo]:
+        return probe_all()  # the legacy server, kt-kernel and SGLang rows (kt_sglang reports none of its own)
 
     # --- planning ---------------------------------------------------------------------------------------
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
         out = []
+        if self.version_problem:
+            out.append(self.version_problem)
         if not model.is_moe:
             out.append("dense model: no routed experts to keep on the CPU")
-        if self.needs_nvidia_gpu and not hw.gpus:
+        if not hw.gpus:
             out.append("no NVIDIA GPU: it runs attention on CUDA")
         if model.arch != "deepseek2":
             out.append(f"architecture {model.arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only")
-        # Its point is CPU-resident experts: every routed-expert type must run on its CPU kernel.
-        routed = model.groups["routed_experts"].types if model.is_moe else {}
-        bad = sorted(t for t in routed if not self.runs("routed_experts", t, "cpu"))
+        if out:
+            return out
+        routed = set(model.groups["routed_experts"].types)
+        bad = sorted(routed - KT_CPU_EXPERTS)
         if bad:
             out.append(f"routed experts in {'/'.join(bad)} are not computed by its CPU kernel (would run silently wrong)")
-        undeq = sorted({t for cls, g in model.groups.items() if cls != "routed_experts" for t in g.types
-                        if not self.runs(cls, t, "gpu")})
-        if undeq:
-            out.append(f"{'/'.join(undeq)} tensors cannot be dequantized")
+        nonexp = _non_expert_types(model)
+        if nonexp - KT_DEQUANT_PATCHED:
+            out.append(f"{'/'.join(sorted(nonexp - KT_DEQUANT_PATCHED))} tensors cannot be dequantized")
+        elif nonexp - KT_DEQUANT and self.patch == "not applied":
+            out.append(f"{'/'.join(sorted(nonexp - KT_DEQUANT))} tensors need hybridinfer's IQ patch (`ggml_type … not "
+                       "implemented` otherwise): run `hybridinfer patch ktransformers --apply`")
+        if not has_kv_b(model) and not self.version.attn_from_k_b:
+            out.append(f"this GGUF has attn_k_b/attn_v_b but no attn_kv_b, which KTransformers {self.version.name} "
+                       "needs (0.3.2+ rebuilds it): upgrade to 0.3.2+, or use a GGUF converted before llama.cpp's MLA "
+                       "change")
+        if self.kv_type != "f16":
+            out.append(f"KTransformers keeps its MLA cache in 16 bits (--kv-type {self.kv_type} is llama.cpp's): "
+                       "use --kv-type f16")
+        if self.model_dir_problem:
+            out.append(self.model_dir_problem)
         if placement is not None and not out:
-            on_cpu: dict[str, set[int]] = {}
-            for t in model.tensors:
-                if placement.get(t.name) == "cpu" and t.cls not in ("routed_experts", "token_embd"):
-                    on_cpu.setdefault(t.cls, set()).add(t.block if t.block is not None else -1)
-            if on_cpu:
-                blocks = {b for bs in on_cpu.values() for b in bs if b >= 0}
-                where = f" (blocks {ranges(blocks)})" if blocks else ""
-                out.append(f"this placement keeps {', '.join(sorted(on_cpu))} on the CPU{where}; "
-                           "it runs only routed experts there")
-            else:
-                try:
-                    optimize_rules(placement)
-                except Unsupported as e:
-                    out.append(f"this placement: {e}")
+            out += self._placement_blockers(model, placement)
         return out
 
-    @staticmethod
-    def _non_expert_types(model: "ModelInfo") -> set[str]:
-        out = set()
-        for name, g in model.groups.items():
-            if name != "routed_experts":
-                out |= set(g.types)
-        return out
+    def _placement_blockers(self, model: "ModelInfo", placement: dict[str, str]) -> list[str]:
+        on_cpu = [t for t in model.tensors if placement.get(t.name) == "cpu" and t.cls not in ("routed_experts", "token_embd")]
+        if on_cpu:
+            blocks = sorted({t.block for t in on_cpu if t.block is not None})
+            where = f" (blocks {ranges(blocks)})" if blocks else ""
+            return [f"this placement keeps {', '.join(sorted({t.cls for t in on_cpu}))} on the CPU{where}; "
+                    "it runs only routed experts there"]
+        gpu_exp = [t for t in model.tensors if t.cls == "routed_experts" and placement.get(t.name, "cpu") != "cpu"]
+        if gpu_exp and not self.marlin:
+            return ["routed experts on the GPU run only as KExpertsMarlin, which needs compute capability 8.0+ "
+                    "(this GPU is older): use --rules moe-experts-on-cpu"]
+        iq = sorted({t.type for t in gpu_exp} - KT_DEQUANT)
+        if iq and self.patch != "applied":
+            return [f"routed experts on the GPU in {'/'.join(iq)}: KExpertsMarlin dequantizes them first, which needs "
+                    "hybridinfer's IQ patch (`ggml_type 19 not implemented` otherwise): run `hybridinfer patch "
+                    "ktransformers --apply`, or use --rules moe-experts-on-cpu"]
+        try:
+            optimize_rules(placement, self.version, self.backend, self.marlin)
+        except Unsupported as e:
+            return [f"this placement: {e}"]
+        return []
 
     def chosen_because(self, model: "ModelInfo", hw: "HardwareProfile") -> str:
-        why = "installed, NVIDIA GPU present, DeepSeek architecture, every routed-expert type runs on its CPU kernel"
-        patch = self._non_expert_types(model) - KT_DEQUANT
-        kt = self.installed(hw)
-        if patch and PATCH_APPLIED in (kt.detail if kt else ""):
+        v = self.version
+        why = (f"KTransformers {v.name} ({'installed' if self.info else 'newest supported, assumed'}), "
+               f"{self.backend} backend, NVIDIA GPU present, DeepSeek architecture, every routed-expert type runs on "
+               f"its CPU kernel")
+        if not self.marlin:
+            why += "; GPU below compute capability 8.0: KLinearTorch (bf16 weights), no GPU experts"
+        elif any(not g.compute_capability for g in hw.gpus):
+            why += "; compute capability unknown: assumed 8.0+ (Marlin)"
+        iq_experts = sorted(set(model.groups["routed_experts"].types) - KT_DEQUANT) if model.is_moe else []
+        if self.backend == "balance_serve":
+            why += "; routed experts stay on the CPU (balance_serve runs no GPU experts)"
+        elif self.marlin and iq_experts and self.patch != "applied":
+            why += (f"; routed experts stay on the CPU: {'/'.join(iq_experts)} on the GPU needs the IQ patch "
+                    "(`hybridinfer patch ktransformers --apply`, then record `IQ patch: applied`)")
+        if not self.model_dir:
+            why += "; pass --kt-model-dir DIR: the model's config folder on that box"
+        patch = _non_expert_types(model) - KT_DEQUANT
+        if patch and self.patch == "applied":
             why += f"; {'/'.join(sorted(patch))} load through hybridinfer's patch (applied)"
         elif patch:
             why += f"; needs `hybridinfer patch ktransformers --apply` for {'/'.join(sorted(patch))}"
         return why
 
     def compile(self, plan: "Plan") -> dict:
-        path, text = rules_file(plan.device_of)
-        return {"rules_path": path, "rules": text}
+        text = optimize_rules(plan.device_of, self.version, self.backend, self.marlin)
+        return {"version": self.version.tag, "backend": self.backend, "marlin": self.marlin,
+                "model_dir": self.model_dir or f"<config folder of {_repo_of(plan)}>",
+                "rules_path": rules_file(text), "rules": text,
+                "api": {"models_list": self.version.models_list, "stream_usage": self.version.stream_usage,
+                        "usage": self.version.usage, "fields": list(self.version.request_fields)}}
 
-    def command(self, plan: "Plan", host: str = "127.0.0.1", port: int = 10002) -> list[str]:
-        rules_path = (plan.compiled or self.compile(plan))["rules_path"]
-        return ["ktransformers", "--model_path", "deepseek-ai/DeepSeek-R1", "--gguf_path", str(Path(plan.model_path).parent),
-                "--optimize_config_path", rules_path, "--host", host, "--port", str(port),
-                "--cpu_infer", str(plan.threads), "--cache_lens", str(plan.ctx), "--max_batch_size", str(plan.parallel),
-                "--max_new_tokens", "8192", "--backend_type", "balance_serve", "--force_think"]
+    def command(self, plan: "Plan") -> list[str]:
+        c = plan.compiled or self.compile(plan)
+        v = VERSIONS[c["version"]]
+        cmd = ["ktransformers", "--model_path", c["model_dir"], "--gguf_path", str(Path(plan.model_path).parent),
+               "--optimize_config_path", c["rules_path"], "--model_name", _repo_of(plan).split("/")[-1],
+               "--cpu_infer", str(plan.threads), "--cache_lens", str(plan.ctx),
+               "--max_new_tokens", str(max(256, min(8192, plan.ctx // plan.parallel // 2)))]
+        cmd += [v.backend_flag, c["backend"]]  # always explicit: the default changed between releases (C)
+        if c["backend"] == "balance_serve":
+            cmd += ["--max_batch_size", str(plan.parallel)]
+        if v.force_think == "value":
+            cmd += ["--force_think", "true"]  # v0.2.1: type=bool, any non-empty value is True
+        elif v.force_think == "switch":
+            cmd += ["--force_think"]
+        if "--use_cuda_graph" in v.flags and any(d != "cpu" for n, d in plan.device_of.items() if "_exps." in n):
+            cmd += ["--no-use_cuda_graph"]  # doc/en/FAQ.md: GPU (Marlin) experts conflict with CUDA Graph
+        return cmd + self.endpoint_args("127.0.0.1", DEFAULT_PORT)
 
     def endpoint_args(self, host: str, port: int) -> list[str]:
         return ["--host", host, "--port", str(port)]
 
+    def starts_in_think(self, plan: "Plan") -> bool:
+        return "--force_think" in plan.command  # it appends "<think>\n" to the prompt itself
 
-def kt_kernel_command(plan: "Plan", numa_nodes: int, port: int = 30000) -> list[str]:
-    return ["python", "-m", "sglang.launch_server", "--model", "deepseek-ai/DeepSeek-R1",
-            "--kt-weight-path", str(Path(plan.model_path).parent), "--port", str(port)] + kt_kernel_flags(
-        plan.device_of, plan.n_expert, len(plan.moe_blocks), plan.threads, numa_nodes, set(plan.routed_types))
+    def runner(self, plan: "Plan", settings: RunSettings):
+        from .kt_server import KtServer
+
+        return KtServer(self, plan, settings)
+
+
+def _cc(s: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        return 0.0
+
+
+def _repo_of(plan: "Plan") -> str:
+    name = (plan.model_name or "").lower()
+    return next((repo for key, repo in HF_REPOS if key in name), "deepseek-ai/DeepSeek-R1")
+
+
+def _non_expert_types(model: "ModelInfo") -> set[str]:
+    out = set()
+    for name, g in model.groups.items():
+        if name != "routed_experts":
+            out |= set(g.types)
+    return out
 
 
 ENGINE = KTransformers()
+SUPPORTED_VERSIONS = SUPPORTED

@@ -2,7 +2,7 @@
 
 - legacy engine (0.2-0.4.1): an optimize-rule YAML over module names (`model.layers.N.mlp.experts`, ...),
   first match wins, modelled on its DeepSeek-V3 single-GPU rules;
-- kt-kernel + SGLang (0.7.x): `--kt-*` launch flags.
+- kt-kernel + SGLang: `--kt-*` launch flags (engines/kt_sglang.py).
 
 KTransformers places whole modules and can put only routed experts on the CPU; a placement that puts anything
 else there cannot be expressed and raises `Unsupported` (the planner then picks llama.cpp).
@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 
 import yaml
+
+from .kt_versions import VERSIONS, KtVersion
 
 BLK = re.compile(r"^blk\.(\d+)\.")
 
@@ -56,8 +58,17 @@ def _layers_re(blocks: list[int]) -> str:
     return "(" + "|".join(str(b) for b in sorted(blocks)) + ")"
 
 
-def optimize_rules(device_of: dict[str, str]) -> str:
-    """The optimize-rule YAML text for `ktransformers --optimize_config_path`."""
+V3 = "ktransformers.models.modeling_deepseek_v3."
+OPS = "ktransformers.operators."
+
+
+def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, backend: str = "ktransformers",
+                   marlin: bool = True) -> str:
+    """The optimize-rule YAML for `ktransformers --optimize_config_path`, in the form `version`'s own rule files
+    take for `backend` (R: DeepSeek-V3-Chat.yaml for "ktransformers", DeepSeek-V3-Chat-serve.yaml for
+    "balance_serve"). `marlin`: the GPU runs Marlin kernels (compute capability >= 8.0); otherwise every GPU
+    linear uses KLinearTorch and no experts go to the GPU."""
+    version = version or VERSIONS["v0.4.1"]
     expert_dev: dict[int, str] = {}
     gpus = set()
     for name, dev in device_of.items():
@@ -72,54 +83,80 @@ def optimize_rules(device_of: dict[str, str]) -> str:
         raise Unsupported("multi-GPU placement for KTransformers needs per-device rule files with transfer_map; "
                           "hybridinfer compiles single-GPU rules only")
     gpu = _cuda(next(iter(gpus))) if gpus else "cuda:0"
-    rules = [
-        {"match": {"class": "ktransformers.models.modeling_deepseek_v3.DeepseekV3RotaryEmbedding"},
-         "replace": {"class": "ktransformers.operators.RoPE.YarnRotaryEmbeddingV3",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu}}},
-        {"match": {"name": r"^lm_head$", "class": "torch.nn.Linear"},
-         "replace": {"class": "ktransformers.operators.linear.KTransformersLinear",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu,
-                                "generate_op": "KLinearMarlin", "prefill_op": "KLinearTorch"}}},
-        {"match": {"name": r"^model\.layers\.(?!.*self_attn\.kv_b_proj).*$", "class": "torch.nn.Linear"},
-         "replace": {"class": "ktransformers.operators.linear.KTransformersLinear",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu,
-                                "generate_op": "KLinearMarlin", "prefill_op": "KLinearTorch"}}},
-        {"match": {"name": r"^model\.layers\..*\.mlp$", "class": "ktransformers.models.modeling_deepseek_v3.DeepseekV3MoE"},
-         "replace": {"class": "ktransformers.operators.experts.KDeepseekV3MoE",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu}}},
-        {"match": {"name": r"^model\.layers\..*\.mlp\.gate$", "class": "ktransformers.models.modeling_deepseek_v3.MoEGate"},
-         "replace": {"class": "ktransformers.operators.gate.KMoEGate",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu}}},
-    ]
     gpu_blocks = sorted(b for b, d in expert_dev.items() if d != "cpu")
+    serve = backend == "balance_serve"
+    if serve and not version.flashinfer_attn:
+        raise Unsupported(f"KTransformers {version.name} has no balance_serve backend (it came with 0.2.4)")
+    if gpu_blocks and (serve or not marlin):
+        raise Unsupported("routed experts on the GPU run only as KExpertsMarlin under the ktransformers backend "
+                          + ("(balance_serve's KTransformersExpertsV2 calls them with batch arguments Marlin lacks)"
+                             if serve else "(Marlin needs compute capability 8.0 or newer)"))
+    dev = {"generate_device": gpu, "prefill_device": gpu}
+    linear_op = ("VLinearMarlin" if serve else "KLinearMarlin") if marlin else "KLinearTorch"
+    linear = {"class": OPS + "linear.KTransformersLinear",
+              "kwargs": {**dev, "generate_op": linear_op, "prefill_op": "KLinearTorch"}}
+    rules = [{"match": {"class": V3 + "DeepseekV3RotaryEmbedding"},
+              "replace": {"class": OPS + "RoPE.YarnRotaryEmbeddingV3", "kwargs": dict(dev)}}]
+    if serve or version.at_least("v0.2.2"):  # R: lm_head as KTransformersLinear from v0.2.2 on
+        rules.append({"match": {"name": r"^lm_head$", "class": "torch.nn.Linear"}, "replace": linear})
+    rules += [
+        {"match": {"name": r"^model\.layers\.(?!.*self_attn\.kv_b_proj).*$", "class": "torch.nn.Linear"},
+         "replace": linear},
+        {"match": {"name": r"^model\.layers\..*\.mlp$", "class": V3 + "DeepseekV3MoE"},
+         "replace": {"class": OPS + ("experts.KDeepseekV3MoEV2" if serve else "experts.KDeepseekV3MoE"),
+                     "kwargs": dict(dev)}},
+        {"match": {"class": V3 + "MoEGate"}, "replace": {"class": OPS + "gate.KMoEGate", "kwargs": dict(dev)}},
+    ]
     if gpu_blocks:  # earlier rule wins: these layers' experts run on the GPU (Marlin, 4-bit)
         rules.append({"match": {"name": rf"^model\.layers\.{_layers_re(gpu_blocks)}\.mlp\.experts$"},
-                      "replace": {"class": "ktransformers.operators.experts.KTransformersExperts",
+                      "replace": {"class": OPS + "experts.KTransformersExperts",
                                   "kwargs": {"generate_device": gpu, "generate_op": "KExpertsMarlin",
                                              "prefill_device": gpu, "prefill_op": "KExpertsTorch",
                                              "out_device": gpu}},
                       "recursive": False})
     if any(d == "cpu" for d in expert_dev.values()):
+        kwargs = {"prefill_device": gpu, "prefill_op": "KExpertsTorch", "generate_device": "cpu",
+                  "generate_op": "KExpertsCPU", "out_device": gpu}
+        if version.expert_backend_kwarg:  # X: read from v0.3 on (llamafile reads the GGUF's own quant types)
+            kwargs["backend"] = "llamafile"
         rules.append({"match": {"name": r"^model\.layers\..*\.mlp\.experts$"},
-                      "replace": {"class": "ktransformers.operators.experts.KTransformersExperts",
-                                  "kwargs": {"prefill_device": gpu, "prefill_op": "KExpertsTorch",
-                                             "generate_device": "cpu", "generate_op": "KExpertsCPU",
-                                             "out_device": gpu, "backend": "llamafile"}},
+                      "replace": {"class": OPS + ("experts.KTransformersExpertsV2" if serve
+                                                  else "experts.KTransformersExperts"), "kwargs": kwargs},
                       "recursive": False})
+    attn = {"class": (version.flashinfer_attn + ".flashinfer_attn") if serve else OPS + "attention.KDeepseekV2Attention",
+            "kwargs": dict(dev)}
+    if serve or version.at_least("v0.2.2"):  # R: absorb_for_prefill from v0.2.2 on
+        attn["kwargs"]["absorb_for_prefill"] = False
     rules += [
-        {"match": {"name": r"^model\.layers\..*\.self_attn$"},
-         "replace": {"class": "ktransformers.operators.attention.KDeepseekV2Attention",
-                     "kwargs": {"generate_device": gpu, "prefill_device": gpu, "absorb_for_prefill": False}}},
+        {"match": {"name": r"^model\.layers\..*\.self_attn$"}, "replace": attn},
         {"match": {"name": r"^model$"},
-         "replace": {"class": "ktransformers.operators.models.KDeepseekV2Model",
-                     "kwargs": {"per_layer_prefill_intput_threshold": 0}}},
-        {"match": {"name": r"^model\.embed_tokens"},
+         "replace": {"class": OPS + "models.KDeepseekV2Model", "kwargs": {"per_layer_prefill_intput_threshold": 0}}},
+        {"match": {"name": r"^model.embed_tokens"},
          "replace": {"class": "default", "kwargs": {"generate_device": "cpu", "prefill_device": "cpu"}}},
-        {"match": {"name": r"^model\.norm$"},
-         "replace": {"class": "default", "kwargs": {"generate_device": gpu, "prefill_device": gpu}}},
     ]
-    header = "# KTransformers optimize rules, compiled by hybridinfer from its placement. First match wins.\n"
+    if serve:
+        rules += [{"match": {"class": V3 + "DeepseekV3RMSNorm"},
+                   "replace": {"class": OPS + "layernorm.RMSNorm", "kwargs": dict(dev)}},
+                  {"match": {"class": V3 + "DeepseekV3MLP"},
+                   "replace": {"class": OPS + "mlp.kDeepseekV3MLP", "kwargs": dict(dev)}}]
+    header = (f"# KTransformers {version.name} optimize rules ({backend} backend), compiled by hybridinfer from its "
+              "placement. First match wins.\n")
     return header + yaml.safe_dump(rules, sort_keys=False, width=200)
+
+
+def rule_classes(rules_yaml: str) -> set[str]:
+    """Every class import path a rules file names (match and replace), and the ops it selects (`op:NAME`)."""
+    out = set()
+    for r in yaml.safe_load(rules_yaml):
+        for part in (r.get("match", {}), r.get("replace", {})):
+            c = part.get("class")
+            if c and c != "default":
+                out.add(c)
+        for k in ("generate_op", "prefill_op"):
+            op = r.get("replace", {}).get("kwargs", {}).get(k)
+            if op:
+                out.add("op:" + op)
+    return out
 
 
 def select(rules_yaml: str, modules: dict[str, str]) -> dict[str, dict]:
@@ -135,13 +172,3 @@ def select(rules_yaml: str, modules: dict[str, str]) -> dict[str, dict]:
                 out[mod] = r["replace"]
                 break
     return out
-
-
-def kt_kernel_flags(device_of: dict[str, str], n_expert: int, n_moe_layers: int, cpu_threads: int,
-                    numa_nodes: int, routed_types: set[str]) -> list[str]:
-    """kt-kernel/SGLang launch flags. It spreads GPU experts evenly, so blocks-on-GPU become a per-layer count."""
-    gpu_expert_tensors = sum(1 for n, d in device_of.items() if d != "cpu" and module_of(n).endswith(".mlp.experts"))
-    per_layer = (gpu_expert_tensors // 3) * n_expert // max(1, n_moe_layers)
-    method = "LLAMAFILE"  # reads the GGUF's own quant types directly
-    return ["--kt-method", method, "--kt-cpuinfer", str(cpu_threads), "--kt-threadpool-count", str(numa_nodes),
-            "--kt-num-gpu-experts", str(per_layer)]

@@ -53,8 +53,9 @@ def cmd_serve(args) -> int:
     demo = not args.gguf and not args.plan
     alias = args.alias or ("hybridinfer-demo" if demo else Path(plan.model_path).name.removesuffix(".gguf"))
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
+    think = model.opens_think or engine.starts_in_think(plan)
     settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
-                        starts_in_think=model.opens_think, reasoning_model=model.opens_think,
+                        starts_in_think=think, reasoning_model=think,
                         request_timeout=args.request_timeout)
     _setup_logging(args.verbose)
     label = engine.name if engine.kind == "in-process" else os.path.basename(plan.command[0])

@@ -1,10 +1,11 @@
 # --- KTransformers glue (appended to hybridinfer/quants.py when the patch writes hybridinfer_iq.py) -----------------
 
-# Types KTransformers' CPU expert kernel (llamafile backend, KExpertsCPU) multiplies on x86; anything else in a
-# routed-expert tensor is not computed at all.
-CPU_EXPERT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12,
-                    "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ1_S": 19, "IQ4_XS": 23}
-ALL_NAMES = {0: "F32", 1: "F16", 30: "BF16", **{v: k for k, v in CPU_EXPERT_TYPES.items()}, **BY_ID}
+# Types KTransformers' CPU expert kernels multiply on x86; anything else in a routed-expert tensor is not computed
+# at all. The float types: llamafile's tinyblas (third_party/llamafile/tinyblas_cpu_sgemm.inc) runs F32/F16/BF16,
+# and the AMX backends (v0.3+, AMXInt8/AMXBF16) take BF16 experts only.
+CPU_EXPERT_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+                    "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ1_S": 19, "IQ4_XS": 23, "BF16": 30}
+ALL_NAMES = {**{v: k for k, v in CPU_EXPERT_TYPES.items()}, **BY_ID}
 
 
 def register(types, names, block_sizes, elements_per_block, dequantize_cpu, dequantize_gpu) -> list[str]:

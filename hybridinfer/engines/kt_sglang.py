@@ -1,0 +1,191 @@
+"""kt-kernel + SGLang, KTransformers' maintained stack, as an engine: SGLang runs the GPU side from the model's
+Hugging Face checkpoint (in that checkpoint's format: FP8 for DeepSeek V3/R1), kt-kernel runs the routed experts on
+the CPU straight from the GGUF folder (`--kt-method LLAMAFILE`; the AMX methods need weights converted from the HF
+checkpoint). The command follows kt-kernel's own launcher (kt_kernel/cli/commands/run.py, kt-kernel 0.7.2) and
+is checked against SGLang's real argument parser (tests/test_kt_sglang.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..predict import PredictionParams
+from ..probe import EngineInfo
+from .base import GIB, Engine, NumaPolicy, RunSettings
+from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel
+from .ktransformers import KT_CPU_EXPERTS, MLA_VALUES, KTransformers, _cc, config_dir_for, hf_repo
+from .ktransformers_args import module_of
+
+if TYPE_CHECKING:
+    from ..inspect_gguf import ModelInfo, Tensor
+    from ..plan import Plan, PlanOptions
+    from ..probe import HardwareProfile
+
+METHOD = "LLAMAFILE"  # kt_kernel/experts.py: reads GGUF (its llamafile kernels' quant types), no conversion
+DEFAULT_PORT = 30000  # SGLang's default
+FP8_BYTES = 1 + 4 / (128 * 128)  # DeepSeek V3/R1 checkpoints: e4m3 weights, one fp32 scale per 128x128 block
+BF16_BYTES = 2
+
+
+def checkpoint_bytes(model: "ModelInfo", t: "Tensor") -> int:
+    """Bytes of a tensor in the HF checkpoint SGLang loads: DeepSeek V3/R1 ship FP8 linear weights (embeddings,
+    norms, router and kv_b in bf16); other models bf16."""
+    fp8 = model.arch == "deepseek2" and model.expert_count == 256
+    if fp8 and len(t.shape) >= 2 and t.cls not in ("token_embd", "output", "router") \
+            and ".attn_kv_b." not in t.name and ".attn_k_b." not in t.name and ".attn_v_b." not in t.name:
+        return int(t.n_elements * FP8_BYTES)
+    return t.n_elements * BF16_BYTES
+
+
+class KtSglang(Engine):
+    name = "kt-sglang"
+    summary = ("kt-kernel + SGLang (KTransformers' maintained stack): GPU side from the HF checkpoint, routed "
+               "experts on kt-kernel's CPU kernels from the GGUF")
+    kind = "server"
+    needs_nvidia_gpu = True
+    serves = True
+    gpu_runtime_bytes = int(1.5 * GIB)  # CUDA context, torch, SGLang's CUDA graphs
+    probe_names = ("kt-kernel",)
+    install_hint = "pip install kt-kernel sglang-kt (or sglang), see github.com/kvcache-ai/ktransformers"
+    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    plan_args = KTransformers.plan_args  # the same --kt-model-dir
+
+    model: "ModelInfo | None" = None
+    sglang: EngineInfo | None = None
+    variant: str = "avx2"
+    model_dir: str | None = None
+    model_dir_problem: str = ""
+    marlin: bool = True
+    numa_nodes: int = 1
+
+    def for_box(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KtSglang":
+        b = copy.copy(self)
+        b.model = model
+        b.numa_nodes = max(1, len(hw.numa_nodes))
+        kt = self.installed(hw)
+        b.sglang = hw.engine("sglang")
+        b.variant = detail_field(kt, "CPU variant") or kt_kernel_variant(hw.cpu.flags)
+        b.marlin = all(_cc(g.compute_capability) >= 8.0 for g in hw.gpus if g.compute_capability)
+        embed = sum(checkpoint_bytes(model, t) for t in model.tensors if t.cls == "token_embd")
+        b.gpu_runtime_bytes = self.gpu_runtime_bytes + embed  # SGLang keeps the embedding on the GPU
+        b.model_dir = opts.kt_model_dir or config_dir_for(hf_repo(model))
+        b.model_dir_problem = ""
+        if hw.source == "probe":
+            d = Path(b.model_dir) if b.model_dir else None
+            if d is None:
+                b.model_dir_problem = (f"SGLang loads the GPU side from the model's Hugging Face checkpoint: pass "
+                                       f"--kt-model-dir DIR (`modelscope download --model {hf_repo(model)} "
+                                       f"--local_dir DIR`)")
+            elif not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+                b.model_dir_problem = (f"--kt-model-dir {d} is not a Hugging Face checkpoint (config.json and "
+                                       f"*.safetensors): SGLang loads the GPU side from it")
+        return b
+
+    # --- capabilities -----------------------------------------------------------------------------------
+    def runs(self, cls: str, type_: str, device: str) -> bool:
+        if cls == "routed_experts" and device == "cpu":
+            return type_ in KT_CPU_EXPERTS  # LLAMAFILE: the llamafile kernels' types
+        return True  # the GPU side comes from the HF checkpoint, not from the GGUF
+
+    def support(self, cls: str, types: set[str]) -> str:
+        if cls == "routed_experts":
+            bad = sorted(types - KT_CPU_EXPERTS)
+            return "ok" if not bad else f"refused: {'/'.join(bad)} not computed by kt-kernel's LLAMAFILE method"
+        return "ok (HF checkpoint)"
+
+    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
+        if model.arch == "deepseek2":
+            return MLA_VALUES * 2 * model.kv.layers  # SGLang's MLA cache, bf16
+        return model.kv.bytes_per_token["f16"]
+
+    def kv_form(self, model: "ModelInfo") -> str:
+        return "mla" if model.arch == "deepseek2" else model.kv.form
+
+    def tensor_bytes(self, t: "Tensor", device: str) -> int:
+        if device == "cpu":
+            return t.nbytes
+        return checkpoint_bytes(self.model, t) if self.model is not None else t.nbytes
+
+    def numa_policy(self, nodes: int) -> NumaPolicy:
+        return NumaPolicy("", f"NUMA: {nodes} nodes; kt-kernel splits the experts across them "
+                              f"(--kt-threadpool-count {nodes}, one thread pool per node, no copies)")
+
+    # --- this box ---------------------------------------------------------------------------------------
+    def probe(self) -> EngineInfo:
+        return probe_kt_kernel()
+
+    def probe_all(self) -> list[EngineInfo]:
+        return []  # the KTransformers engine reports kt-kernel and SGLang with the legacy server
+
+    # --- planning ---------------------------------------------------------------------------------------
+    def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
+        out = []
+        if not hw.gpus:
+            out.append("no NVIDIA GPU: SGLang runs the GPU side on CUDA")
+        if not model.is_moe:
+            out.append("dense model: no routed experts for kt-kernel")
+        if model.arch != "deepseek2":
+            out.append(f"architecture {model.arch}: hybridinfer sizes the kt-sglang GPU side for DeepSeek V2/V3/R1 only")
+        if out:
+            return out
+        if self.installed(hw) and not self.sglang:
+            out.append(f"kt-kernel is installed on {hw.id} but SGLang is not: pip install sglang-kt")
+        bad = sorted(set(model.groups["routed_experts"].types) - KT_CPU_EXPERTS)
+        if bad:
+            out.append(f"routed experts in {'/'.join(bad)}: kt-kernel's {METHOD} method does not compute them")
+        if self.model_dir_problem:
+            out.append(self.model_dir_problem)
+        if placement is not None and not out:
+            on_cpu = sorted({t.cls for t in model.tensors if placement.get(t.name) == "cpu"
+                             and t.cls not in ("routed_experts", "token_embd")})
+            if on_cpu:
+                out.append(f"this placement keeps {', '.join(on_cpu)} on the CPU; kt-kernel runs only routed experts")
+        return out
+
+    def chosen_because(self, model: "ModelInfo", hw: "HardwareProfile") -> str:
+        sg = f"SGLang {self.sglang.version}" if self.sglang else "SGLang"
+        return (f"kt-kernel ({self.variant} CPU kernels, method {METHOD} on the GGUF's experts) + {sg}; GPU side in "
+                f"the checkpoint's format (FP8 for DeepSeek V3/R1)")
+
+    def compile(self, plan: "Plan") -> dict:
+        gpu_blocks = sorted({int(n.split(".")[1]) for n, d in plan.device_of.items()
+                             if d != "cpu" and module_of(n).endswith(".mlp.experts")})
+        # It spreads GPU experts evenly over the layers: whole blocks planned there become a per-layer count.
+        per_layer = len(gpu_blocks) * plan.n_expert // max(1, len(plan.moe_blocks))
+        gpu = next((d for d in plan.devices if d.device.startswith("gpu")), None)
+        frac = 0.9 if gpu is None or not gpu.capacity else min(0.95, max(0.6, round(
+            (gpu.weights + gpu.kv_cache) / (gpu.capacity + 0.75 * GIB) + 0.02, 2)))
+        return {"model_dir": self.model_dir or f"<Hugging Face checkpoint of {hf_repo_name(plan)}>",
+                "gpu_experts_per_layer": per_layer, "mem_fraction_static": frac,
+                "attention_backend": "flashinfer" if self.marlin else "triton", "cpu_variant": self.variant,
+                "numa_nodes": self.numa_nodes,
+                "api": {"fields": [], "stream_usage": True, "usage": "real"}}
+
+    def command(self, plan: "Plan") -> list[str]:
+        c = plan.compiled or self.compile(plan)
+        nodes = c.get("numa_nodes", 1)
+        return ["python", "-m", "sglang.launch_server", "--model", c["model_dir"],
+                "--kt-weight-path", str(Path(plan.model_path).parent), "--kt-method", METHOD,
+                "--kt-cpuinfer", str(plan.threads), "--kt-threadpool-count", str(nodes),
+                "--kt-num-gpu-experts", str(c["gpu_experts_per_layer"]),
+                "--attention-backend", c["attention_backend"], "--trust-remote-code",
+                "--mem-fraction-static", str(c["mem_fraction_static"]), "--chunked-prefill-size", "4096",
+                "--max-running-requests", str(plan.parallel), "--max-total-tokens", str(plan.ctx),
+                "--disable-shared-experts-fusion", "--served-model-name", hf_repo_name(plan).split("/")[-1],
+                "--host", "127.0.0.1", "--port", str(DEFAULT_PORT)]
+
+    def runner(self, plan: "Plan", settings: RunSettings):
+        from .kt_server import KtServer
+
+        return KtServer(self, plan, settings, sglang=True)
+
+
+def hf_repo_name(plan: "Plan") -> str:
+    from .ktransformers import _repo_of
+
+    return _repo_of(plan)
+
+
+ENGINE = KtSglang()
