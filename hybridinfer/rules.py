@@ -11,8 +11,9 @@ Schema (see placement_rules/README.md):
         device: gpu
 
 `auto` fills spare VRAM unit by unit (`unit: block` = one block's matched tensors together, `fill: first|last`
-block order) and leaves the rest on `fallback` (default cpu). `spread` divides blocks over all GPUs in
-proportion to their budgets (multi-GPU layer split). With no GPU, `gpu`/`auto`/`spread` rules resolve to cpu.
+block order), one GPU after the other, and leaves the rest on `fallback` (default cpu). `spread` divides blocks
+over all GPUs in proportion to their budgets (multi-GPU layer split), one contiguous block range per GPU in GPU
+order, the output head with the last block. With no GPU, `gpu`/`auto`/`spread` rules resolve to cpu.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Callable
 import yaml
 
 from .errors import HybridError
-from .inspect_gguf import GROUPS, ModelInfo, Tensor
+from .inspect_gguf import GROUPS, ModelInfo, Tensor, tensor_block
 
 DEVICE_RE = re.compile(r"^(cpu|gpu|gpu:\d+|auto|spread)$")
 MATCH_KEYS = {"class", "name", "blocks"}
@@ -215,13 +216,14 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
         ts = claimed_by[i]
         if r.device == "auto":
             fb = r.fallback if r.fallback != "gpu" else first_gpu
-            # Contiguous, like -ngl: once a unit does not fit, the rest go to the fallback too.
-            full = False
+            # Contiguous, like -ngl/-ts: one GPU fills, then the next (never back to an earlier one, which would
+            # interleave block ranges and add GPU-to-GPU hops); once no GPU takes a unit, the rest fall back too.
+            order = gpus[::-1] if r.fill == "last" else gpus  # so gpu:0 holds the earliest of the blocks
+            g_i = 0
             for unit in _units(ts, r.fill):
-                dev = None if full else next((g for g in gpus if take(g, unit)), None)
-                if dev is None:
-                    full = True
-                    dev = fb if fb in budgets or fb == "cpu" else "cpu"
+                while g_i < len(order) and not take(order[g_i], unit):
+                    g_i += 1
+                dev = order[g_i] if g_i < len(order) else (fb if fb in budgets or fb == "cpu" else "cpu")
                 for t in unit:
                     placed[t.name] = dev
         elif r.device == "spread":
@@ -233,18 +235,62 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
             for g in gpus:
                 acc += share[g] * n
                 bounds.append((g, round(acc)))
+            g_i = 0
             for k, unit in enumerate(units):
-                dev = next((g for g, hi in bounds if k < hi), gpus[-1] if gpus else "cpu")
-                if dev != "cpu" and not take(dev, unit):
-                    dev = next((g for g in gpus if take(g, unit)), "cpu")
+                if not gpus:
+                    dev = "cpu"
+                else:
+                    want = next((i for i, (g, hi) in enumerate(bounds) if k < hi), len(gpus) - 1)
+                    g_i = max(g_i, want)  # block ranges stay contiguous and in GPU order
+                    while g_i < len(gpus) and not take(gpus[g_i], unit):
+                        g_i += 1
+                    dev = gpus[g_i] if g_i < len(gpus) else "cpu"
                 for t in unit:
                     placed[t.name] = dev
     return Placement(rules=rs.name, device_of={t.name: placed[t.name] for t in model.tensors}, warnings=warnings)
 
 
+def layer_devices(device_of: dict[str, str], n_layer: int) -> list[str]:
+    """The device of each llama.cpp layer (blocks 0..n_layer-1, then the output layer at index n_layer) for a
+    placement: a block's layer is where its attention is, since that is where its KV cache must live.
+
+    llama.cpp gives GPU layers as one suffix (`-ngl`) cut into contiguous runs per device (`-ts`), so a CPU
+    attention block after the first GPU one, or a device run that restarts, cannot keep its KV where the plan
+    put its attention: such a layer takes the device llama.cpp will give it (its run's device), and that is
+    where its KV is counted.
+    """
+    att: dict[int, str] = {}
+    out = None
+    for name, dev in device_of.items():
+        b = tensor_block(name)
+        if b is None:
+            if name.startswith("output.") or (out is None and name.startswith("output_norm.")):
+                out = dev
+            continue
+        if name.endswith(".attn_norm.weight") or (".attn_" in name and b not in att):
+            att[b] = dev
+    seq = [att.get(b, "cpu") for b in range(n_layer)]
+    seq.append(out if out is not None else (seq[-1] if seq else "cpu"))
+    lo = next((i for i, d in enumerate(seq) if d != "cpu"), len(seq))
+    order: list[str] = []
+    count: dict[str, int] = {}
+    cur = None
+    for d in seq[lo:]:
+        cur = d if d != "cpu" else cur  # a CPU layer inside the GPU range joins the run before it
+        if cur not in count:
+            order.append(cur)
+            count[cur] = 0
+        count[cur] += 1
+    result = seq[:lo]
+    for d in order:
+        result += [d] * count[d]
+    return result
+
+
 def _units(tensors: list[Tensor], fill: str) -> list[list[Tensor]]:
-    """One unit per block (in fill order), then the block-less tensors (output head, ...) as the last unit —
-    like llama.cpp, where the output layer is offloaded only once every block is."""
+    """One unit per block in fill order, and the block-less tensors (output head, ...) as one unit at the end
+    of the block order: first for `fill: last` — like llama.cpp's `-ngl N`, which since its output layer
+    counts as a layer offloads it first (src/llama-model.cpp: i_gpu_start = n_layer + 1 - ngl) — else last."""
     by_block: dict[int, list[Tensor]] = {}
     loose = []
     for t in tensors:
@@ -252,5 +298,5 @@ def _units(tensors: list[Tensor], fill: str) -> list[list[Tensor]]:
     order = sorted(by_block, reverse=(fill == "last"))
     units = [by_block[b] for b in order]
     if loose:
-        units.append(loose)
+        units.insert(0, loose) if fill == "last" else units.append(loose)
     return units

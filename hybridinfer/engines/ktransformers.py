@@ -126,8 +126,10 @@ class KTransformers(Engine):
         out = []
         if not model.is_moe:
             out.append("dense model: no routed experts to keep on the CPU")
-        if self.needs_nvidia_gpu and not hw.gpus:
+        if self.needs_nvidia_gpu and not any(not g.remote for g in hw.gpus):
             out.append("no NVIDIA GPU: it runs attention on CUDA")
+        if any(g.remote for g in hw.gpus):
+            out.append("the profile has llama.cpp RPC devices: only llama-server drives them")
         if model.arch != "deepseek2":
             out.append(f"architecture {model.arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only")
         # Its point is CPU-resident experts: every routed-expert type must run on its CPU kernel.
