@@ -32,7 +32,7 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
-    p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these llama.cpp RPC workers' devices "
+    p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these RPC workers' devices "
                    "(`hybridinfer worker` on each machine): planned with the memory each reports, served with --rpc")
     if saved_plan:
         p.add_argument("--plan", metavar="PLAN.json", help="run this saved plan (`hybridinfer plan ... --json > PLAN.json`) "

@@ -18,6 +18,7 @@ from . import engines, rules
 from .engines.base import Engine
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
+from .layers import layer_devices
 from .predict import Prediction, predict
 from .probe import HardwareProfile
 from .util import GIB, MIB, from_dict, ranges, to_dict
@@ -311,7 +312,7 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         groups.setdefault(d, {})
         groups[d][t.cls] = groups[d].get(t.cls, 0) + b
     # The KV cache of a layer lives on the device llama.cpp gives that layer (where its attention is).
-    layer_dev = rules.layer_devices(dev_of, model.block_count)
+    layer_dev = layer_devices(dev_of, model.block_count)
     kv_layers = {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight")}
     for b in kv_layers:
         kv[layer_dev[b]] = kv.get(layer_dev[b], 0) + kv_layer

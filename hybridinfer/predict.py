@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .layers import layer_devices
+
 if TYPE_CHECKING:  # annotations only: engines import this module, and inspect asks the engines
     from .inspect_gguf import ModelInfo
     from .probe import HardwareProfile
@@ -116,8 +118,6 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     # The token's path through the devices, in compute order: each block's attention (its layer's device), then
     # its routed experts, then the output layer. GPU-to-GPU changes are extra hops; runs on remote devices cost
     # network round trips.
-    from .rules import layer_devices  # here: rules needs inspect_gguf, which imports the engines, which import this
-
     layer_dev = layer_devices(device_of, model.block_count)
     exp_dev: dict[int, str] = {}
     for t in model.tensors:

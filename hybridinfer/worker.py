@@ -20,12 +20,12 @@ def cmd_worker(args) -> int:
 
     if not rpc.is_loopback(args.host) and not args.allow_network:
         raise HybridError(f"binding {args.host} lets any machine that reaches port {args.port} use this device "
-                          "(llama.cpp RPC has no authentication)",
+                          "(RPC has no authentication)",
                           "pass --allow-network on a trusted network only, or bind 127.0.0.1")
     rpc.check_bind(args.host, args.port)
     cmd = rpc.worker_command(args.host, args.port, args.threads)
     where = f"{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
-    print(f"hybridinfer worker — llama.cpp rpc-server on {where}", flush=True)
+    print(f"hybridinfer worker — {os.path.basename(cmd[0])} on {where}", flush=True)
     if not rpc.is_loopback(args.host):
         print(f"  WARNING: {rpc.NO_AUTH}", flush=True)
     print(f"  use it: hybridinfer serve --rpc {where}   (one engine at a time; Ctrl-C stops the worker)", flush=True)

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from hybridinfer import rules
+from hybridinfer.layers import layer_devices
 from hybridinfer.engines.llamacpp import placement_args
 from hybridinfer.engines.llamacpp_args import compile_placement, simulate
 from hybridinfer.plan import PlanOptions, make_plan
@@ -37,7 +37,7 @@ def test_two_gpu_plans_keep_kv_with_layers(rules_name, vram, models):
     assert args[args.index("-ngl") + 1] != "0"  # never -ngl 0 with device overrides: KV would stay in RAM
     c = compile_placement(p.device_of, p.n_layer, p.gpu_devices, p.gpu_buffers)
     # llama.cpp's own layer assignment for these flags puts every layer where the plan put its attention
-    assert c.layer == rules.layer_devices(p.device_of, p.n_layer)
+    assert c.layer == layer_devices(p.device_of, p.n_layer)
     for b in range(p.n_layer):
         assert c.layer[b] == p.device_of[f"blk.{b}.attn_norm.weight"]
     assert c.placement(list(p.device_of)) == p.device_of

@@ -4,7 +4,7 @@ llama.cpp does with std::regex_search) or `--cpu-moe` where that is exactly equi
 
 llama.cpp keeps a layer's KV cache on the device its layer is assigned (llama-kv-cache.cpp: `model.dev_layer(il)`),
 whatever `-ot` does to the layer's weights, so the layer devices come from where the plan put each block's
-attention (`rules.layer_devices`), and `-ot` only moves the other tensors. How a layer gets its device, in the
+attention (`layers.layer_devices`), and `-ot` only moves the other tensors. How a layer gets its device, in the
 llama.cpp tree vendored by llama-cpp-python 0.3.36 (src/llama-model.cpp, `load_tensors`):
 
     i_gpu_start = max(n_layer + 1 - ngl, 0);  act = min(ngl, n_layer + 1)     # the output layer counts as one
@@ -24,7 +24,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
+from ..layers import layer_devices
+
 
 BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 CPU_MOE_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # what llama.cpp's --cpu-moe adds, verbatim
@@ -66,6 +67,9 @@ def simulate(ngl: int, devices: list[str], split: list[float], n_layer: int, cou
     else:
         i_gpu_start = max(n_layer - ngl, 0)
     act = min(ngl, n_layer + 1)
+    if len(devices) == 1:  # no split to compute
+        return ["cpu" if il < i_gpu_start or il - i_gpu_start >= act else devices[0] for il in range(n_layer + 1)]
+    import numpy as np  # here: only a split over several devices needs float32, and numpy's import costs
     s = np.float32(0)
     cum = []
     for x in (split or [1.0] * len(devices)):
@@ -195,8 +199,6 @@ def _overrides_for(device_of: dict[str, str], layout: Layout) -> list[tuple[str,
 
 def layout_for(device_of: dict[str, str], n_layer: int, counts_output: bool = True) -> Layout:
     """-ngl and the device runs that put every layer (and so its KV cache) where the plan put its attention."""
-    from ..rules import layer_devices  # here: rules reads the model's classes, which inspect gets from the engines
-
     want = layer_devices(device_of, n_layer)
     lo = next((i for i, d in enumerate(want) if d != "cpu"), n_layer + 1)
     if lo > n_layer:
