@@ -275,3 +275,15 @@ def test_load_log_parser_on_a_recorded_log(demo6):
     assert mem[("cpu", "kv")].measured == 0 and mem[("gpu:0", "compute")].ratio <= 1
     wrong = replace(plan, device_of={**plan.device_of, "blk.2.ffn_up_exps.weight": "gpu:0"})
     assert llamacpp_log.compare(wrong, text)["mismatched"] == {"blk.2.ffn_up_exps.weight": ("gpu:0", "cpu")}
+
+
+@needs_rpc
+def test_saved_plan_with_a_gone_worker_is_one_line(workers, tmp_path):
+    ep = workers.start()
+    r = run_cli("plan", "--rpc", ep, "--ctx", "4096", "--json")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "plan.json").write_text(r.stdout)
+    workers.kill(ep)
+    r = run_cli("serve", "--plan", str(tmp_path / "plan.json"), "--port", str(_free_port()), timeout=60)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "\n" not in err and f"RPC worker {ep} is unreachable" in err
