@@ -71,7 +71,7 @@ def profile(endpoints: list[str], vram: list[int] | None):
 def cases(model, ctx):
     """(name, workers, vram per worker or None, rules): CPU only; one device (attention side; auto-fill into a
     device with room for about half the experts; as the worker reports its memory); two devices (a layer split
-    sized to about half the model each; multi-gpu). Sizes follow the plan's own allowances, so each case places
+    sized to about half the model each; multi-gpu with room for about a quarter of the experts each). Sizes follow the plan's own allowances, so each case places
     what its name says on any model."""
     experts = sum(t.nbytes for t in model.tensors if t.cls == "routed_experts")
     total = sum(t.nbytes for t in model.tensors)
@@ -85,7 +85,8 @@ def cases(model, ctx):
         ("1 device: auto-fill of early blocks' experts", 1, [MARGIN + side.total + experts // 2], "moe-auto-fill"),
         ("1 device as the worker reports its memory (--rpc)", 1, None, None),
         ("2 devices: layer split", 2, [half_model] * 2, "layer-split"),
-        ("2 devices: multi-gpu (attention split, experts on CPU)", 2, [big, big], "multi-gpu"),
+        ("2 devices: multi-gpu (attention split, each device filled with its own blocks' experts)", 2,
+         [MARGIN + side.compute + side.kv_cache // 2 + side.weights // 2 + experts // 4] * 2, "multi-gpu"),
     ]
 
 

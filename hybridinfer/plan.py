@@ -182,15 +182,19 @@ def _best_multi_gpu(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions) ->
     fit in VRAM; a layer split wins when most of the model does. Both are planned; the faster prediction is kept."""
     plans, failed = [], []
     for name in ("multi-gpu", "layer-split"):
+        rs = rules.load(name)  # a broken rules file is its own error, not "does not fit"
         try:
-            plans.append(_make_plan(hw, model, opts, rules.load(name)))
+            plans.append(_make_plan(hw, model, opts, rs))
         except HybridError as e:
             failed.append(f"{name} does not fit: {e.problem}")
     if not plans:
         raise HybridError(failed[0].split(": ", 1)[1], "try --ctx 4096, --kv-type q4_0, or a smaller quant")
     best = max(plans, key=lambda p: p.prediction.decode_tps)
     other = [p for p in plans if p is not best]
-    if other:
+    if other and other[0].prediction.decode_tps == best.prediction.decode_tps:
+        why = (f"rules {best.rules} and {other[0].rules} predict the same decode ({best.prediction.decode_tps:g} tok/s; "
+               f"the GPUs hold the same bytes): {best.rules} kept")
+    elif other:
         o = other[0]
         why = (f"rules {best.rules} chosen over {o.rules}: predicted decode {best.prediction.decode_tps:g} vs "
                f"{o.prediction.decode_tps:g} tok/s")

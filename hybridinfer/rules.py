@@ -30,7 +30,7 @@ from .inspect_gguf import GROUPS, ModelInfo, Tensor
 
 DEVICE_RE = re.compile(r"^(cpu|gpu|gpu:\d+|auto|spread)$")
 MATCH_KEYS = {"class", "name", "blocks"}
-RULE_KEYS = {"match", "device", "fill", "unit", "fallback", "comment"}
+RULE_KEYS = {"match", "device", "fill", "unit", "fallback", "follow", "comment"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Rule:
     block_set: tuple[int, ...] | None = None
     fill: str = "first"
     fallback: str = "cpu"
+    follow: str = ""  # auto only: "attention" = each block's unit on the GPU holding that block's attention
     text: str = ""
 
     def matches(self, t: Tensor) -> bool:
@@ -126,6 +127,10 @@ def parse(doc, source: str = "<rules>") -> RuleSet:
         fill = str(r.get("fill", "first"))
         if fill not in ("first", "last"):
             raise HybridError(f"{where}: fill must be first or last, not '{fill}'", "fill: first (block 0 up) or last (last block down)")
+        follow = str(r.get("follow", ""))
+        if follow not in ("", "attention") or (follow and dev != "auto"):
+            raise HybridError(f"{where}: follow: {follow!r} is not understood here",
+                              "follow: attention, with device: auto (fill each GPU with its own blocks' tensors)")
         m = r.get("match", {}) or {}
         if not isinstance(m, dict) or set(m) - MATCH_KEYS:
             raise HybridError(f"{where}: match accepts only {sorted(MATCH_KEYS)}", "e.g. match: {class: routed_experts, blocks: '3-'}")
@@ -142,7 +147,7 @@ def parse(doc, source: str = "<rules>") -> RuleSet:
                 raise HybridError(f"{where}: bad regex {name!r} ({e})", "fix the pattern (it is searched in the tensor name)") from None
         blocks, block_set = _blocks(m.get("blocks"), where)
         rules.append(Rule(device=dev, classes=classes, name=name, blocks=blocks, block_set=block_set, fill=fill,
-                          fallback=fb, text=_describe(m, dev)))
+                          fallback=fb, follow=follow, text=_describe(m, dev)))
     return RuleSet(name=str(doc.get("name") or Path(source).stem), description=str(doc.get("description", "")).strip(),
                    rules=rules, source=source)
 
@@ -212,9 +217,22 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
             placed[t.name] = dev
             if dev != "cpu":
                 remaining[dev] = remaining.get(dev, 0) - cost(t, dev)
-    for i, r in enumerate(rs.rules):
+    # spread before auto: a spread lays out whole block ranges, auto then takes what is spare on each GPU.
+    for i, r in sorted(enumerate(rs.rules), key=lambda ir: ir[1].device != "spread"):
         ts = claimed_by[i]
-        if r.device == "auto":
+        if r.device == "auto" and r.follow == "attention":
+            fb = r.fallback if r.fallback != "gpu" else first_gpu
+            full: set[str] = set()
+            for unit in _units(ts, r.fill):
+                b = unit[0].block
+                dev = placed.get(f"blk.{b}.attn_norm.weight", "cpu") if b is not None else "cpu"
+                # Contiguous per GPU: once one of its blocks does not fit, its later blocks stay on the fallback.
+                if dev == "cpu" or dev in full or not take(dev, unit):
+                    full.add(dev)
+                    dev = fb if fb in budgets or fb == "cpu" else "cpu"
+                for t in unit:
+                    placed[t.name] = dev
+        elif r.device == "auto":
             fb = r.fallback if r.fallback != "gpu" else first_gpu
             # Contiguous, like -ngl/-ts: one GPU fills, then the next (never back to an earlier one, which would
             # interleave block ranges and add GPU-to-GPU hops); once no GPU takes a unit, the rest fall back too.

@@ -66,7 +66,12 @@ def test_multi_gpu_and_cpu_only(models):
     assert att == ["gpu:0"] * k + ["gpu:1"] * (61 - k) and 20 < k < 40
     assert dev["output.weight"] == dev["output_norm.weight"] == "gpu:1"
     assert c.layer == att + ["gpu:1"]
-    assert c.args() == ["-ngl", "999", "-dev", "CUDA0,CUDA1", "-sm", "layer", "-ts", f"{k},{62 - k}", "--cpu-moe"]
+    assert c.args()[:8] == ["-ngl", "999", "-dev", "CUDA0,CUDA1", "-sm", "layer", "-ts", f"{k},{62 - k}"]
+    # each GPU holds the experts of its own first MoE blocks; the rest in RAM
+    on0 = sorted({int(n.split(".")[1]) for n, d in dev.items() if "_exps" in n and d == "gpu:0"})
+    on1 = sorted({int(n.split(".")[1]) for n, d in dev.items() if "_exps" in n and d == "gpu:1"})
+    assert on0 and on1 and on0 == list(range(3, 3 + len(on0))) and on1 == list(range(k, k + len(on1)))
+    assert c.args()[-1].endswith("=CPU")
     dev = _resolve(m, "cpu-only", {})
     assert compile_placement(dev, m.block_count).args() == ["-ngl", "0"]
 

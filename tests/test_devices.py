@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+from hybridinfer import rules
 from hybridinfer.layers import layer_devices
 from hybridinfer.engines.llamacpp import placement_args
 from hybridinfer.engines.llamacpp_args import compile_placement, simulate
@@ -57,11 +58,25 @@ def test_two_gpu_plans_keep_kv_with_layers(rules_name, vram, models):
 
 def test_multi_gpu_default_takes_the_faster(models):
     m = models["r1-ud-iq1_s"]
+    # 2 x 80 GB: the issue's box, where the old default used 13 of 158 GiB. Now every routed expert fits on the
+    # GPUs either way, and the plan says which it kept and why.
     big = make_plan(_two_gpus(80), m)
-    assert big.rules == "layer-split" and big.reasons[0].startswith("rules layer-split chosen over multi-gpu: predicted")
+    assert big.reasons[0].startswith("rules ") and "layer-split" in big.reasons[0] and "multi-gpu" in big.reasons[0]
+    assert all(d != "cpu" for n, d in big.device_of.items() if n != "token_embd.weight")
+    assert sum(d.total for d in big.devices if d.device != "cpu") > 120 * GIB
+    split = make_plan(_two_gpus(80), m, PlanOptions(rules="layer-split"))
+    assert big.prediction.decode_tps >= split.prediction.decode_tps
+    # 2 x 24 GB: attention + KV on the GPUs, each GPU filled with its own early blocks' experts, beats a layer split
     small = make_plan(_two_gpus(24), m)
     assert small.rules == "multi-gpu" and "chosen over layer-split" in small.reasons[0]
     assert small.prediction.decode_tps > make_plan(_two_gpus(24), m, PlanOptions(rules="layer-split")).prediction.decode_tps
+    for d in small.devices:
+        if d.device != "cpu":
+            assert d.groups.get("routed_experts", 0) > 10 * GIB and d.total > 0.9 * d.capacity
+    # each GPU holds experts only of blocks whose attention it holds: no extra GPU-to-GPU hop
+    for n, d in small.device_of.items():
+        if "_exps" in n and d != "cpu":
+            assert small.device_of[n.split(".ffn")[0] + ".attn_norm.weight"] == d
 
 
 def test_layer_split_fills_devices_in_order(models):
@@ -95,3 +110,13 @@ def test_rpc_device_names_and_buffers(models):
         assert args[args.index("-ts") + 1].endswith(",0")
     assert all(a.endswith("=RPC0[10.0.0.2:50052]") for a in args if "_exps" in a)  # RPC1 = its server's device 0
     assert "network" in p.prediction.breakdown_ms and p.prediction.breakdown_ms["network"] > 0
+
+
+def test_follow_attention_needs_auto():
+    from hybridinfer.errors import HybridError
+
+    with pytest.raises(HybridError) as e:
+        rules.parse({"rules": [{"match": {}, "device": "gpu", "follow": "attention"}]})
+    assert "follow" in str(e.value) and "device: auto" in str(e.value)
+    with pytest.raises(HybridError):
+        rules.parse({"rules": [{"match": {}, "device": "auto", "follow": "experts"}]})

@@ -167,12 +167,23 @@ def test_two_device_layer_split_kv_on_each(workers, demo6):
 @needs_rpc
 def test_multi_gpu_rules_over_two_devices(workers, demo6):
     eps = [workers.start(), workers.start()]
-    plan = make_plan(_profile(eps, [2 * GIB, 2 * GIB]), demo6, PlanOptions(rules="multi-gpu", ctx=4096))
+    fixed, per_block = _fixed_and_experts(demo6)
+    side = make_plan(_profile(eps, [2 * GIB, 2 * GIB]), demo6, PlanOptions(rules="moe-experts-on-cpu", ctx=4096))
+    dev = next(d for d in side.devices if d.device == "gpu:0")
+    # each device: its half of the attention side, the KV of its layers, and room for about one block of experts
+    vram = int(0.75 * GIB) + dev.compute + dev.kv_cache // 2 + fixed // 2 + int(1.5 * per_block)
+    plan = make_plan(_profile(eps, [vram, vram]), demo6, PlanOptions(rules="multi-gpu", ctx=4096))
     text, _ = llamacpp_log.load(plan)
     r = _check(plan, text)
     kv = {row.device: row.measured for row in r["memory"] if row.kind == "kv"}
     assert kv["gpu:0"] > 0 and kv["gpu:1"] > 0 and kv.get("cpu", 0) == 0
     assert plan.device_of["output.weight"] == plan.device_of["output_norm.weight"] == "gpu:1"
+    # each device holds experts only of its own blocks, the first ones of its range; the rest on the CPU
+    on = {d: sorted({t.block for t in demo6.tensors if t.cls == "routed_experts" and plan.device_of[t.name] == d})
+          for d in ("gpu:0", "gpu:1", "cpu")}
+    assert on["gpu:0"] and on["gpu:1"] and on["cpu"], on
+    for d in ("gpu:0", "gpu:1"):
+        assert all(plan.device_of[f"blk.{b}.attn_norm.weight"] == d for b in on[d])
 
 
 def test_unreachable_worker_is_one_line(tmp_path):
