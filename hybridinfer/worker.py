@@ -23,7 +23,7 @@ def cmd_worker(args) -> int:
                           "(RPC has no authentication)",
                           "pass --allow-network on a trusted network only, or bind 127.0.0.1")
     rpc.check_bind(args.host, args.port)
-    cmd = rpc.worker_command(args.host, args.port, args.threads)
+    cmd = rpc.worker_command(args.host, args.port, args.threads, cache=args.cache)
     where = f"{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"hybridinfer worker — {os.path.basename(cmd[0])} on {where}", flush=True)
     if not rpc.is_loopback(args.host):
@@ -42,5 +42,7 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; others need --allow-network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads when the device is this CPU (default: rpc-server's)")
+    p.add_argument("--cache", action="store_true",
+                   help="keep received weights in a local file cache (~/.cache/llama.cpp/rpc), so the next load skips the network")
     p.add_argument("--allow-network", action="store_true",
                    help="allow a non-loopback --host (RPC has no authentication: trusted networks only)")

@@ -181,13 +181,15 @@ def passive_env(env: dict | None = None) -> dict:
 
 
 def worker_command(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int | None = None,
-                   binary: str | None = None) -> list[str]:
+                   binary: str | None = None, cache: bool = False) -> list[str]:
     exe = binary or find_llama_binary("rpc-server")
     if not exe:
         raise HybridError("rpc-server not found", "run ./install.sh (it builds llama.cpp with RPC), or set HYBRIDINFER_RPC_SERVER")
     cmd = [exe, "-H", host, "-p", str(port)]
     if threads:
         cmd += ["-t", str(threads)]
+    if cache:
+        cmd += ["-c"]  # rpc-server.cpp: $LLAMA_CACHE or ~/.cache/llama.cpp, subdirectory rpc
     return cmd
 
 
