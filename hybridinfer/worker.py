@@ -43,6 +43,6 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads when the device is this CPU (default: rpc-server's)")
     p.add_argument("--cache", action="store_true",
-                   help="keep received weights in a local file cache (~/.cache/llama.cpp/rpc), so the next load skips the network")
+                   help="keep received weights in the worker's local file cache (rpc-server -c), so the next load skips the network")
     p.add_argument("--allow-network", action="store_true",
                    help="allow a non-loopback --host (RPC has no authentication: trusted networks only)")
