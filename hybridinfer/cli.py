@@ -184,7 +184,8 @@ def _extra_commands():
     from .bench.cli import register as bench_register
     from .download.cli import register as download_register
     from .engines.ktransformers_patch import register as patch_register
-    out += [download_register, bench_register, patch_register, _register_openwebui]
+    from .worker import register as worker_register
+    out += [download_register, bench_register, patch_register, _register_openwebui, worker_register]
     return out
 
 

@@ -16,7 +16,7 @@ from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
-                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None}
+                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None, "rpc": None}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -33,6 +33,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
+    p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these RPC workers' devices "
+                   "(`hybridinfer worker` on each machine): planned with the memory each reports, served with --rpc")
     if saved_plan:
         p.add_argument("--plan", metavar="PLAN.json", help="run this saved plan (`hybridinfer plan ... --json > PLAN.json`) "
                                                            "exactly, instead of planning")
@@ -50,7 +52,12 @@ def probe_box(measure: bool = False) -> HardwareProfile:
 
 
 def load_hardware(args) -> HardwareProfile:
-    return load_profile(args.hardware) if args.hardware else probe_box()
+    hw = load_profile(args.hardware) if args.hardware else probe_box()
+    if getattr(args, "rpc", None):
+        from .engines import rpc
+
+        hw = rpc.with_workers(hw, rpc.query(rpc.split_endpoints(args.rpc)))
+    return hw
 
 
 def load_model(args) -> ModelInfo:

@@ -18,6 +18,7 @@ from . import engines, rules
 from .engines.base import Engine
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
+from .layers import layer_devices
 from .predict import Prediction, predict
 from .probe import HardwareProfile
 from .util import GIB, MIB, from_dict, ranges, to_dict
@@ -82,6 +83,11 @@ class Plan:
     device_of: dict[str, str] = field(default_factory=dict)
     compiled: dict = field(default_factory=dict)  # the placement in the engine's own form (engine.compile)
     command: list[str] = field(default_factory=list)  # the engine's argv for this plan (engine.command), once
+    # Every GPU of the profile -> its llama.cpp device name and buffer type (CUDA0, RPC0[host:port], ...), and the
+    # RPC servers the engine must be given (`--rpc`), in the order that numbers them RPC0, RPC1, ...
+    gpu_devices: dict[str, str] = field(default_factory=dict)
+    gpu_buffers: dict[str, str] = field(default_factory=dict)
+    rpc_servers: list[str] = field(default_factory=list)
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -125,6 +131,8 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         engines.get(opts.engine)  # unknown -> one line listing the known engines
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
+    if not opts.rules and len(hw.gpus) > 1 and model.is_moe:
+        return _best_multi_gpu(hw, model, opts)
     try:
         return _make_plan(hw, model, opts, rules.load(opts.rules or default_rules(hw, model)))
     except HybridError as first:
@@ -177,6 +185,32 @@ def _static_blockers(e: Engine, hw: HardwareProfile, model: ModelInfo, opts: Pla
 
 def _blocked(e: Engine, why: list[str]) -> str:
     return f"engine {e.name}: blocked because {why[0]}" + "".join(f"; also {b}" for b in why[1:3])
+
+
+def _best_multi_gpu(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions) -> Plan:
+    """Several GPUs: attention + KV on the GPUs with the experts in RAM (multi-gpu) wins when the experts do not
+    fit in VRAM; a layer split wins when most of the model does. Both are planned; the faster prediction is kept."""
+    plans, failed = [], []
+    for name in ("multi-gpu", "layer-split"):
+        rs = rules.load(name)  # a broken rules file is its own error, not "does not fit"
+        try:
+            plans.append(_make_plan(hw, model, opts, rs))
+        except HybridError as e:
+            failed.append(f"{name} does not fit: {e.problem}")
+    if not plans:
+        raise HybridError(failed[0].split(": ", 1)[1], "try --ctx 4096, --kv-type q4_0, or a smaller quant")
+    best = max(plans, key=lambda p: p.prediction.decode_tps)
+    other = [p for p in plans if p is not best]
+    if other and other[0].prediction.decode_tps == best.prediction.decode_tps:
+        why = (f"rules {best.rules} and {other[0].rules} predict the same decode ({best.prediction.decode_tps:g} tok/s; "
+               f"the GPUs hold the same bytes): {best.rules} kept")
+    elif other:
+        o = other[0]
+        why = (f"rules {best.rules} chosen over {o.rules}: predicted decode {best.prediction.decode_tps:g} vs "
+               f"{o.prediction.decode_tps:g} tok/s")
+    else:
+        why = f"rules {best.rules} chosen: {failed[0]}"
+    return replace(best, reasons=[why] + best.reasons)
 
 
 def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet) -> Plan:
@@ -273,7 +307,11 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     gpus = {f"gpu:{g.index}": g for g in hw.gpus}
     runtime_gpu = engine.gpu_runtime_bytes
     runtime_cpu = engine.cpu_runtime_bytes
-    budgets = {d: _vram_capacity(g) - compute - runtime_gpu for d, g in gpus.items()}
+
+    def runtime_of(g) -> int:  # a worker reports its memory after its backend started: nothing more to reserve
+        return 0 if g.remote else runtime_gpu
+
+    budgets = {d: _vram_capacity(g) - compute - runtime_of(g) for d, g in gpus.items()}
 
     def cost(t: Tensor, dev: str) -> int:
         b = engine.tensor_bytes(t, dev)
@@ -299,20 +337,24 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         weights[d] = weights.get(d, 0) + b
         groups.setdefault(d, {})
         groups[d][t.cls] = groups[d].get(t.cls, 0) + b
-        if t.name.endswith(".attn_norm.weight"):
-            kv[d] = kv.get(d, 0) + kv_layer
+    # The KV cache of a layer lives on the device llama.cpp gives that layer (where its attention is).
+    layer_dev = layer_devices(dev_of, model.block_count)
+    kv_layers = {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight")}
+    for b in kv_layers:
+        kv[layer_dev[b]] = kv.get(layer_dev[b], 0) + kv_layer
     for d, g in gpus.items():
-        if d not in weights:
+        if d not in weights and d not in kv:
             continue
-        total = weights[d] + kv.get(d, 0) + compute + runtime_gpu
+        rt = runtime_of(g)
+        total = weights.get(d, 0) + kv.get(d, 0) + compute + rt
         cap = _vram_capacity(g)
-        devices.append(DeviceUse(device=d, label=g.name, weights=weights[d], kv_cache=kv.get(d, 0), compute=compute,
-                                 runtime=runtime_gpu, total=total, capacity=cap, groups=groups.get(d, {})))
+        devices.append(DeviceUse(device=d, label=g.name, weights=weights.get(d, 0), kv_cache=kv.get(d, 0), compute=compute,
+                                 runtime=rt, total=total, capacity=cap, groups=groups.get(d, {})))
         if total > cap:
             short = (total - cap) / GIB
             raise _DoesNotFit(
                 f"{d} ({g.name}) needs {total / GIB:.1f} GiB but has {cap / GIB:.1f} GiB usable: {short:.1f} GiB short "
-                f"(weights {weights[d] / GIB:.1f}, KV {kv.get(d, 0) / GIB:.1f}, compute {compute / GIB:.1f})",
+                f"(weights {weights.get(d, 0) / GIB:.1f}, KV {kv.get(d, 0) / GIB:.1f}, compute {compute / GIB:.1f})",
                 "try --ctx 4096, --kv-type q4_0, or --rules moe-experts-on-cpu / layer-split", f"{d} {short:.1f} GiB short")
     numa_nodes = max(1, len(hw.numa_nodes))
     cpu_weights = weights.get("cpu", 0)
@@ -357,6 +399,12 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     if model.is_moe and gpus and rs.name == "moe-auto-fill":
         reasons.append(f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
                        f"({ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
+    for g in hw.gpus:
+        if g.remote and f"gpu:{g.index}" in set(dev_of.values()) | set(kv):
+            reasons.append(f"gpu:{g.index} = {g.llama_device} on RPC worker {g.endpoint}: {g.vram_free / GIB:.1f} GiB as it "
+                           f"reports; link {g.network_rtt_ms:g} ms round trip, {g.network_gbs:g} GB/s assumed, "
+                           f"{pred.breakdown_ms.get('network', 0):g} ms/token in all; its memory bandwidth assumed "
+                           f"{g.memory_bandwidth_gbs:g} GB/s")
     reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
     if numa_nodes > 1:
         reasons.append(policy.reason)
@@ -371,4 +419,7 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         resident_fraction=round(resident, 3), devices=devices, prediction=pred, reasons=reasons, warnings=warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
+        gpu_devices={f"gpu:{g.index}": g.llama_device for g in hw.gpus},
+        gpu_buffers={f"gpu:{g.index}": g.buffer_type for g in hw.gpus},
+        rpc_servers=[g.endpoint for g in sorted((g for g in hw.gpus if g.endpoint), key=lambda g: int(g.llama_device[3:]))],
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .layers import layer_devices
+
 if TYPE_CHECKING:  # annotations only: engines import this module, and inspect asks the engines
     from .inspect_gguf import ModelInfo
     from .probe import HardwareProfile
@@ -26,6 +28,15 @@ PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 
 NUMA_EXTRA_NODE_GAIN = 0.45
 # Each hop of the hidden state between GPU and CPU (one MoE block with experts on the CPU = 2 hops).
 HOP_SECONDS = 25e-6
+# A remote (RPC) device: each run of consecutive layer parts computed there costs this many network round trips
+# per token, plus the hidden state (n_embd f32) each way over the link, plus a fixed cost per run. ggml-rpc.cpp
+# sends the inputs and the graph without waiting (set_tensor_async, GRAPH_COMPUTE/RECOMPUTE) and waits once,
+# reading the outputs back for the next split; the fixed part (the graph (de)serialised, the worker woken, the
+# scheduler's copies) is measured: tiny demo model (6 blocks), llama-bench tg128 on this project's 2-core box with a
+# loopback worker, both OpenMP-passive — attention on the worker + experts on the CPU (6 runs per token) 5.41 ms
+# per token, everything on the worker (1 run) 2.84 ms: 0.51 ms per extra run, of which 0.05 ms is the round trip.
+RPC_ROUNDTRIPS_PER_SEGMENT = 1
+RPC_SEGMENT_SECONDS = 0.46e-3
 # Per-token fixed cost: sampling, graph build/launch, detokenize.
 TOKEN_OVERHEAD_S = {"gpu": 3e-3, "cpu": 1e-3}
 # Page cache of mmapped expert weights: routing has locality, so the hit rate beats the resident fraction.
@@ -104,6 +115,27 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     # A layer split crosses once each way at the CPU/GPU boundary.
     if hops == 0 and len({d for s in blocks_dev.values() for d in s}) > 1:
         hops = 2
+    # The token's path through the devices, in compute order: each block's attention (its layer's device), then
+    # its routed experts, then the output layer. GPU-to-GPU changes are extra hops; runs on remote devices cost
+    # network round trips.
+    layer_dev = layer_devices(device_of, model.block_count)
+    exp_dev: dict[int, str] = {}
+    for t in model.tensors:
+        if t.cls == "routed_experts" and t.block is not None:
+            exp_dev[t.block] = device_of[t.name]
+    path = []
+    for b in range(model.block_count):
+        path += [layer_dev[b]] + ([exp_dev[b]] if b in exp_dev else [])
+    path.append(layer_dev[-1])
+    changes = [(a, b) for a, b in zip(path, path[1:]) if a != b]
+    hops += sum(1 for a, b in changes if a != "cpu" and b != "cpu")
+    remote = {f"gpu:{g.index}": g for g in hw.gpus if g.remote}
+    t_net = 0.0
+    for i, d in enumerate(path):
+        if d in remote and (i == 0 or path[i - 1] != d):
+            g = remote[d]
+            t_net += RPC_ROUNDTRIPS_PER_SEGMENT * g.network_rtt_ms / 1e3 + RPC_SEGMENT_SECONDS
+            t_net += 2 * model.embedding_length * 4 / ((g.network_gbs or 1.25) * 1e9)
 
     kv_tok = kv_bytes_per_token or model.kv.bytes_per_token.get(kv_type, model.kv.bytes_per_token["f16"])
     n_layers = max(1, attn_cpu_layers + attn_gpu_layers)
@@ -138,6 +170,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
                      f"reads ({miss_bytes / 1e9:.2f} GB/token) come from disk at {hw.disk_read_gbs:g} GB/s")
     parts = {"cpu_memory": t_cpu_bw, "cpu_compute": t_cpu_compute, "gpu": t_gpu, "pcie_hops": t_hops,
              "disk": t_disk, "fixed": t_fixed}
+    if remote:
+        parts["network"] = t_net
     total = sum(parts.values())
     decode = 1 / total
     bound = max(parts, key=parts.get)
@@ -157,8 +191,9 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     else:
         pre_core = PREFILL_GFLOPS_PER_CORE[isa] * params.prefill_cpu_scale
     t_pre_cpu = cpu_prefill_flops / (cores * pre_core * 1e9 * numa_scale * eff) if cpu_prefill_flops else 0.0
-    if params.prefill_uploads_weights and gpu_b and hw.gpus:
-        t_upload = cpu_b_all / (hw.gpus[0].pcie_gbs * 0.8e9) / params.ubatch
+    local = [g for g in hw.gpus if not g.remote]  # ggml-rpc offers no op offload (offload_op = NULL)
+    if params.prefill_uploads_weights and gpu_b and local:
+        t_upload = cpu_b_all / (local[0].pcie_gbs * 0.8e9) / params.ubatch
         if t_upload < t_pre_cpu:
             t_pre_cpu = t_upload
             notes.append(f"prefill: the engine streams CPU-resident weights to the GPU per {params.ubatch}-token batch")

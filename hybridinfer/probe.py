@@ -65,6 +65,27 @@ class GpuInfo:
     pcie_width: int = 16
     memory_bandwidth_gbs: float = 0.0  # device memory bandwidth (spec), for decode prediction
     fp16_tflops: float = 0.0  # dense fp16 tensor throughput (spec), for prefill prediction; 0 = unknown
+    # The llama.cpp device this entry is: "" = CUDA<index>; "RPC<n>" = the n-th `--rpc` server (llama.cpp numbers
+    # RPC devices over all servers in --rpc order), served by `endpoint` (host:port of its rpc-server).
+    device: str = ""
+    endpoint: str = ""
+    network_gbs: float = 0.0  # link to a remote device: bandwidth (GB/s) and round trip (ms), per-token costs
+    network_rtt_ms: float = 0.0
+
+    @property
+    def llama_device(self) -> str:
+        return self.device or f"CUDA{self.index}"
+
+    @property
+    def buffer_type(self) -> str:
+        """llama.cpp's buffer-type name, as `-ot` and the load log spell it. An rpc-server numbers its own
+        devices from 0 (ggml-rpc.cpp: "RPC" + device-on-server + "[" + endpoint + "]"); hybridinfer's workers
+        serve one device each."""
+        return f"RPC0[{self.endpoint}]" if self.endpoint else self.llama_device
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.endpoint)
 
     @property
     def pcie_gbs(self) -> float:

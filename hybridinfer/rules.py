@@ -11,8 +11,9 @@ Schema (see placement_rules/README.md):
         device: gpu
 
 `auto` fills spare VRAM unit by unit (`unit: block` = one block's matched tensors together, `fill: first|last`
-block order) and leaves the rest on `fallback` (default cpu). `spread` divides blocks over all GPUs in
-proportion to their budgets (multi-GPU layer split). With no GPU, `gpu`/`auto`/`spread` rules resolve to cpu.
+block order), one GPU after the other, and leaves the rest on `fallback` (default cpu). `spread` divides blocks
+over all GPUs in proportion to their budgets (multi-GPU layer split), one contiguous block range per GPU in GPU
+order, the output head with the last block. With no GPU, `gpu`/`auto`/`spread` rules resolve to cpu.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .inspect_gguf import GROUPS, ModelInfo, Tensor
 
 DEVICE_RE = re.compile(r"^(cpu|gpu|gpu:\d+|auto|spread)$")
 MATCH_KEYS = {"class", "name", "blocks"}
-RULE_KEYS = {"match", "device", "fill", "unit", "fallback", "comment"}
+RULE_KEYS = {"match", "device", "fill", "unit", "fallback", "follow", "comment"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Rule:
     block_set: tuple[int, ...] | None = None
     fill: str = "first"
     fallback: str = "cpu"
+    follow: str = ""  # auto only: "attention" = each block's unit on the GPU holding that block's attention
     text: str = ""
 
     def matches(self, t: Tensor) -> bool:
@@ -125,6 +127,10 @@ def parse(doc, source: str = "<rules>") -> RuleSet:
         fill = str(r.get("fill", "first"))
         if fill not in ("first", "last"):
             raise HybridError(f"{where}: fill must be first or last, not '{fill}'", "fill: first (block 0 up) or last (last block down)")
+        follow = str(r.get("follow", ""))
+        if follow not in ("", "attention") or (follow and dev != "auto"):
+            raise HybridError(f"{where}: follow: {follow!r} is not understood here",
+                              "follow: attention, with device: auto (fill each GPU with its own blocks' tensors)")
         m = r.get("match", {}) or {}
         if not isinstance(m, dict) or set(m) - MATCH_KEYS:
             raise HybridError(f"{where}: match accepts only {sorted(MATCH_KEYS)}", "e.g. match: {class: routed_experts, blocks: '3-'}")
@@ -141,7 +147,7 @@ def parse(doc, source: str = "<rules>") -> RuleSet:
                 raise HybridError(f"{where}: bad regex {name!r} ({e})", "fix the pattern (it is searched in the tensor name)") from None
         blocks, block_set = _blocks(m.get("blocks"), where)
         rules.append(Rule(device=dev, classes=classes, name=name, blocks=blocks, block_set=block_set, fill=fill,
-                          fallback=fb, text=_describe(m, dev)))
+                          fallback=fb, follow=follow, text=_describe(m, dev)))
     return RuleSet(name=str(doc.get("name") or Path(source).stem), description=str(doc.get("description", "")).strip(),
                    rules=rules, source=source)
 
@@ -211,17 +217,31 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
             placed[t.name] = dev
             if dev != "cpu":
                 remaining[dev] = remaining.get(dev, 0) - cost(t, dev)
-    for i, r in enumerate(rs.rules):
+    # spread before auto: a spread lays out whole block ranges, auto then takes what is spare on each GPU.
+    for i, r in sorted(enumerate(rs.rules), key=lambda ir: ir[1].device != "spread"):
         ts = claimed_by[i]
-        if r.device == "auto":
+        if r.device == "auto" and r.follow == "attention":
             fb = r.fallback if r.fallback != "gpu" else first_gpu
-            # Contiguous, like -ngl: once a unit does not fit, the rest go to the fallback too.
-            full = False
+            full: set[str] = set()
             for unit in _units(ts, r.fill):
-                dev = None if full else next((g for g in gpus if take(g, unit)), None)
-                if dev is None:
-                    full = True
+                b = unit[0].block
+                dev = placed.get(f"blk.{b}.attn_norm.weight", "cpu") if b is not None else "cpu"
+                # Contiguous per GPU: once one of its blocks does not fit, its later blocks stay on the fallback.
+                if dev == "cpu" or dev in full or not take(dev, unit):
+                    full.add(dev)
                     dev = fb if fb in budgets or fb == "cpu" else "cpu"
+                for t in unit:
+                    placed[t.name] = dev
+        elif r.device == "auto":
+            fb = r.fallback if r.fallback != "gpu" else first_gpu
+            # Contiguous, like -ngl/-ts: one GPU fills, then the next (never back to an earlier one, which would
+            # interleave block ranges and add GPU-to-GPU hops); once no GPU takes a unit, the rest fall back too.
+            order = gpus[::-1] if r.fill == "last" else gpus  # so gpu:0 holds the earliest of the blocks
+            g_i = 0
+            for unit in _units(ts, r.fill):
+                while g_i < len(order) and not take(order[g_i], unit):
+                    g_i += 1
+                dev = order[g_i] if g_i < len(order) else (fb if fb in budgets or fb == "cpu" else "cpu")
                 for t in unit:
                     placed[t.name] = dev
         elif r.device == "spread":
@@ -233,18 +253,25 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
             for g in gpus:
                 acc += share[g] * n
                 bounds.append((g, round(acc)))
+            g_i = 0
             for k, unit in enumerate(units):
-                dev = next((g for g, hi in bounds if k < hi), gpus[-1] if gpus else "cpu")
-                if dev != "cpu" and not take(dev, unit):
-                    dev = next((g for g in gpus if take(g, unit)), "cpu")
+                if not gpus:
+                    dev = "cpu"
+                else:
+                    want = next((i for i, (g, hi) in enumerate(bounds) if k < hi), len(gpus) - 1)
+                    g_i = max(g_i, want)  # block ranges stay contiguous and in GPU order
+                    while g_i < len(gpus) and not take(gpus[g_i], unit):
+                        g_i += 1
+                    dev = gpus[g_i] if g_i < len(gpus) else "cpu"
                 for t in unit:
                     placed[t.name] = dev
     return Placement(rules=rs.name, device_of={t.name: placed[t.name] for t in model.tensors}, warnings=warnings)
 
 
 def _units(tensors: list[Tensor], fill: str) -> list[list[Tensor]]:
-    """One unit per block (in fill order), then the block-less tensors (output head, ...) as the last unit —
-    like llama.cpp, where the output layer is offloaded only once every block is."""
+    """One unit per block in fill order, and the block-less tensors (output head, ...) as one unit at the end
+    of the block order: first for `fill: last` — like llama.cpp's `-ngl N`, which since its output layer
+    counts as a layer offloads it first (src/llama-model.cpp: i_gpu_start = n_layer + 1 - ngl) — else last."""
     by_block: dict[int, list[Tensor]] = {}
     loose = []
     for t in tensors:
@@ -252,5 +279,5 @@ def _units(tensors: list[Tensor], fill: str) -> list[list[Tensor]]:
     order = sorted(by_block, reverse=(fill == "last"))
     units = [by_block[b] for b in order]
     if loose:
-        units.append(loose)
+        units.insert(0, loose) if fill == "last" else units.append(loose)
     return units

@@ -47,18 +47,31 @@ def test_layer_split_is_plain_ngl(models):
     dev = _resolve(m, "layer-split", {"gpu:0": budget})
     c = compile_placement(dev, m.block_count)
     gpu_blocks = sorted({t.block for t in m.tensors if t.block is not None and dev[t.name] != "cpu"})
-    assert c.overrides == [] and c.ngl == len(gpu_blocks)
+    assert c.overrides == [] and c.ngl == len(gpu_blocks) + 1  # llama.cpp's -ngl counts the output layer
     assert gpu_blocks == list(range(61 - len(gpu_blocks), 61))  # the last N, like -ngl N
-    assert dev["output.weight"] == "cpu" and dev["token_embd.weight"] == "cpu"
+    assert dev["output.weight"] == "gpu:0" and dev["output_norm.weight"] == "gpu:0"
+    assert dev["token_embd.weight"] == "cpu"
+    assert c.layer == ["cpu"] * (61 - len(gpu_blocks)) + ["gpu:0"] * (len(gpu_blocks) + 1)
 
 
 def test_multi_gpu_and_cpu_only(models):
     m = models["r1-ud-iq1_s"]
     dev = _resolve(m, "multi-gpu", {"gpu:0": 20 * GIB, "gpu:1": 20 * GIB})
     c = compile_placement(dev, m.block_count)
-    assert apply([t.name for t in m.tensors], c.overrides, c.ngl, m.block_count) == dev
+    assert c.placement([t.name for t in m.tensors]) == dev
     assert {"gpu:0", "gpu:1", "cpu"} == set(dev.values())
-    assert any(a.endswith("=CUDA1") for a in c.args())
+    # every layer (so its KV cache) on a GPU, one contiguous block range per GPU in order, the head with the last
+    att = [dev[f"blk.{b}.attn_norm.weight"] for b in range(61)]
+    k = att.index("gpu:1")
+    assert att == ["gpu:0"] * k + ["gpu:1"] * (61 - k) and 20 < k < 40
+    assert dev["output.weight"] == dev["output_norm.weight"] == "gpu:1"
+    assert c.layer == att + ["gpu:1"]
+    assert c.args()[:8] == ["-ngl", "999", "-dev", "CUDA0,CUDA1", "-sm", "layer", "-ts", f"{k},{62 - k}"]
+    # each GPU holds the experts of its own first MoE blocks; the rest in RAM
+    on0 = sorted({int(n.split(".")[1]) for n, d in dev.items() if "_exps" in n and d == "gpu:0"})
+    on1 = sorted({int(n.split(".")[1]) for n, d in dev.items() if "_exps" in n and d == "gpu:1"})
+    assert on0 and on1 and on0 == list(range(3, 3 + len(on0))) and on1 == list(range(k, k + len(on1)))
+    assert c.args()[-1].endswith("=CPU")
     dev = _resolve(m, "cpu-only", {})
     assert compile_placement(dev, m.block_count).args() == ["-ngl", "0"]
 

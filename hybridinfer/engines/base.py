@@ -96,6 +96,7 @@ class Engine:
     summary: str = ""
     kind: str = "server"  # "server" (a supervised subprocess) | "in-process"
     needs_nvidia_gpu: bool = False
+    drives_rpc_devices: bool = False  # can use llama.cpp RPC servers (a profile's GPU entries with an endpoint)
     max_slots: int | None = None  # None = no limit of its own
     serves: bool = True  # `hybridinfer serve` can run it (False: plan prints its command only)
     gpu_runtime_bytes: int = int(0.45 * GIB)  # CUDA context, cuBLAS workspace, ...
@@ -164,8 +165,11 @@ class Engine:
         """Why it cannot run this model with this placement (tensor name -> device) on this box; [] = it can.
         With placement None, only what holds for any placement (architecture, quant types, GPU)."""
         out = []
-        if self.needs_nvidia_gpu and not hw.gpus:
+        if self.needs_nvidia_gpu and not any(not g.remote for g in hw.gpus):
             out.append(f"no NVIDIA GPU: {self.name} needs CUDA")
+        remote = [g.llama_device for g in hw.gpus if g.remote]
+        if remote and not self.drives_rpc_devices:
+            out.append(f"{', '.join(remote)} are llama.cpp RPC servers: only llama-server drives them")
         for cls, g in model.groups.items():
             for t in sorted(g.types):
                 if placement is None:

@@ -53,15 +53,10 @@ def hf_repo(model: "ModelInfo") -> str:
 
 def config_dir_for(repo: str) -> str | None:
     """Where hybridinfer's download step recorded this repo's config folder (None: not downloaded)."""
-    try:
-        from ..download import kt_config_dir  # the download step records where it put each repo
-    except ImportError:
-        kt_config_dir = None
-    if kt_config_dir is not None:
-        found = kt_config_dir(repo)
-        return str(found) if found else None
-    d = cache_dir() / "models" / repo
-    return str(d) if (d / "config.json").is_file() else None
+    from ..download.registry import kt_config_dir  # a leaf module: no import of the planner from here
+
+    found = kt_config_dir(repo)
+    return str(found) if found else None
 
 
 def has_kv_b(model: "ModelInfo") -> bool:
@@ -210,8 +205,10 @@ class KTransformers(Engine):
             out.append(self.version_problem)
         if not model.is_moe:
             out.append("dense model: no routed experts to keep on the CPU")
-        if not hw.gpus:
+        if self.needs_nvidia_gpu and not any(not g.remote for g in hw.gpus):
             out.append("no NVIDIA GPU: it runs attention on CUDA")
+        if any(g.remote for g in hw.gpus):
+            out.append("the profile has llama.cpp RPC devices: only llama-server drives them")
         if model.arch != "deepseek2":
             out.append(f"architecture {model.arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only")
         if out:

@@ -46,18 +46,23 @@ def compiled_of(plan: "Plan") -> Compiled:
     """The plan's placement in llama.cpp's form (computed once at plan time, stored in plan.compiled)."""
     c = plan.compiled
     if c and "ngl" in c:
-        return Compiled(ngl=c["ngl"], overrides=[tuple(x) for x in c["overrides"]], cpu_moe=c["cpu_moe"])
-    return compile_placement(plan.device_of, plan.n_layer)
+        return Compiled(ngl=c["ngl"], overrides=[tuple(x) for x in c["overrides"]], cpu_moe=c["cpu_moe"],
+                        devices=c.get("devices", []), split=c.get("split", []), buffers=c.get("buffers", {}),
+                        layer=c.get("layer", []))
+    return compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers)
 
 
 def placement_args(plan: "Plan") -> list[str]:
-    return compiled_of(plan).args()
+    # --rpc first: llama.cpp registers the RPC devices while parsing it, and -dev/-ot look their names up.
+    rpc = ["--rpc", ",".join(plan.rpc_servers)] if plan.rpc_servers else []
+    return rpc + compiled_of(plan).args()
 
 
 class LlamaCpp(Engine):
     name = "llama.cpp"
     summary = "llama.cpp's llama-server: every GGUF type on CPU and CUDA, -ot tensor placement, concurrent slots"
     kind = "server"
+    drives_rpc_devices = True  # --rpc: a remote ggml device is one more GPU to -ngl/-dev/-ts/-ot
     server_binary = "llama-server"  # looked up by probe.find_llama_binary (HYBRIDINFER_LLAMA_SERVER, the venv, PATH)
     bench_binary = "llama-bench"
     install_hint = "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER to a llama-server binary"
@@ -104,8 +109,9 @@ class LlamaCpp(Engine):
 
     # --- the command ------------------------------------------------------------------------------------
     def compile(self, plan: "Plan") -> dict:
-        c = compile_placement(plan.device_of, plan.n_layer)
-        return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe}
+        c = compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers)
+        return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe,
+                "devices": c.devices, "split": c.split, "buffers": c.buffers, "layer": c.layer}
 
     def command(self, plan: "Plan") -> list[str]:
         binary = self.binary()
@@ -167,6 +173,10 @@ class LlamaCpp(Engine):
     def runner(self, plan: "Plan", settings: RunSettings) -> "Running":
         from .supervisor import Supervisor  # httpx & co. load only when something runs
 
+        if plan.rpc_servers:  # one line naming an unreachable worker, before anything loads
+            from .rpc import check_reachable
+
+            check_reachable(plan.rpc_servers)
         return Supervisor(self, plan, settings)
 
     # --- llama-bench ------------------------------------------------------------------------------------
@@ -176,8 +186,11 @@ class LlamaCpp(Engine):
         c = compiled_of(plan)
         cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
                "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+        if plan.rpc_servers:
+            cmd = cmd[:1] + ["-rpc", ",".join(plan.rpc_servers)] + cmd[1:]
+        cmd += c.layout_args(sep="/")  # llama-bench: ',' separates values to test, '/' the devices of one run
         if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
-            cmd += ["-ot", ";".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
+            cmd += ["-ot", ";".join(f"{rx}={buffer_name(d, c.buffers)}" for rx, d in c.overrides)]
         if plan.numa:
             cmd += ["--numa", plan.numa]
         if plan.kv_type != "f16":

@@ -59,6 +59,13 @@ class LlamaCppPython(Engine):
     def chosen_because(self, model, hw) -> str:
         return "runs every GGUF quant type, in this process"
 
+    def blockers(self, model, placement, hw) -> list[str]:
+        out = super().blockers(model, placement, hw)
+        if placement and len(hw.gpus) > 1 and any(d != "cpu" for d in placement.values()):
+            # Llama() would split layers (and their KV) over every GPU by free memory, not as planned
+            out.append("several GPUs: hybridinfer gives the in-process engine no device list or layer split")
+        return out
+
     def command(self, plan: "Plan") -> list[str]:
         """Not an argv to exec: the `Llama(...)` call it makes, written like one for the plan and the banner."""
         c = compiled_of(plan)

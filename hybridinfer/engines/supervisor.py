@@ -36,6 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_env(plan: "Plan") -> dict | None:
+    """None (inherit), or with an RPC worker on this machine, OpenMP threads that do not spin (rpc.passive_env)."""
+    from .rpc import passive_env, shares_cores
+
+    return passive_env() if plan.rpc_servers and shares_cores(plan.rpc_servers) else None
+
+
 def _die_with_parent():  # runs in the child before exec: no orphan engine if hybridinfer is killed
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -117,8 +124,30 @@ class Supervisor(Running):
         self.started_at = time.monotonic()
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=_die_with_parent, env=engine_env(self.plan))
         self._tasks = [asyncio.create_task(self._pump_log(self.proc)), asyncio.create_task(self._watch(self.proc))]
+        if self.plan.rpc_servers:
+            self._tasks.append(asyncio.create_task(self._watch_workers(self.proc)))
+
+    async def _watch_workers(self, proc, every: float = 1.0) -> None:
+        """An engine whose RPC worker is gone cannot compute (llama.cpp aborts at its next use of it): stop it as
+        soon as its connection to a worker drops, so /health says engine_down now and the restart waits for the
+        worker. Only once the engine is ready: it connects to the workers while loading."""
+        from .rpc import dead_links
+
+        await self._ready.wait()
+        while proc.returncode is None and not self._stopping:
+            dead = await asyncio.to_thread(dead_links, proc.pid, self.plan.rpc_servers)
+            if dead and proc.returncode is None and not self._stopping:
+                log.error("RPC worker %s dropped its connection: stopping %s", ", ".join(dead), self.label)
+                self.state = "down"
+                self._ready.clear()
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                return
+            await asyncio.sleep(every)
 
     async def _pump_log(self, proc) -> None:
         f = open(self.log_file, "a") if self.log_file else None
@@ -150,9 +179,25 @@ class Supervisor(Running):
         if self.restart:
             delay = min(30.0, 1.0 * 2 ** min(self.restarts, 5))
             await asyncio.sleep(delay)
+            await self._wait_workers()
             if not self._stopping:
                 self.restarts += 1
                 await self.start()
+
+    async def _wait_workers(self) -> None:
+        """With RPC workers, restart only once every one is back (llama.cpp aborts on an unreachable worker)."""
+        from .rpc import check_reachable
+
+        said = None
+        while self.plan.rpc_servers and not self._stopping:
+            try:
+                await asyncio.to_thread(check_reachable, self.plan.rpc_servers)
+                return
+            except HybridError as e:
+                if e.problem != said:
+                    log.error("%s; restarting %s when it is back", e.problem, self.label)
+                    said = e.problem
+                await asyncio.sleep(2.0)
 
     async def _wait_healthy(self, proc) -> None:
         async with httpx.AsyncClient(timeout=2.0, transport=self._transport()) as c:
