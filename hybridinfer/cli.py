@@ -91,7 +91,8 @@ def _plan_options(args):
     from .plan import PlanOptions
 
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
-                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream)
+                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream,
+                       cache_ram_mib=args.cache_ram)
 
 
 def engine_command(plan, host="127.0.0.1", port=8080) -> list[str]:
@@ -149,6 +150,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+    p.add_argument("--cache-ram", type=int, metavar="MIB", help="RAM for llama-server's prompt cache, counted in the plan (default: the KV cache size, at most 8192; 0 disables)")
 
 
 def build_parser() -> argparse.ArgumentParser:

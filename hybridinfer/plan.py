@@ -22,6 +22,7 @@ UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
 GPU_RUNTIME = {"llama.cpp": int(0.45 * GIB), "ktransformers": int(1.2 * GIB)}  # CUDA context, cuBLAS, torch
 CPU_RUNTIME = int(0.5 * GIB)
+PROMPT_CACHE_MAX = 8 * GIB  # llama-server's own --cache-ram default, the most the plan gives it
 MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
 KT_MARLIN_BITS = 4.25  # KTransformers runs GPU-resident experts as Marlin int4 (+ group scales)
 
@@ -35,6 +36,7 @@ class PlanOptions:
     kv_type: str = "f16"
     threads: int | None = None
     allow_streaming: bool = True
+    cache_ram_mib: int | None = None  # llama-server's prompt cache in RAM; None = the KV cache size, at most 8 GiB
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class DeviceUse:
     total: int
     capacity: int
     groups: dict[str, int]  # tensor class -> bytes on this device
+    prompt_cache: int = 0  # RAM the engine may fill with cached prompt prefixes (llama-server --cache-ram)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Plan:
     moe_blocks: list[int]
     routed_types: list[str]
     device_of: dict[str, str] = field(default_factory=dict)
+    cache_ram: int | None = None  # bytes for llama-server's --cache-ram (counted in the CPU budget); None: no such cache
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -167,6 +171,8 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         raise HybridError(f"unknown KV cache type '{opts.kv_type}'", f"use one of {', '.join(KV_TYPES)}")
     if opts.engine not in ENGINES:
         raise HybridError(f"unknown engine '{opts.engine}'", f"use one of {', '.join(ENGINES)}")
+    if opts.cache_ram_mib is not None and opts.cache_ram_mib < 0:
+        raise HybridError(f"--cache-ram {opts.cache_ram_mib} is negative", "use 0 to disable the prompt cache, or a size in MiB")
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
     try:
@@ -268,8 +274,18 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         warnings.append(f"KTransformers legacy with USE_NUMA=1 keeps a copy of the CPU experts per NUMA node: "
                         f"{numa_nodes} x {expert_cpu / GIB:.1f} GiB of RAM")
     cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus else compute // 4
-    ram_fixed = kv.get("cpu", 0) + cpu_compute + CPU_RUNTIME
     ram_cap = _ram_capacity(hw)
+    cache_ram = None
+    if engine == "llama.cpp":
+        # Its prompt cache keeps copies of slot states in RAM (multi-conversation prefix reuse); unplanned it grows to
+        # 8 GiB, the difference between fitting and swapping for a model that fills RAM.
+        kv_total = sum(kv.values())
+        cache_ram = opts.cache_ram_mib * MIB if opts.cache_ram_mib is not None else min(PROMPT_CACHE_MAX, kv_total)
+        base = ram_need_weights + kv.get("cpu", 0) + cpu_compute + CPU_RUNTIME
+        if opts.cache_ram_mib is None and cache_ram and base + cache_ram > ram_cap:
+            cache_ram = max(0, (ram_cap - base) // MIB * MIB)
+            warnings.append(f"prompt cache in RAM cut to {cache_ram / GIB:.2f} GiB so the model fits (--cache-ram sets it)")
+    ram_fixed = kv.get("cpu", 0) + cpu_compute + CPU_RUNTIME + (cache_ram or 0)
     streaming, resident = False, 1.0
     if ram_need_weights + ram_fixed > ram_cap:
         short = (ram_need_weights + ram_fixed - ram_cap) / GIB
@@ -289,7 +305,8 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
     ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
                                 kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=CPU_RUNTIME,
-                                total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))
+                                total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {}),
+                                prompt_cache=cache_ram or 0))
 
     threads = opts.threads or hw.cpu.physical_cores
     numa = "distribute" if numa_nodes > 1 and engine == "llama.cpp" else ""
@@ -309,6 +326,9 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         reasons.append(f"KV cache {kv_type}: needs flash attention (on)")
     reasons.append(f"context {ctx} over {opts.parallel} slot(s); KV cache {model.kv.form} form, "
                    f"{model.kv.bytes_per_token[kv_type]:,} B/token")
+    if cache_ram is not None:
+        reasons.append(f"prompt cache in RAM {cache_ram / MIB:.0f} MiB (llama-server --cache-ram; "
+                       + ("set by --cache-ram)" if opts.cache_ram_mib is not None else "the KV cache size, at most 8 GiB)"))
     return Plan(
         model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine,
         rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=kv_type,
@@ -316,6 +336,7 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         resident_fraction=round(resident, 3), devices=devices, prediction=pred, reasons=reasons, warnings=warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
+        cache_ram=cache_ram,
     )
 
 

@@ -164,7 +164,7 @@ def test_metrics_exposition(server):
     assert _metric(m, "hybridinfer_engine_up") == 1
     assert 'hybridinfer_requests_total{endpoint="chat",status="200"}' in m
     assert _metric(m, "hybridinfer_completion_tokens_total") > 0
-    assert "hybridinfer_time_to_first_token_seconds_bucket" in m and "llamacpp:prompt_tokens_total" in m
+    assert "hybridinfer_ttft_s_bucket" in m and "hybridinfer_decode_tps_bucket" in m and "llamacpp:prompt_tokens_total" in m
 
 
 def test_placement_honoured_in_engine_log(tmp_path, tiny_model):

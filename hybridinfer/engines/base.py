@@ -32,6 +32,10 @@ class EngineFailed(Exception):
     """The engine broke during the request (died, connection lost)."""
 
 
+class EngineTimeout(EngineFailed):
+    """The engine did not answer within the request timeout (it is still running; the request was dropped)."""
+
+
 class Running:
     """What every running engine shares: async-context-manager lifecycle and waiting for readiness.
     Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""

@@ -23,7 +23,7 @@ import orjson
 
 from ..plan import Plan
 from ..probe import find_llama_binary
-from .base import EngineFailed, EngineRejected, Running
+from .base import EngineFailed, EngineRejected, EngineTimeout, Running
 from .llamacpp_args import buffer_name, compile_placement
 
 name = "llama.cpp"
@@ -78,6 +78,9 @@ def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str |
         cmd += ["--jinja"]
     if has_flag(binary, "--reasoning-format"):
         cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
+    cache_ram = getattr(plan, "cache_ram", None)
+    if cache_ram is not None and has_flag(binary, "--cache-ram"):
+        cmd += ["--cache-ram", str(cache_ram // 2**20)]  # the plan counts it in RAM; the engine's default is 8 GiB
     cmd += ["--host", host, "--port", str(port)]
     return cmd + list(extra or [])
 
@@ -100,10 +103,82 @@ def _die_with_parent():  # runs in the child before exec: no orphan engine if hy
         pass
 
 
+SOCKDIR_PREFIX = "hybridinfer-"
+HEALTHY_RESET_S = 60.0  # serving this long resets the restart backoff: one crash now and then never compounds
+MAX_BACKOFF_S = 30.0
+
+
+def clean_stale_sockdirs(tmp: str | None = None) -> list[str]:
+    """Remove private socket directories left by a serve that was killed (-9): ours, owned by us, whose owner
+    process is gone. Returns what was removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for n in names:
+        d = os.path.join(tmp, n)
+        if not n.startswith(SOCKDIR_PREFIX):
+            continue
+        try:
+            st = os.lstat(d)
+            if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
+                continue
+            with open(os.path.join(d, "owner.pid")) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            # No owner file: only a directory holding nothing but a dead socket is ours to remove.
+            try:
+                entries = os.listdir(d)
+            except OSError:
+                continue
+            if entries != ["engine.sock"] or _listening(os.path.join(d, "engine.sock")):
+                continue
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.2)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def load_error(tail) -> str:
+    """The engine's own reason for failing to start, from the end of its log."""
+    lines = [ln.strip() for ln in tail if ln.strip()]
+    for key in ("error loading model", "failed to load model", "error:", "error", "exception", "failed"):
+        for ln in reversed(lines):
+            if key in ln.lower():
+                return ln
+    return lines[-1] if lines else "no output"
+
+
 class Supervisor(Running):
     """Runs llama-server as a child on a private loopback port, streams its log, restarts it if it dies.
 
     Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.
+    An engine that never became ready is not restarted (it would fail the same way): `fatal` says why. One that was
+    serving is restarted with a backoff (1, 2, 4 … 30 s) that resets once it has served HEALTHY_RESET_S again.
     """
 
     def __init__(self, plan: Plan, binary: str | None = None, extra: list[str] | None = None,
@@ -118,7 +193,10 @@ class Supervisor(Running):
         # streamed tokens (llama-server leaves Nagle on) and no port another local user could reach.
         self.sock: str | None = None
         if "UNIX socket" in help_text(self.binary):
-            self._sockdir = tempfile.mkdtemp(prefix="hybridinfer-")  # 0700
+            clean_stale_sockdirs()
+            self._sockdir = tempfile.mkdtemp(prefix=SOCKDIR_PREFIX)  # 0700
+            with open(os.path.join(self._sockdir, "owner.pid"), "w") as f:
+                f.write(str(os.getpid()))  # lets a later serve remove this directory if we are killed
             self.sock = os.path.join(self._sockdir, "engine.sock")
         self.extra = list(extra or [])
         self.log_file = log_file
@@ -128,6 +206,10 @@ class Supervisor(Running):
         self.proc: asyncio.subprocess.Process | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.restarts = 0
+        self.failures = 0  # consecutive deaths since the engine last served healthy_reset_s: sets the backoff
+        self.healthy_reset_s = float(os.environ.get("HYBRIDINFER_RESTART_RESET_S", HEALTHY_RESET_S))
+        self.fatal: str | None = None  # the engine could not start: serving cannot go on
+        self.served = False  # became ready at least once
         self.started_at = 0.0
         self.ready_at = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -196,12 +278,24 @@ class Supervisor(Running):
         health.cancel()
         if self._stopping:
             return
+        was_ready = self._ready.is_set()
         self.state = "down"
         self._ready.clear()
+        if not self.served:
+            await asyncio.wait(self._tasks[:1], timeout=2.0)  # the log's last lines carry the reason
+            why = load_error(self.tail)
+            self.fatal = (f"llama-server could not start ({why}) — update the engine (./install.sh rebuilds it) if the "
+                          f"model is newer than the build, or use another GGUF")
+            log.error("llama-server exited with status %s before it was ready: %s", rc, why)
+            return
         last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
-        log.error("llama-server exited with status %s (last line: %s)", rc, last)
+        if was_ready and time.monotonic() - self.ready_at >= self.healthy_reset_s:
+            self.failures = 0
+        delay = min(MAX_BACKOFF_S, 1.0 * 2 ** min(self.failures, 5))
+        log.error("llama-server exited with status %s (last line: %s)%s", rc, last,
+                  f"; restarting in {delay:g} s" if self.restart else "")
         if self.restart:
-            delay = min(30.0, 1.0 * 2 ** min(self.restarts, 5))
+            self.failures += 1
             await asyncio.sleep(delay)
             if not self._stopping:
                 self.restarts += 1
@@ -214,6 +308,7 @@ class Supervisor(Running):
                     r = await c.get(self.base_url + "/health")
                     if r.status_code == 200:
                         self.state = "ready"
+                        self.served = True
                         self.ready_at = time.monotonic()
                         self._ready.set()
                         log.info("llama-server ready in %.1f s", self.ready_at - self.started_at)
@@ -252,6 +347,8 @@ class Supervisor(Running):
     async def complete(self, path: str, body: dict) -> dict:
         try:
             r = await self._client.post(self.base_url + path, json=body)
+        except httpx.TimeoutException as e:
+            raise _timeout(e) from None
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         if r.status_code >= 400:
@@ -272,11 +369,15 @@ class Supervisor(Running):
                 if payload == "[DONE]":
                     return
                 chunk = orjson.loads(payload)
+                if chunk is None:
+                    continue  # `data: null` separates the prompts of a multi-prompt request
                 if "error" in chunk:
                     e = chunk["error"]
                     code = str(e.get("code", ""))
                     raise EngineRejected(int(code) if code.isdigit() else 500, e.get("message") or str(e), e.get("type"))
                 yield chunk
+        except httpx.TimeoutException as e:
+            raise _timeout(e) from None
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         finally:
@@ -289,6 +390,8 @@ class Supervisor(Running):
     async def tokenize(self, text: str) -> list[int]:
         try:
             r = await self._client.post(self.base_url + "/tokenize", json={"content": text}, timeout=30)
+        except httpx.TimeoutException as e:
+            raise _timeout(e) from None
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         if r.status_code >= 400:
@@ -301,6 +404,11 @@ class Supervisor(Running):
             return r.text if r.status_code == 200 else ""
         except (httpx.HTTPError, AttributeError):
             return ""
+
+
+def _timeout(e: httpx.TimeoutException) -> EngineFailed:
+    # Not connecting in time means the engine is not there; a read that waited too long is the request's timeout.
+    return EngineFailed(e.__class__.__name__) if isinstance(e, httpx.ConnectTimeout) else EngineTimeout(e.__class__.__name__)
 
 
 def _rejected(r: httpx.Response) -> EngineRejected:

@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ def cmd_serve(args) -> int:
     from .app import create_app
     from .serving import Settings
 
+    _check_limits(args)
     api_key = args.api_key or os.environ.get("HYBRIDINFER_API_KEY")
     if not _is_loopback(args.host) and not api_key:
         raise HybridError(f"binding {args.host} exposes the server beyond this machine without authentication",
@@ -63,7 +63,8 @@ def cmd_serve(args) -> int:
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
                         starts_in_think=starts_in_think, reasoning_model=starts_in_think,
-                        request_timeout=args.request_timeout)
+                        request_timeout=args.request_timeout,
+                        cache_ram_mib=None if in_process or plan.cache_ram is None else plan.cache_ram // 2**20)
 
     _setup_logging(args.verbose)
     elog = logging.getLogger("hybridinfer.engine")
@@ -97,11 +98,16 @@ def cmd_serve(args) -> int:
           f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
 
     engine = _Progress(sup)
-    app = create_app(settings, engine, api_key=api_key, cors_origins=args.cors_origin)
+    app = create_app(settings, engine, api_key=api_key, cors_origins=args.cors_origin,
+                     metrics_public=args.metrics_public, max_body=int(args.max_body_mb * 2**20))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=args.verbose)
-    uvicorn.Server(config).run()
-    return 1 if engine.failed else 0
+    server = uvicorn.Server(config)
+    engine.on_fatal = lambda: setattr(server, "should_exit", True)  # uvicorn's own clean shutdown
+    server.run()
+    if engine.fatal:
+        raise HybridError(engine.fatal)
+    return 0
 
 
 class _Progress:
@@ -109,7 +115,8 @@ class _Progress:
 
     def __init__(self, sup):
         self.sup = sup
-        self.failed = False
+        self.fatal: str | None = None  # the engine could not start: serve stops with this error
+        self.on_fatal = None
 
     def __getattr__(self, name):
         return getattr(self.sup, name)
@@ -124,9 +131,9 @@ class _Progress:
             while not await self.sup.wait_ready(timeout=1.0):
                 t += 1
                 if getattr(self.sup, "fatal", None):
-                    print(f"hybridinfer: error: {self.sup.fatal}", file=sys.stderr, flush=True)
-                    self.failed = True
-                    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
+                    self.fatal = self.sup.fatal
+                    if self.on_fatal:
+                        self.on_fatal()
                     return
                 if self.sup.state == "loading" and t % 5 == 0:
                     print(f"  loading model… {t:.0f} s", flush=True)
@@ -139,6 +146,18 @@ class _Progress:
         self._report.cancel()
         print("  stopping engine…", flush=True)
         await self.sup.stop()
+
+
+def _check_limits(args) -> None:
+    if not 1 <= args.port <= 65535:
+        raise HybridError(f"--port {args.port} is not a TCP port", "use a port from 1 to 65535, e.g. --port 8000")
+    if args.queue < 0:
+        raise HybridError(f"--queue {args.queue} is negative", "use --queue 0 to refuse requests when every slot is busy, "
+                                                                "or a positive number of waiting places")
+    if not args.max_body_mb > 0:
+        raise HybridError(f"--max-body-mb {args.max_body_mb:g} is not a positive size", "use e.g. --max-body-mb 4")
+    if not args.request_timeout > 0:
+        raise HybridError(f"--request-timeout {args.request_timeout:g} is not a positive time", "use e.g. --request-timeout 600")
 
 
 def _is_loopback(host: str) -> bool:
@@ -178,6 +197,8 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (env HYBRIDINFER_API_KEY)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser clients from ORIGIN (repeatable, '*' for any)")
     p.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for a slot before 429 (default: 16)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB", help="largest request body accepted, 413 beyond (default: 4)")
+    p.add_argument("--metrics-public", action="store_true", help="with --api-key: serve /metrics without the key (default: it needs the key)")
     p.add_argument("--alias", metavar="NAME", help="model id to serve under (default: the file name)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="engine request timeout (default: 600)")
     p.add_argument("--engine-log", metavar="FILE", help="also write the engine's full log to FILE")
