@@ -41,7 +41,7 @@ def srv(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, tiny_model):
     """Four slots and a queue of 16: room for the soak's 16 concurrent clients and the schema fuzzer."""
-    s = Served(["--gguf", tiny_model, "--parallel", "4", "--queue", "16", "--ctx", str(4 * CTX_PER_SLOT),
+    s = Served(["--gguf", tiny_model, "--parallel", "4", "--queue", "16", "--ctx", "4096",  # short slots: bounded fuzzing
                 "--alias", "tiny"], tmp_path_factory.mktemp("wide"))
     yield s
     s.stop()
@@ -273,8 +273,11 @@ def test_nan_temperature_message(srv):
 
 
 def test_request_timeout_is_a_timeout(tmp_path, tiny_model):
-    s = Served(["--gguf", tiny_model, "--request-timeout", "0.5"], tmp_path)
+    s = Served(["--gguf", tiny_model, "--request-timeout", "0.5", "--ctx", "2048"], tmp_path)
     try:
+        # a 2,048-token slot: the 30 KB of spaces is beyond the character bound, refused before any tokenizer
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": " " * 30_000}]})
+        assert r.status_code == 400 and "16,384 characters" in r.json()["error"]["message"]
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "go", "max_tokens": 3000, "ignore_eos": True},
                        timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text

@@ -60,13 +60,13 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = _REQUEST  # engine-specific sampling fields pass through (top_k, ignore_eos, ...)
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     min_p: float | None = Field(default=None, ge=0, le=1)  # extension (llama.cpp)
-    top_k: int | None = Field(default=None, ge=0)  # extension (llama.cpp)
+    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)  # extension (llama.cpp)
     n: int | None = Field(default=None, ge=1, le=1, description="one choice per request (send n requests instead)")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -78,7 +78,7 @@ class _Sampling(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     # extension: "split" (default) puts <think>…</think> into reasoning_content; "raw" keeps it in content
