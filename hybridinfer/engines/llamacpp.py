@@ -230,7 +230,10 @@ class Supervisor(Running):
 
     def _transport(self, max_connections: int = 10) -> httpx.AsyncHTTPTransport:
         if self.sock:
-            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections))
+            # No keep-alive: llama-server mishandles a connection reused after a streamed answer (the next request
+            # is dropped, and a cancelled request on it is never noticed); a Unix-socket connect costs microseconds.
+            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections,
+                                                                                max_keepalive_connections=0))
         # TCP fallback: a fresh loopback connection per request, since on a reused one the kernel's delayed ACKs
         # and llama-server's Nagle hold the first streamed tokens back by tens of ms.
         return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -345,15 +348,14 @@ class Supervisor(Running):
 
     # --- the engine interface the server uses (see engines/base.py) ----------------------------------
     async def complete(self, path: str, body: dict) -> dict:
+        """One answer, read from the engine as a stream: llama-server stops a streamed request on the next token
+        once its connection closes, while a non-streamed one it may keep generating for nobody (seen under load)."""
+        body = dict(body, stream=True, stream_options={"include_usage": True})
         try:
-            r = await self._client.post(self.base_url + path, json=body)
-        except httpx.TimeoutException as e:
-            raise _timeout(e) from None
-        except httpx.HTTPError as e:
-            raise EngineFailed(e.__class__.__name__) from None
-        if r.status_code >= 400:
-            raise _rejected(r)
-        return r.json()
+            with anyio.fail_after(self.request_timeout):  # the whole answer, as a non-streamed client expects
+                return assemble(path, [c async for c in self.stream(path, body)])
+        except TimeoutError:
+            raise EngineTimeout(f"no complete answer within {self.request_timeout:g} s") from None
 
     async def stream(self, path: str, body: dict):
         r = None
@@ -404,6 +406,60 @@ class Supervisor(Running):
             return r.text if r.status_code == 200 else ""
         except (httpx.HTTPError, AttributeError):
             return ""
+
+
+def assemble(path: str, chunks: list[dict]) -> dict:
+    """Streamed chunks -> the non-streamed OpenAI answer (choices by index; content, reasoning, tool calls and
+    logprobs joined; usage summed over the prompts of a multi-prompt request; the engine's timings kept)."""
+    chat = path.endswith("chat/completions")
+    out: dict = {"object": "chat.completion" if chat else "text_completion"}
+    choices: dict[int, dict] = {}
+    usage: dict = {}
+    for ch in chunks:
+        for k in ("id", "created", "model", "system_fingerprint"):
+            if k in ch and k not in out:
+                out[k] = ch[k]
+        if ch.get("timings"):
+            out["timings"] = ch["timings"]
+        u = ch.get("usage")
+        if u:
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                usage[k] = usage.get(k, 0) + (u.get(k) or 0)
+            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                d = usage.setdefault("prompt_tokens_details", {"cached_tokens": 0})
+                d["cached_tokens"] += cached
+        for c in ch.get("choices") or []:
+            i = c.get("index", 0)
+            acc = choices.setdefault(i, {"index": i, "finish_reason": None, "logprobs": None})
+            if c.get("finish_reason"):
+                acc["finish_reason"] = c["finish_reason"]
+            lp = c.get("logprobs")
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+                acc["logprobs"] = acc["logprobs"] or {"content": []}
+                acc["logprobs"]["content"] += lp["content"]
+            if not chat:
+                acc["text"] = acc.get("text", "") + (c.get("text") or "")
+                continue
+            msg = acc.setdefault("message", {"role": "assistant", "content": None})
+            delta = c.get("delta") or {}
+            for k in ("content", "reasoning_content"):
+                if delta.get(k):
+                    msg[k] = (msg.get(k) or "") + delta[k]
+            for tc in delta.get("tool_calls") or []:
+                calls = msg.setdefault("tool_calls", [])
+                j = tc.get("index", len(calls))
+                while len(calls) <= j:
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                call = calls[j]
+                if tc.get("id"):
+                    call["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                call["function"]["name"] += fn.get("name") or ""
+                call["function"]["arguments"] += fn.get("arguments") or ""
+    out["choices"] = [choices[i] for i in sorted(choices)]
+    out["usage"] = usage
+    return out
 
 
 def _timeout(e: httpx.TimeoutException) -> EngineFailed:
