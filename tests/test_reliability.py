@@ -40,9 +40,9 @@ def srv(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, tiny_model):
-    """Four slots and a queue of 16: room for the soak's 16 concurrent clients and the schema fuzzer."""
-    s = Served(["--gguf", tiny_model, "--parallel", "4", "--queue", "16", "--ctx", "4096",  # short slots: bounded fuzzing
-                "--alias", "tiny"], tmp_path_factory.mktemp("wide"))
+    """Four slots and a queue of 16: room for the soak's 16 concurrent clients."""
+    s = Served(["--gguf", tiny_model, "--parallel", "4", "--queue", "16", "--ctx", "4096", "--alias", "tiny"],
+               tmp_path_factory.mktemp("wide"))
     yield s
     s.stop()
 
@@ -323,19 +323,28 @@ def test_auth_covers_metrics_and_schema_and_stale_sockets_go(tmp_path, tiny_mode
 
 # --- 8. the schema is real: schemathesis finds no 5xx and no violation --------------------------------------------
 
-def test_schemathesis_finds_no_5xx_and_no_violations(wide, tmp_path):
+@pytest.fixture(scope="module")
+def fuzz(tmp_path_factory, tiny_model):
+    """Short slots (512 tokens): fuzzed requests that ask for every token they may still end in seconds."""
+    s = Served(["--gguf", tiny_model, "--parallel", "2", "--queue", "16", "--ctx", "1024", "--alias", "tiny"],
+               tmp_path_factory.mktemp("fuzz"))
+    yield s
+    s.stop()
+
+
+def test_schemathesis_finds_no_5xx_and_no_violations(fuzz, tmp_path):
     st = os.path.join(os.path.dirname(EXE), "schemathesis")
     if not os.path.exists(st):
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
-    r = subprocess.run([st, "run", wide.url + "/openapi.json",
+    r = subprocess.run([st, "run", fuzz.url + "/openapi.json",
                         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                                     "response_schema_conformance",
-                        "--phases", "examples,coverage,fuzzing", "--max-examples", "30", "--seed", "12",
-                        "--generation-database", "none", "--request-timeout", "60", "--workers", "2",
+                        "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--seed", "12",
+                        "--generation-database", "none", "--request-timeout", "300", "--workers", "2",
                         "--exclude-path", "/metrics"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert _health(wide)["engine_restarts"] == 0
+    assert _health(fuzz)["engine_restarts"] == 0
 
 
 # --- soak ----------------------------------------------------------------------------------------------------
