@@ -16,7 +16,8 @@ from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
-                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None, "rpc": None}
+                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None, "rpc": None,
+                 "cache_ram": None}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -32,6 +33,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--kv-type", default="f16", choices=list(KV_TYPES), help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+    p.add_argument("--cache-ram", type=int, metavar="MIB", help="RAM for the engine's prompt cache (engines that keep "
+                   "one), counted in the plan (default: the KV cache size, at most 8192; 0 disables)")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
     p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these RPC workers' devices "
                    "(`hybridinfer worker` on each machine): planned with the memory each reports, served with --rpc")
@@ -43,7 +46,7 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
 def plan_options(args, serving: bool = False) -> PlanOptions:
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
                        kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving,
-                       kt_model_dir=getattr(args, "kt_model_dir", None))
+                       kt_model_dir=getattr(args, "kt_model_dir", None), cache_ram_mib=getattr(args, "cache_ram", None))
 
 
 def probe_box(measure: bool = False) -> HardwareProfile:

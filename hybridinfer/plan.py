@@ -40,6 +40,7 @@ class PlanOptions:
     allow_streaming: bool = True
     serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
     kt_model_dir: str | None = None  # KTransformers: the model's HF folder (config + tokenizer; SGLang: checkpoint)
+    cache_ram_mib: int | None = None  # the engine's prompt cache in RAM; None = the KV cache size, at most its cap
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DeviceUse:
     total: int
     capacity: int
     groups: dict[str, int]  # tensor class -> bytes on this device
+    prompt_cache: int = 0  # RAM the engine may fill with cached prompt prefixes (llama-server --cache-ram)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Plan:
     gpu_devices: dict[str, str] = field(default_factory=dict)
     gpu_buffers: dict[str, str] = field(default_factory=dict)
     rpc_servers: list[str] = field(default_factory=list)
+    cache_ram: int | None = None  # bytes for the engine's prompt cache (--cache-ram), counted in RAM; None: no such cache
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -129,6 +132,8 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         raise HybridError(f"unknown KV cache type '{opts.kv_type}'", f"use one of {', '.join(KV_TYPES)}")
     if opts.engine != engines.AUTO:
         engines.get(opts.engine)  # unknown -> one line listing the known engines
+    if opts.cache_ram_mib is not None and opts.cache_ram_mib < 0:
+        raise HybridError(f"--cache-ram {opts.cache_ram_mib} is negative", "use 0 to disable the prompt cache, or a size in MiB")
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
     if not opts.rules and len(hw.gpus) > 1 and model.is_moe:
@@ -365,8 +370,19 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         ram_need_weights += extra
         warnings.append(why)
     cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus else compute // 4
-    ram_fixed = kv.get("cpu", 0) + cpu_compute + runtime_cpu
     ram_cap = _ram_capacity(hw)
+    cache_ram = None
+    if engine.prompt_cache_max is not None:
+        # Its prompt cache keeps copies of slot states in RAM (multi-conversation prefix reuse); unplanned it grows to
+        # the engine's own default (8 GiB for llama-server), the difference between fitting and swapping for a model
+        # that fills RAM.
+        kv_total = sum(kv.values())
+        cache_ram = opts.cache_ram_mib * MIB if opts.cache_ram_mib is not None else min(engine.prompt_cache_max, kv_total)
+        base = ram_need_weights + kv.get("cpu", 0) + cpu_compute + runtime_cpu
+        if opts.cache_ram_mib is None and cache_ram and base + cache_ram > ram_cap:
+            cache_ram = max(0, (ram_cap - base) // MIB * MIB)
+            warnings.append(f"prompt cache in RAM cut to {cache_ram / GIB:.2f} GiB so the model fits (--cache-ram sets it)")
+    ram_fixed = kv.get("cpu", 0) + cpu_compute + runtime_cpu + (cache_ram or 0)
     streaming, resident = False, 1.0
     if ram_need_weights + ram_fixed > ram_cap:
         short = (ram_need_weights + ram_fixed - ram_cap) / GIB
@@ -386,7 +402,8 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
                                 kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=runtime_cpu,
-                                total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))
+                                total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {}),
+                                prompt_cache=cache_ram or 0))
 
     threads = opts.threads or hw.cpu.physical_cores
     policy = engine.numa_policy(numa_nodes)
@@ -412,6 +429,10 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         reasons.append(f"KV cache {kv_type}: needs flash attention (on)")
     reasons.append(f"context {ctx} over {opts.parallel} slot(s); KV cache {engine.kv_form(model)} form, "
                    f"{kv_tok:,} B/token")
+    if cache_ram is not None:
+        reasons.append(f"prompt cache in RAM {cache_ram / MIB:.0f} MiB ({engine.name} --cache-ram; "
+                       + ("set by --cache-ram)" if opts.cache_ram_mib is not None else
+                          f"the KV cache size, at most {engine.prompt_cache_max / GIB:g} GiB)"))
     return Plan(
         model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine.name,
         rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=kv_type,
@@ -422,4 +443,5 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         gpu_devices={f"gpu:{g.index}": g.llama_device for g in hw.gpus},
         gpu_buffers={f"gpu:{g.index}": g.buffer_type for g in hw.gpus},
         rpc_servers=[g.endpoint for g in sorted((g for g in hw.gpus if g.endpoint), key=lambda g: int(g.llama_device[3:]))],
+        cache_ram=cache_ram,
     )

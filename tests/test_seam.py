@@ -9,6 +9,7 @@ import yaml
 
 from conftest import ROOT, run_cli
 from hybridinfer import engines
+from hybridinfer.engines.supervisor import free_port
 from hybridinfer.errors import HybridError
 from hybridinfer.plan import Plan, PlanOptions, make_plan
 from hybridinfer.probe import load_profile
@@ -170,7 +171,7 @@ def test_serve_refuses_an_engine_that_is_not_installed(tiny_model):
     if not missing:
         pytest.skip("every servable engine is installed here")
     e = missing[0]
-    r = run_cli("serve", "--engine", e.name, "--gguf", tiny_model, "--port", "0")
+    r = run_cli("serve", "--engine", e.name, "--gguf", tiny_model, "--port", str(free_port()))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not installed" in r.stderr and e.install_hint in r.stderr
 
 

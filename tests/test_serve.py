@@ -164,7 +164,7 @@ def test_metrics_exposition(server):
     assert _metric(m, "hybridinfer_engine_up") == 1
     assert 'hybridinfer_requests_total{endpoint="chat",status="200"}' in m
     assert _metric(m, "hybridinfer_completion_tokens_total") > 0
-    assert "hybridinfer_time_to_first_token_seconds_bucket" in m and "llamacpp:prompt_tokens_total" in m
+    assert "hybridinfer_ttft_s_bucket" in m and "hybridinfer_decode_tps_bucket" in m and "llamacpp:prompt_tokens_total" in m
 
 
 def test_placement_honoured_in_engine_log(tmp_path, tiny_model):
@@ -187,16 +187,19 @@ def test_engine_crash_restart_and_shutdown(tmp_path, tiny_model):
     s = Served(["--gguf", tiny_model, "--parallel", "2"], tmp_path)
     try:
         got_error = []
+        streaming = threading.Event()
 
         def stream():
             with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
                               json={"messages": MSG, "stream": True, "max_tokens": 3000, "ignore_eos": True}) as r:
                 for line in r.iter_lines():
+                    streaming.set()
                     if '"error"' in line:
                         got_error.append(json.loads(line[6:]))
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.3)
+        # Mid-stream: a crash before the first chunk is answered with an HTTP error instead (first-chunk peek).
+        assert streaming.wait(20)
         os.kill(s.engine_pid(), signal.SIGKILL)
         t.join(20)
         assert got_error and "engine stopped" in got_error[0]["error"]["message"]

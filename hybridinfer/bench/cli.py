@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 
 from ..errors import HybridError
+from ..metrics import DECODE_TPS, PREFILL_TPS
 from ..util import atomic_write, dump_json
-from .load import Target, file_prompts, first_model, random_prompts, run_level, server_tokenizer
+from .load import Target, file_prompts, first_model, random_prompts, run_level, server_info, server_tokenizer
 
 SCHEMA = "hybridinfer.bench/1"
 
@@ -129,7 +130,7 @@ async def _run(args, urls, levels, rate, console) -> dict:
                             api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), seed=args.seed,
                             timeout=args.timeout)
             warm, prompts = prompts_cache[:args.warmup], prompts_cache[args.warmup:]
-            run = {"url": url, "model": model, "levels": []}
+            run = {"url": url, "model": model, "server": await server_info(client, url, target.api_key), "levels": []}
             if warm:
                 w = await run_level(target, warm, 1)
                 run["warmup_failed"] = sum(not s.ok for s in w.samples)
@@ -238,7 +239,10 @@ def _engine_bench(plan_file: str, args, console) -> dict:
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise HybridError(f"{os.path.basename(cmd[0])} failed: {last}", "run the command above by hand to see why")
-    return {"command": cmd, "results": parse_bench(r.stdout)}
+    results = parse_bench(r.stdout)
+    for row in results:  # the metrics table's names: tg = decode, pp = prefill
+        row[DECODE_TPS if row["test"].startswith("tg") else PREFILL_TPS] = row["tokens_per_s"]
+    return {"command": cmd, "results": results}
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
+from ..metrics import DECODE_TPS
+
 # Short common words: about one token each in BPE vocabularies of real models.
 WORDS = ("the of and to in is was for on are with as his they at be this from have or one had by but not what all "
          "were when we there can an your which their said if do will each about how up out them then she many some so "
@@ -79,6 +81,10 @@ class Level:
                 out[f"{stat}_{name}_ms"] = float(fn(a)) if a.size else None
             for p in (90, 99):
                 out[f"p{p}_{name}_ms"] = float(np.percentile(a, p)) if a.size else None
+        # Decode speed under its one name (hybridinfer.metrics): per request, tokens after the first / time since it.
+        tps = np.asarray([1.0 / x for x in tpot if x > 0], dtype=float)
+        for stat, fn in (("mean", np.mean), ("median", np.median)):
+            out[f"{stat}_{DECODE_TPS}"] = float(fn(tps)) if tps.size else None
         errors: dict[str, int] = {}
         for s in failed:
             errors[s.error or "unknown"] = errors.get(s.error or "unknown", 0) + 1
@@ -313,6 +319,21 @@ async def run_level(t: Target, prompts: list[str], concurrency: int, request_rat
         wall = time.perf_counter() - t_level
     samples.sort(key=lambda s: s.index)
     return Level(concurrency, request_rate, wall, samples)
+
+
+async def server_info(client: httpx.AsyncClient, base: str, api_key: str | None) -> dict | None:
+    """What a hybridinfer server reports about itself on /health (slots, queue, context, the engine's prompt cache
+    in RAM), or None for another kind of server."""
+    root = base.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = await client.get(root + "/health", headers=headers, timeout=5)
+        body = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(body, dict) or "slots" not in body:
+        return None
+    return {k: body.get(k) for k in ("slots", "queue", "ctx_per_slot", "cache_ram_mib")}
 
 
 async def first_model(client: httpx.AsyncClient, base: str, api_key: str | None) -> str:

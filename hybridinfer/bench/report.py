@@ -42,6 +42,13 @@ def render(report: dict, console: Console | None = None) -> None:
         if tg and c1 and c1.get("median_tpot_ms"):
             api = 1000.0 / c1["median_tpot_ms"]
             console.print(f"API decode at concurrency 1: {api:.1f} tok/s = {api / tg:.2f}x the engine's own tg figure")
+    for run in report["runs"]:
+        srv = run.get("server")
+        if srv:
+            cache = srv.get("cache_ram_mib")
+            console.print(f"{run['url']}: {srv.get('slots')} slot(s) of {srv.get('ctx_per_slot')} tokens, queue "
+                          f"{srv.get('queue')}, engine prompt cache in RAM "
+                          + ("-" if cache is None else f"{cache} MiB"))
     console.print(f"prompt tokens counted by: {report.get('prompt_tokens_counted_by')}")
 
 

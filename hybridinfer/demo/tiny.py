@@ -80,8 +80,10 @@ def _bpe(n_merges: int) -> tuple[list[str], list[str]]:
 
 
 def write_tiny(path: str | os.PathLike, seed: int = 0, qtype: str = "q8_0", mla: bool = True,
-               blocks: int = 4, n_embd: int = 256, n_expert: int = 8, n_ff_exp: int = 128) -> str:
-    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys)."""
+               blocks: int = 4, n_embd: int = 256, n_expert: int = 8, n_ff_exp: int = 128,
+               pre: str = "deepseek-v3") -> str:
+    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys); `pre` names
+    the pre-tokenizer (an unknown one makes a model the engine cannot load)."""
     rng = np.random.default_rng(seed)
     arch = "deepseek2"
     n_head, q_lora, kv_lora, nope, rope, v_dim, n_ff, n_dense, n_used = 4, 128, 128, 32, 32, 32, 512, 1, 2
@@ -126,7 +128,7 @@ def write_tiny(path: str | os.PathLike, seed: int = 0, qtype: str = "q8_0", mla:
     w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     u("vocab_size", len(vocab))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("deepseek-v3")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(vocab)
     w.add_token_types(types)
     w.add_token_merges(merges)

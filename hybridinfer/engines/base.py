@@ -49,6 +49,10 @@ class EngineFailed(Exception):
     """The engine broke during the request (died, connection lost)."""
 
 
+class EngineTimeout(EngineFailed):
+    """The engine did not answer within the request timeout (it is still running; the request was dropped)."""
+
+
 class Running:
     """What every running engine shares: async-context-manager lifecycle and waiting for readiness.
     Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""
@@ -101,6 +105,7 @@ class Engine:
     serves: bool = True  # `hybridinfer serve` can run it (False: plan prints its command only)
     gpu_runtime_bytes: int = int(0.45 * GIB)  # CUDA context, cuBLAS workspace, ...
     cpu_runtime_bytes: int = int(0.5 * GIB)
+    prompt_cache_max: int | None = None  # bytes: a prompt cache in RAM it fills up to this unless told (--cache-ram)
     prediction_params: PredictionParams = PredictionParams()
     install_hint: str = "see the README"
     plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions

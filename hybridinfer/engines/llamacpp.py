@@ -97,6 +97,12 @@ class LlamaCpp(Engine):
         """Whether this build listens on a Unix socket given `--host PATH.sock`."""
         return "UNIX socket" in help_text(binary)
 
+    @property
+    def prompt_cache_max(self) -> int | None:
+        # llama-server's own --cache-ram default, the most the plan gives it unasked; a build without the flag
+        # (older, or a fork) has no such cache to plan.
+        return 8 * 2**30 if self.has_flag(self.binary(), "--cache-ram") else None
+
     def has_flag(self, binary: str | None, flag: str) -> bool:
         # No binary to ask (planning where none is installed): write the current flag set.
         return not binary or flag in self.flags(binary)
@@ -131,6 +137,8 @@ class LlamaCpp(Engine):
             cmd += ["--jinja"]
         if self.has_flag(binary, "--reasoning-format"):
             cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
+        if plan.cache_ram is not None and self.has_flag(binary, "--cache-ram"):
+            cmd += ["--cache-ram", str(plan.cache_ram // 2**20)]  # the plan counts it in RAM; the engine's default is 8 GiB
         return cmd
 
     def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:

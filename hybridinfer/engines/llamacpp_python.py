@@ -357,10 +357,14 @@ class InProcess(Running):
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         try:
-            if chat:
-                yield self._chunk(path, cid, created, None, role=True)
+            first = True
             while True:
                 kind, value = await q.get()
+                if first and chat and kind in ("text", "done"):
+                    # The role chunk goes out with the first result, so a refusal (prompt too long) comes before
+                    # any chunk, as llama-server does: the server then answers with an HTTP error.
+                    yield self._chunk(path, cid, created, None, role=True)
+                first = False
                 if kind == "text":
                     yield self._chunk(path, cid, created, value)
                 elif kind == "done":

@@ -21,7 +21,7 @@ import httpx
 import orjson
 
 from ..errors import HybridError
-from .base import EngineFailed, EngineRejected, Running, RunSettings
+from .base import EngineFailed, EngineRejected, EngineTimeout, Running, RunSettings
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -50,10 +50,82 @@ def _die_with_parent():  # runs in the child before exec: no orphan engine if hy
         pass
 
 
+SOCKDIR_PREFIX = "hybridinfer-"
+HEALTHY_RESET_S = 60.0  # serving this long resets the restart backoff: one crash now and then never compounds
+MAX_BACKOFF_S = 30.0
+
+
+def clean_stale_sockdirs(tmp: str | None = None) -> list[str]:
+    """Remove private socket directories left by a serve that was killed (-9): ours, owned by us, whose owner
+    process is gone. Returns what was removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for n in names:
+        d = os.path.join(tmp, n)
+        if not n.startswith(SOCKDIR_PREFIX):
+            continue
+        try:
+            st = os.lstat(d)
+            if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
+                continue
+            with open(os.path.join(d, "owner.pid")) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            # No owner file: only a directory holding nothing but a dead socket is ours to remove.
+            try:
+                entries = os.listdir(d)
+            except OSError:
+                continue
+            if entries != ["engine.sock"] or _listening(os.path.join(d, "engine.sock")):
+                continue
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.2)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def load_error(tail) -> str:
+    """The engine's own reason for failing to start, from the end of its log."""
+    lines = [ln.strip() for ln in tail if ln.strip()]
+    for key in ("error loading model", "failed to load model", "error:", "error", "exception", "failed"):
+        for ln in reversed(lines):
+            if key in ln.lower():
+                return ln
+    return lines[-1] if lines else "no output"
+
+
 class Supervisor(Running):
     """Runs llama-server as a child on a private loopback port, streams its log, restarts it if it dies.
 
     Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.
+    An engine that never became ready is not restarted (it would fail the same way): `fatal` says why. One that was
+    serving is restarted with a backoff (1, 2, 4 … 30 s) that resets once it has served HEALTHY_RESET_S again.
     """
 
     def __init__(self, engine: LlamaCpp, plan: "Plan", settings: RunSettings, restart: bool = True):
@@ -71,7 +143,10 @@ class Supervisor(Running):
         # streamed tokens (llama-server leaves Nagle on) and no port another local user could reach.
         self.sock: str | None = None
         if engine.unix_socket(self.binary):
-            self._sockdir = tempfile.mkdtemp(prefix="hybridinfer-")  # 0700
+            clean_stale_sockdirs()
+            self._sockdir = tempfile.mkdtemp(prefix=SOCKDIR_PREFIX)  # 0700
+            with open(os.path.join(self._sockdir, "owner.pid"), "w") as f:
+                f.write(str(os.getpid()))  # lets a later serve remove this directory if we are killed
             self.sock = os.path.join(self._sockdir, "engine.sock")
         self.log_file = settings.log_file
         self.restart = restart
@@ -80,6 +155,10 @@ class Supervisor(Running):
         self.proc: asyncio.subprocess.Process | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.restarts = 0
+        self.failures = 0  # consecutive deaths since the engine last served healthy_reset_s: sets the backoff
+        self.healthy_reset_s = float(os.environ.get("HYBRIDINFER_RESTART_RESET_S", HEALTHY_RESET_S))
+        self.fatal: str | None = None  # the engine could not start: serving cannot go on
+        self.served = False  # became ready at least once
         self.started_at = 0.0
         self.ready_at = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -100,7 +179,10 @@ class Supervisor(Running):
 
     def _transport(self, max_connections: int = 10) -> httpx.AsyncHTTPTransport:
         if self.sock:
-            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections))
+            # No keep-alive: llama-server mishandles a connection reused after a streamed answer (the next request
+            # is dropped, and a cancelled request on it is never noticed); a Unix-socket connect costs microseconds.
+            return httpx.AsyncHTTPTransport(uds=self.sock, limits=httpx.Limits(max_connections=max_connections,
+                                                                                max_keepalive_connections=0))
         # TCP fallback: a fresh loopback connection per request, since on a reused one the kernel's delayed ACKs
         # and llama-server's Nagle hold the first streamed tokens back by tens of ms.
         return httpx.AsyncHTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -172,17 +254,41 @@ class Supervisor(Running):
         health.cancel()
         if self._stopping:
             return
+        was_ready = self.ready_at > self.started_at  # this run served (the RPC watch clears _ready before a kill)
         self.state = "down"
         self._ready.clear()
+        if not self.served and not await self._worker_gone():
+            await asyncio.wait(self._tasks[:1], timeout=2.0)  # the log's last lines carry the reason
+            why = load_error(self.tail)
+            self.fatal = (f"{self.label} could not start ({why}) — update the engine (./install.sh rebuilds it) if the "
+                          f"model is newer than the build, or use another GGUF")
+            log.error("%s exited with status %s before it was ready: %s", self.label, rc, why)
+            return
         last = next((ln for ln in reversed(self.tail) if ln.strip()), "")
-        log.error("%s exited with status %s (last line: %s)", self.label, rc, last)
+        if was_ready and time.monotonic() - self.ready_at >= self.healthy_reset_s:
+            self.failures = 0
+        delay = min(MAX_BACKOFF_S, 1.0 * 2 ** min(self.failures, 5))
+        log.error("%s exited with status %s (last line: %s)%s", self.label, rc, last,
+                  f"; restarting in {delay:g} s" if self.restart else "")
         if self.restart:
-            delay = min(30.0, 1.0 * 2 ** min(self.restarts, 5))
+            self.failures += 1
             await asyncio.sleep(delay)
             await self._wait_workers()
             if not self._stopping:
                 self.restarts += 1
                 await self.start()
+
+    async def _worker_gone(self) -> bool:
+        """An RPC worker unreachable now: the engine failed for want of it, not for the model; wait and restart."""
+        from .rpc import check_reachable
+
+        if not self.plan.rpc_servers:
+            return False
+        try:
+            await asyncio.to_thread(check_reachable, self.plan.rpc_servers)
+            return False
+        except HybridError:
+            return True
 
     async def _wait_workers(self) -> None:
         """With RPC workers, restart only once every one is back (llama.cpp aborts on an unreachable worker)."""
@@ -206,6 +312,7 @@ class Supervisor(Running):
                     r = await c.get(self.base_url + "/health")
                     if r.status_code == 200:
                         self.state = "ready"
+                        self.served = True
                         self.ready_at = time.monotonic()
                         self._ready.set()
                         log.info("%s ready in %.1f s", self.label, self.ready_at - self.started_at)
@@ -242,13 +349,14 @@ class Supervisor(Running):
 
     # --- the engine interface the server uses (see engines/base.py) ----------------------------------
     async def complete(self, path: str, body: dict) -> dict:
+        """One answer, read from the engine as a stream: llama-server stops a streamed request on the next token
+        once its connection closes, while a non-streamed one it may keep generating for nobody (seen under load)."""
+        body = dict(body, stream=True, stream_options={"include_usage": True})
         try:
-            r = await self._client.post(self.base_url + path, json=body)
-        except httpx.HTTPError as e:
-            raise EngineFailed(e.__class__.__name__) from None
-        if r.status_code >= 400:
-            raise _rejected(r)
-        return r.json()
+            with anyio.fail_after(self.request_timeout):  # the whole answer, as a non-streamed client expects
+                return assemble(path, [c async for c in self.stream(path, body)])
+        except TimeoutError:
+            raise EngineTimeout(f"no complete answer within {self.request_timeout:g} s") from None
 
     async def stream(self, path: str, body: dict):
         r = None
@@ -264,11 +372,15 @@ class Supervisor(Running):
                 if payload == "[DONE]":
                     return
                 chunk = orjson.loads(payload)
+                if chunk is None:
+                    continue  # `data: null` separates the prompts of a multi-prompt request
                 if "error" in chunk:
                     e = chunk["error"]
                     code = str(e.get("code", ""))
                     raise EngineRejected(int(code) if code.isdigit() else 500, e.get("message") or str(e), e.get("type"))
                 yield chunk
+        except httpx.TimeoutException as e:
+            raise _timeout(e) from None
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         finally:
@@ -281,6 +393,8 @@ class Supervisor(Running):
     async def tokenize(self, text: str) -> list[int]:
         try:
             r = await self._client.post(self.base_url + "/tokenize", json={"content": text}, timeout=30)
+        except httpx.TimeoutException as e:
+            raise _timeout(e) from None
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         if r.status_code >= 400:
@@ -293,6 +407,65 @@ class Supervisor(Running):
             return r.text if r.status_code == 200 else ""
         except (httpx.HTTPError, AttributeError):
             return ""
+
+
+def assemble(path: str, chunks: list[dict]) -> dict:
+    """Streamed chunks -> the non-streamed OpenAI answer (choices by index; content, reasoning, tool calls and
+    logprobs joined; usage summed over the prompts of a multi-prompt request; the engine's timings kept)."""
+    chat = path.endswith("chat/completions")
+    out: dict = {"object": "chat.completion" if chat else "text_completion"}
+    choices: dict[int, dict] = {}
+    usage: dict = {}
+    for ch in chunks:
+        for k in ("id", "created", "model", "system_fingerprint"):
+            if k in ch and k not in out:
+                out[k] = ch[k]
+        if ch.get("timings"):
+            out["timings"] = ch["timings"]
+        u = ch.get("usage")
+        if u:
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                usage[k] = usage.get(k, 0) + (u.get(k) or 0)
+            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                d = usage.setdefault("prompt_tokens_details", {"cached_tokens": 0})
+                d["cached_tokens"] += cached
+        for c in ch.get("choices") or []:
+            i = c.get("index", 0)
+            acc = choices.setdefault(i, {"index": i, "finish_reason": None, "logprobs": None})
+            if c.get("finish_reason"):
+                acc["finish_reason"] = c["finish_reason"]
+            lp = c.get("logprobs")
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+                acc["logprobs"] = acc["logprobs"] or {"content": []}
+                acc["logprobs"]["content"] += lp["content"]
+            if not chat:
+                acc["text"] = acc.get("text", "") + (c.get("text") or "")
+                continue
+            msg = acc.setdefault("message", {"role": "assistant", "content": None})
+            delta = c.get("delta") or {}
+            for k in ("content", "reasoning_content"):
+                if delta.get(k):
+                    msg[k] = (msg.get(k) or "") + delta[k]
+            for tc in delta.get("tool_calls") or []:
+                calls = msg.setdefault("tool_calls", [])
+                j = tc.get("index", len(calls))
+                while len(calls) <= j:
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                call = calls[j]
+                if tc.get("id"):
+                    call["id"] = tc["id"]
+                fn = tc.get("function") or {}
+                call["function"]["name"] += fn.get("name") or ""
+                call["function"]["arguments"] += fn.get("arguments") or ""
+    out["choices"] = [choices[i] for i in sorted(choices)]
+    out["usage"] = usage
+    return out
+
+
+def _timeout(e: httpx.TimeoutException) -> EngineFailed:
+    # Not connecting in time means the engine is not there; a read that waited too long is the request's timeout.
+    return EngineFailed(e.__class__.__name__) if isinstance(e, httpx.ConnectTimeout) else EngineTimeout(e.__class__.__name__)
 
 
 def _rejected(r: httpx.Response) -> EngineRejected:

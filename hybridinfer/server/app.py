@@ -1,24 +1,26 @@
-"""Wiring only: the FastAPI app, auth, CORS, OpenAI-shaped errors, and a lifespan that owns the engine."""
+"""Wiring only: the FastAPI app, auth and body limit, CORS, OpenAI-shaped errors, the OpenAPI description, client
+disconnect watching, and a lifespan that owns the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import json
 
 import anyio
 from fastapi import FastAPI, Request
-from pydantic import ValidationError
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engines.base import EngineFailed, EngineRejected
-from ..metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, error_body
-from .serving import Err, Serving, Settings
+from .protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
+                       ModelList, TokenizeRequest, Tokens, error_body)
+from .serving import Err, Serving, Settings, Stream
+
+DEFAULT_MAX_BODY = 4 * 2**20
 
 
 class _CancellingStream(StreamingResponse):
@@ -46,23 +48,61 @@ class _CancellingStream(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-class _BearerAuth:
-    """Requires 'Authorization: Bearer KEY' on /v1 and /tokenize. Plain ASGI: Starlette's BaseHTTPMiddleware would
-    re-stream every response chunk through an extra task and queue."""
+def _reply(scope, receive, send, status: int, message: str, type_: str, code: str, headers: dict | None = None):
+    return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)(scope, receive, send)
 
-    def __init__(self, app, api_key: str):
+
+class _Guard:
+    """Plain ASGI (Starlette's BaseHTTPMiddleware would re-stream every response chunk through an extra task):
+    - 'Authorization: Bearer KEY' on everything but /health (and /metrics with metrics_public), 401 otherwise;
+    - a request body larger than max_body is refused with 413 before it is read into memory or parsed."""
+
+    def __init__(self, app, api_key: str | None, metrics_public: bool, max_body: int):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.open = {"/health"} | ({"/metrics"} if metrics_public else set())
+        self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and \
-                (scope["path"].startswith("/v1") or scope["path"] == "/tokenize"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                resp = JSONResponse(error_body("invalid or missing API key (Authorization: Bearer …)",
-                                               "authentication_error", "invalid_api_key"), status_code=401)
-                return await resp(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected and scope["method"] != "OPTIONS" and scope["path"] not in self.open:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                return await _reply(scope, receive, send, 401, "invalid or missing API key (Authorization: Bearer …)",
+                                    "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = (f"the request body is larger than this server's limit of {self.max_body:,} bytes; "
+                   f"send a shorter prompt (or restart serve with a larger --max-body-mb)")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_body:
+            return await _reply(scope, receive, send, 413, too_big, "invalid_request_error", "request_too_large")
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_body:
+                return await _reply(scope, receive, send, 413, too_big, "invalid_request_error", "request_too_large")
+            chunks.append(body)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: the client's disconnect
+
+        await self.app(scope, replay, send)
 
 
 async def _report_loading(engine, say, on_fatal) -> None:
@@ -78,16 +118,52 @@ async def _report_loading(engine, say, on_fatal) -> None:
     say(f"  ready: engine loaded in {engine.ready_at - engine.started_at:.1f} s")
 
 
+async def _watching(request: Request, work):
+    """Runs `work()` while watching the client connection; a client that leaves cancels it (-> None)."""
+    result = None
+    async with anyio.create_task_group() as tg:
+        async def watch():
+            while True:
+                if (await request.receive())["type"] == "http.disconnect":
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        result = await work()
+        tg.cancel_scope.cancel()
+    return result
+
+
+_ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in (
+    (400, "bad request: malformed JSON, wrong types, prompt longer than the context, unsupported content"),
+    (401, "missing or wrong API key (with --api-key)"), (404, "unknown model"),
+    (413, "request body over the size limit"), (429, "all slots and queue places taken; see Retry-After"),
+    (500, "internal error"), (502, "the engine failed during the request"),
+    (503, "the engine is loading or restarting; see Retry-After"), (504, "the engine did not answer in time"))}
+
+
+def _post_doc(request_model: type[BaseModel], response_model: type[BaseModel], streams: bool) -> dict:
+    ok: dict = {"model": response_model, "description": "the answer" + (" (text/event-stream with stream: true)" if streams else "")}
+    if streams:
+        # One schema per server-sent event (its fields, as OpenAPI 3.2's itemSchema has them): data is a JSON chunk
+        # of the answer, an {"error": …} object, or [DONE].
+        ok["content"] = {"text/event-stream": {"schema": {
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
+    return {"responses": {200: ok, **_ERRORS},
+            "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}}}}}
+
+
 def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None,
-               say=None, on_fatal=None) -> FastAPI:
+               metrics_public: bool = False, max_body: int = DEFAULT_MAX_BODY, say=None, on_fatal=None) -> FastAPI:
     """`engine`: a running engine as described in engines/base.py (engine.runner(plan, ...)). With `say` (a
     print-like callable) the lifespan reports loading progress; `on_fatal(message)` is called on a load failure."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = ServerMetrics()
         async with engine:
-            app.state.serving = Serving(settings, engine, metrics)
+            app.state.serving = Serving(settings, engine)
             report = asyncio.create_task(_report_loading(engine, say, on_fatal or (lambda m: None))) if say else None
             try:
                 yield
@@ -96,12 +172,11 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
                     report.cancel()
                     say("  stopping engine…")
 
-    app = FastAPI(title="hybridinfer", lifespan=lifespan, docs_url=None, redoc_url=None)
-    if cors_origins:
+    app = FastAPI(title="hybridinfer", summary="OpenAI-compatible API of hybridinfer serve", lifespan=lifespan,
+                  redoc_url=None)
+    app.add_middleware(_Guard, api_key=api_key, metrics_public=metrics_public, max_body=max_body)
+    if cors_origins:  # outermost, so that 401/413 answers carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-
-    if api_key:
-        app.add_middleware(_BearerAuth, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -115,35 +190,40 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # e.g. 405's Allow
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         return JSONResponse(error_body(f"internal error: {exc.__class__.__name__}", "server_error"), status_code=500)
 
     def respond(result):
+        if result is None:  # the client left; nobody reads this
+            return Response(status_code=499)
         if isinstance(result, Err):
             return JSONResponse(result.body, status_code=result.status, headers=result.headers)
-        if isinstance(result, dict):
-            return JSONResponse(result)
-        return _CancellingStream(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if isinstance(result, Stream):
+            return _CancellingStream(result, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(result)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "engine not ready"}})
     async def health(request: Request):
         status, body = request.app.state.serving.health()
         return JSONResponse(body, status_code=status, headers={} if status == 200 else {"Retry-After": "2"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text: hybridinfer_* then the engine's own"},
+                                    401: _ERRORS[401]})
     async def metrics(request: Request):
         s: Serving = request.app.state.serving
-        text = s.metrics.render(s.engine.state, s.engine.restarts)
+        text = s.metrics.render()
         engine_text = await s.engine_metrics()
         if engine_text:
-            text += "# engine metrics\n" + engine_text
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+            text += b"# engine metrics\n" + engine_text.encode()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERRORS[401]})
     async def models(request: Request):
         return request.app.state.serving.models()
 
@@ -155,31 +235,35 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", **_post_doc(TokenizeRequest, Tokens, streams=False))
     async def tokenize(request: Request):
         # llama-server's shape ({"content": str} -> {"tokens": [...]}), so clients such as `bench` size prompts exactly.
-        try:
-            content = json.loads(await request.body() or b"null").get("content")
-        except (ValueError, AttributeError):
-            content = None
-        if not isinstance(content, str):
-            return JSONResponse(error_body('body must be {"content": "text"}', "invalid_request_error", param="content"),
-                                status_code=400)
-        s: Serving = request.app.state.serving
-        if s.engine.state != "ready":
-            return JSONResponse(error_body("the engine is not ready; retry shortly", "server_error", "engine_unavailable"),
-                                status_code=503, headers={"Retry-After": "2"})
-        try:
-            return {"tokens": await s.engine.tokenize(content)}
-        except (EngineFailed, EngineRejected) as e:
-            return JSONResponse(error_body(f"tokenize failed: {e}", "server_error"), status_code=502)
+        req = await parse(request, TokenizeRequest)
+        return respond(await _watching(request, lambda: request.app.state.serving.tokenize(req.content)))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_post_doc(ChatCompletionRequest, ChatCompletion, streams=True))
     async def chat(request: Request):
-        return respond(await request.app.state.serving.chat(await parse(request, ChatCompletionRequest)))
+        req = await parse(request, ChatCompletionRequest)
+        return respond(await _watching(request, lambda: request.app.state.serving.chat(req)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_post_doc(CompletionRequest, Completion, streams=True))
     async def completions(request: Request):
-        return respond(await request.app.state.serving.completions(await parse(request, CompletionRequest)))
+        req = await parse(request, CompletionRequest)
+        return respond(await _watching(request, lambda: request.app.state.serving.completions(req)))
 
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest):
+                s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[m.__name__] = s
+            if api_key:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ def cmd_serve(args) -> int:
     from .app import create_app
     from .serving import Settings
 
+    _check_limits(args)
     api_key = args.api_key or os.environ.get("HYBRIDINFER_API_KEY")
     if not _is_loopback(args.host) and not api_key:
         raise HybridError(f"binding {args.host} exposes the server beyond this machine without authentication",
@@ -55,8 +55,8 @@ def cmd_serve(args) -> int:
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     think = model.opens_think or engine.starts_in_think(plan)
     settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
-                        starts_in_think=think, reasoning_model=think,
-                        request_timeout=args.request_timeout)
+                        starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
+                        cache_ram_mib=None if plan.cache_ram is None else plan.cache_ram // 2**20)
     _setup_logging(args.verbose)
     label = engine.name if engine.kind == "in-process" else os.path.basename(plan.command[0])
     running = engine.runner(plan, RunSettings(
@@ -64,19 +64,24 @@ def cmd_serve(args) -> int:
         log_file=args.engine_log, on_line=_engine_log(label, args.verbose), verbose=args.engine_verbose))
     _banner(args, plan, model, engine, running, alias, api_key, demo)
 
-    failed = []
+    failed: list[str] = []
 
     def on_fatal(message: str) -> None:
-        print(f"hybridinfer: error: {message}", file=sys.stderr, flush=True)
         failed.append(message)
-        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own clean shutdown
+        # uvicorn's own clean shutdown. Not SIGTERM: uvicorn re-raises it after shutting down, and the exit status
+        # would be -15 instead of the error's 2.
+        server.should_exit = True
 
     app = create_app(settings, running, api_key=api_key, cors_origins=args.cors_origin,
+                     metrics_public=args.metrics_public, max_body=int(args.max_body_mb * 2**20),
                      say=lambda m: print(m, flush=True), on_fatal=on_fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=args.verbose)
-    uvicorn.Server(config).run()
-    return 1 if failed else 0
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        raise HybridError(failed[0])  # one line, exit 2
+    return 0
 
 
 def _engine_log(label: str, verbose: bool):
@@ -108,6 +113,18 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
+
+
+def _check_limits(args) -> None:
+    if not 1 <= args.port <= 65535:
+        raise HybridError(f"--port {args.port} is not a TCP port", "use a port from 1 to 65535, e.g. --port 8000")
+    if args.queue < 0:
+        raise HybridError(f"--queue {args.queue} is negative", "use --queue 0 to refuse requests when every slot is busy, "
+                                                                "or a positive number of waiting places")
+    if not args.max_body_mb > 0:
+        raise HybridError(f"--max-body-mb {args.max_body_mb:g} is not a positive size", "use e.g. --max-body-mb 4")
+    if not args.request_timeout > 0:
+        raise HybridError(f"--request-timeout {args.request_timeout:g} is not a positive time", "use e.g. --request-timeout 600")
 
 
 def _is_loopback(host: str) -> bool:
@@ -145,6 +162,8 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (env HYBRIDINFER_API_KEY)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser clients from ORIGIN (repeatable, '*' for any)")
     p.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait for a slot before 429 (default: 16)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB", help="largest request body accepted, 413 beyond (default: 4)")
+    p.add_argument("--metrics-public", action="store_true", help="with --api-key: serve /metrics without the key (default: it needs the key)")
     p.add_argument("--alias", metavar="NAME", help="model id to serve under (default: the file name)")
     p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="engine request timeout (default: 600)")
     p.add_argument("--engine-log", metavar="FILE", help="also write the engine's full log to FILE")

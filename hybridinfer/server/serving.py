@@ -1,6 +1,8 @@
-"""Serving logic: admission, defaults, forwarding to the engine, reasoning split, metrics.
+"""Serving logic: admission, limits, defaults, forwarding to the engine, reasoning split, metrics.
 
-Returns a response dict, an async generator of SSE strings, or an `Err` value; knows nothing about FastAPI.
+Returns a response dict, a `Stream` of SSE bytes, or an `Err` value; knows nothing about FastAPI. The caller runs
+each request under a watch of its client connection and cancels it when the client leaves: a cancelled request
+gives its queue place or engine slot back at once (the engine stops when its connection closes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-
+import anyio
 import orjson
 
 from ..engines.base import EngineFailed, EngineRejected
@@ -21,6 +23,10 @@ from .reasoning import ThinkSplitter, split_text
 
 log = logging.getLogger("hybridinfer.server")
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}  # Unsloth's advice for R1 (1.58-bit)
+# A text longer than this many characters per context token cannot fit a slot (real tokenizers average 3-5
+# characters per token on prose and code); refusing it here keeps pathological text away from the engine's tokenizer.
+CHARS_PER_TOKEN = 8
+DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,12 @@ class Settings:
     starts_in_think: bool = False  # the chat template opens <think> in the generation prompt (R1)
     reasoning_model: bool = False  # apply R1 sampling defaults
     request_timeout: float = 600.0
+    cache_ram_mib: int | None = None  # the engine's prompt cache in RAM (reported by /health)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.ctx_per_slot * CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True)
@@ -51,13 +62,63 @@ def sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"  # per token: orjson is ~5x the stdlib here
 
 
+class _Ticket:
+    """One admitted request: queued until it holds a slot, then running; released exactly once."""
+
+    def __init__(self, serving: "Serving"):
+        self.serving = serving
+        self.t_admit = time.perf_counter()
+        self.running = False
+        self.released = False
+
+    async def slot(self) -> None:
+        await self.serving.slots.acquire()  # cancellable: a client that leaves drops its queue entry
+        if self.released:  # released while waiting (cannot happen today, but never leak a slot)
+            self.serving.slots.release()
+            return
+        self.running = True
+        self.serving.running += 1
+        self.serving.metrics.queue_wait.observe(time.perf_counter() - self.t_admit)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        s = self.serving
+        s.admitted -= 1
+        if self.running:
+            s.running -= 1
+            s.slots.release()
+
+
+class Stream:
+    """An SSE body: iterate it for the bytes; `aclose()` ends it and frees its slot even if it never started."""
+
+    def __init__(self, agen: AsyncIterator[bytes], finish):
+        self._agen = agen
+        self._finish = finish
+
+    def __aiter__(self):
+        return self._agen
+
+    async def aclose(self) -> None:
+        try:
+            await self._agen.aclose()
+        finally:
+            await self._finish(499)
+
+
 class Serving:
-    def __init__(self, settings: Settings, engine, metrics: ServerMetrics):
+    def __init__(self, settings: Settings, engine, metrics: ServerMetrics | None = None):
         self.s = settings
         self.engine = engine  # the interface in engines/base.py
-        self.metrics = metrics
         self.slots = asyncio.Semaphore(settings.parallel)
-        self.waiting = 0
+        self.admitted = 0  # queued + running: the one count admission decides on
+        self.running = 0
+        self.metrics = metrics or ServerMetrics(self.live)
+
+    def live(self) -> tuple[str, int, int, int]:
+        return self.engine.state, self.engine.restarts, self.running, self.admitted - self.running
 
     # --- models / health -------------------------------------------------------------------------
     def models(self) -> dict:
@@ -67,47 +128,67 @@ class Serving:
     def health(self) -> tuple[int, dict]:
         st = self.engine.state
         body = {"status": {"ready": "ok", "down": "engine_down"}.get(st, st), "model": self.s.model_id,
-                "engine_restarts": self.engine.restarts, "in_flight": self.metrics.in_flight,
-                "queued": self.metrics.queued, "slots": self.s.parallel}
+                "engine_restarts": self.engine.restarts, "in_flight": self.running,
+                "queued": self.admitted - self.running, "slots": self.s.parallel, "queue": self.s.queue,
+                "ctx_per_slot": self.s.ctx_per_slot, "cache_ram_mib": self.s.cache_ram_mib}
         return (200 if st == "ready" else 503), body
 
     async def engine_metrics(self) -> str:
         return await self.engine.metrics_text()
 
-    # --- admission -------------------------------------------------------------------------------
-    def _check(self, model: str | None, max_tokens: int | None) -> Err | None:
+    # --- checks and admission --------------------------------------------------------------------
+    def _too_long(self, chars: int, what: str = "the prompt") -> Err | None:
+        limit = self.s.max_prompt_chars
+        if chars <= limit:
+            return None
+        return err(400, f"{what} has {chars:,} characters, more than a slot's context of {self.s.ctx_per_slot} tokens "
+                        f"can hold (limit {limit:,} characters); shorten it, or restart serve with a larger --ctx",
+                   code="context_length_exceeded")
+
+    def _unavailable(self) -> Err | None:
+        if self.engine.state == "ready":
+            return None
+        what = "is loading the model" if self.engine.state in ("loading", "starting") else "is restarting after a crash"
+        return err(503, f"the engine {what}; retry shortly", type_="server_error", code="engine_unavailable", retry_after=2)
+
+    def _check(self, model: str | None, max_tokens: int | None, chars: int) -> Err | None:
         if model not in (None, "", self.s.model_id):
             return err(404, f"model '{model}' does not exist; this server serves '{self.s.model_id}'",
                        code="model_not_found", param="model")
         if max_tokens is not None and max_tokens > self.s.ctx_per_slot:
             return err(400, f"max_tokens {max_tokens} exceeds the context of {self.s.ctx_per_slot} tokens per slot; "
                             f"ask for fewer, or restart serve with a larger --ctx", param="max_tokens")
+        return self._too_long(chars) or self._unavailable()
+
+    def admit(self) -> _Ticket | Err:
+        """The one admission decision for every request kind: check and count with no await in between."""
+        if self.admitted >= self.s.parallel + self.s.queue:
+            return err(429, f"server busy: {self.s.parallel} slots and {self.s.queue} queued requests in use; "
+                            f"retry shortly", type_="rate_limit_error", code="queue_full", retry_after=1)
+        self.admitted += 1
+        return _Ticket(self)
+
+    async def _failed(self, e: EngineFailed) -> Err:
+        from ..engines.base import EngineTimeout
+
+        if not isinstance(e, EngineTimeout):
+            await asyncio.sleep(0.3)  # a broken connection comes just before the supervisor sees the engine exit
+        if isinstance(e, EngineTimeout):
+            return err(504, f"the engine did not answer within the request timeout ({self.s.request_timeout:g} s); "
+                            f"the request was stopped — ask for fewer tokens, or restart serve with a larger "
+                            f"--request-timeout", type_="server_error", code="timeout")
         if self.engine.state != "ready":
-            what = "is loading the model" if self.engine.state in ("loading", "starting") else "is restarting after a crash"
-            return err(503, f"the engine {what}; retry shortly", type_="server_error", code="engine_unavailable", retry_after=2)
-        if self.metrics.in_flight + self.waiting >= self.s.parallel + self.s.queue:
-            return err(429, f"server busy: {self.s.parallel} slots and {self.s.queue} queued requests in use; retry shortly",
-                       type_="rate_limit_error", code="queue_full", retry_after=1)
-        return None
-
-    async def _acquire(self) -> None:
-        self.waiting += 1
-        self.metrics.queued = self.waiting
-        try:
-            await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-            self.metrics.queued = self.waiting
-        self.metrics.in_flight += 1
-
-    def _release(self) -> None:
-        self.metrics.in_flight -= 1
-        self.slots.release()
+            return err(502, f"the engine stopped during the request ({e}); it is being restarted — retry shortly",
+                       type_="server_error", code="engine_error")
+        return err(502, f"the engine connection failed during the request ({e}); retry the request",
+                   type_="server_error", code="engine_error")
 
     # --- endpoints -------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest):
         max_tokens = req.max_tokens or req.max_completion_tokens
-        problem = self._check(req.model, max_tokens)
+        chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+                    for m in req.messages)
+        problem = self._check(req.model, max_tokens, chars)
         if problem:
             self.metrics.request_done("chat", problem.status)
             return problem
@@ -121,11 +202,12 @@ class Serving:
         split = req.reasoning_format == "split"
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-            return self._stream("chat", "/v1/chat/completions", body, split)
+            return await self._stream("chat", "/v1/chat/completions", body, split)
         return await self._once("chat", "/v1/chat/completions", body, split)
 
     async def completions(self, req: CompletionRequest):
-        problem = self._check(req.model, req.max_tokens)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        problem = self._check(req.model, req.max_tokens, max(len(p) for p in prompts))
         if problem:
             self.metrics.request_done("completions", problem.status)
             return problem
@@ -133,129 +215,229 @@ class Serving:
         body["model"] = self.s.model_id
         if req.stream:
             body["stream_options"] = {"include_usage": True}
-            return self._stream("completions", "/v1/completions", body, None)
+            return await self._stream("completions", "/v1/completions", body, None)
         return await self._once("completions", "/v1/completions", body, None)
+
+    async def tokenize(self, content: str):
+        problem = self._too_long(len(content), "the text") or self._unavailable()
+        if problem:
+            self.metrics.request_done("tokenize", problem.status)
+            return problem
+        status = 200
+        try:
+            return {"tokens": await self.engine.tokenize(content)}
+        except EngineRejected as e:
+            status = e.status
+            return err(e.status, e.message, e.type, code=str(e.status))
+        except EngineFailed as e:
+            problem = await self._failed(e)
+            status = problem.status
+            return problem
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.metrics.request_done("tokenize", status)
 
     # --- forwarding ------------------------------------------------------------------------------
     async def _once(self, endpoint: str, path: str, body: dict, split: bool | None):
-        await self._acquire()
-        t0 = time.perf_counter()
+        ticket = self.admit()
+        if isinstance(ticket, Err):
+            self.metrics.request_done(endpoint, ticket.status)
+            return ticket
+        status, usage = 500, None
         try:
-            data = await self.engine.complete(path, body)
+            await ticket.slot()
+            t_engine = time.perf_counter()
+            try:
+                data = await self.engine.complete(path, body)
+            except EngineRejected as e:
+                status = e.status
+                return err(e.status, e.message, e.type, code=str(e.status))
+            except EngineFailed as e:
+                problem = await self._failed(e)
+                status = problem.status
+                return problem
+            data["model"] = self.s.model_id
+            for ch in data.get("choices", []):
+                msg = ch.get("message")
+                if msg is None or split is None:
+                    continue
+                text = msg.get("content") or ""
+                if split:
+                    reasoning, content = split_text(text, self.s.starts_in_think)
+                    msg["content"] = content
+                    if reasoning is not None:
+                        msg["reasoning_content"] = reasoning
+                elif self.s.starts_in_think:
+                    msg["content"] = "<think>\n" + text
+            usage = data.get("usage") or {}
+            timings = data.pop("timings", None) or {}
+            status = 200
+            self.metrics.e2e.observe(time.perf_counter() - ticket.t_admit)
+            if timings.get("prompt_ms") is not None:
+                self.metrics.ttft.observe(t_engine - ticket.t_admit + timings["prompt_ms"] / 1000)
+            if timings.get("predicted_per_second"):
+                self.metrics.decode.observe(timings["predicted_per_second"])
+            return data
+        except asyncio.CancelledError:
+            status = 499  # the client went away: the queue entry or the engine's work is dropped with it
+            self.metrics.cancelled.inc()
+            raise
+        finally:
+            ticket.release()
+            self.metrics.request_done(endpoint, status, usage)
+
+    async def _stream(self, endpoint: str, path: str, body: dict, split: bool | None):
+        """Waits for the engine's first chunk before answering, so whatever the engine refuses before generating
+        (prompt longer than the context, bad grammar, ...) is an HTTP error, not a 200 with an error event."""
+        ticket = self.admit()
+        if isinstance(ticket, Err):
+            self.metrics.request_done(endpoint, ticket.status)
+            return ticket
+        state = {"status": 499, "usage": {}, "done": False}
+        it = None
+
+        async def finish(status: int | None = None) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            if status is not None:
+                state["status"] = status
+            if state["status"] == 499:
+                self.metrics.cancelled.inc()
+            if it is not None:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await it.aclose()  # closes the engine connection: the engine stops generating
+                    except Exception:  # noqa: BLE001 — the engine side is gone already
+                        pass
+            ticket.release()
+            self.metrics.request_done(endpoint, state["status"], state["usage"])
+
+        try:
+            await ticket.slot()
+            it = aiter(self.engine.stream(path, body))
+            try:
+                first = await anext(it)
+            except StopAsyncIteration:
+                first = None
         except EngineRejected as e:
-            self.metrics.request_done(endpoint, e.status)
+            await finish(e.status)
             return err(e.status, e.message, e.type, code=str(e.status))
         except EngineFailed as e:
-            self.metrics.request_done(endpoint, 502)
-            return err(502, f"the engine failed during the request ({e}); it is being restarted",
-                       type_="server_error", code="engine_error")
-        finally:
-            self._release()
-        data["model"] = self.s.model_id
-        for ch in data.get("choices", []):
-            msg = ch.get("message")
-            if msg is None or split is None:
-                continue
-            text = msg.get("content") or ""
-            if split:
-                reasoning, content = split_text(text, self.s.starts_in_think)
-                msg["content"] = content
-                if reasoning is not None:
-                    msg["reasoning_content"] = reasoning
-            elif self.s.starts_in_think:
-                msg["content"] = "<think>\n" + text
-        usage = data.get("usage") or {}
-        timings = data.pop("timings", None) or {}
-        self.metrics.request_done(endpoint, 200, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-        self.metrics.e2e.observe(time.perf_counter() - t0)
-        if timings.get("prompt_ms") is not None:
-            self.metrics.ttft.observe(timings["prompt_ms"] / 1000)
-        if timings.get("predicted_per_second"):
-            self.metrics.tps.observe(timings["predicted_per_second"])
-        return data
+            problem = await self._failed(e)
+            await finish(problem.status)
+            return problem
+        except BaseException:
+            await finish(499)
+            raise
+        return Stream(self._relay(endpoint, ticket, first, it, split, state, finish), finish)
 
-    def _stream(self, endpoint: str, path: str, body: dict, split: bool | None) -> AsyncIterator[str]:
-        async def gen():
-            await self._acquire()
-            t0 = time.perf_counter()
-            first = last = None
-            usage = {}
-            status = 200
-            splitter = ThinkSplitter(self.s.starts_in_think) if split else None
-            raw_prefix = "<think>\n" if (split is False and self.s.starts_in_think) else ""
-            model_id = self.s.model_id
-            chat = endpoint == "chat"
-            try:
-                async for chunk in self.engine.stream(path, body):
-                    chunk["model"] = model_id
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-                    chunk.pop("timings", None)  # llama.cpp's own field; usage carries the counts
-                    choices = chunk.get("choices")
-                    if not choices:
-                        yield sse(chunk)
-                        continue
-                    ch = choices[0]
+    async def _relay(self, endpoint, ticket, first, it, split, state, finish) -> AsyncIterator[bytes]:
+        t0 = ticket.t_admit
+        t_first = t_last = None
+        n_out = 0
+        splitters: dict[int, ThinkSplitter] = {}
+        raw_open: set[int] = set()  # choices that already got the "<think>\n" prefix (raw format)
+        model_id = self.s.model_id
+        chat = endpoint == "chat"
+
+        async def chunks():
+            if first is not None:
+                yield first
+            async for c in it:
+                yield c
+
+        try:
+            async for chunk in chunks():
+                if not isinstance(chunk, dict):
+                    continue  # llama-server sends `data: null` between the prompts of a multi-prompt request
+                chunk["model"] = model_id
+                chunk.pop("timings", None)  # llama.cpp's own field; usage carries the counts
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    acc = state["usage"]
+                    for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                        acc[k] = acc.get(k, 0) + (u.get(k) or 0)
+                    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    if cached:
+                        d = acc.setdefault("prompt_tokens_details", {"cached_tokens": 0})
+                        d["cached_tokens"] += cached
+                choices = chunk.get("choices")
+                if not choices:
+                    yield sse(chunk)
+                    continue
+                out = []
+                for ch in choices:
+                    idx = ch.get("index", 0)
                     delta = ch.get("delta") or {}
                     text = delta.get("content") if chat else ch.get("text")
                     if text:
-                        last = time.perf_counter()
-                        if first is None:
-                            first = last
-                            self.metrics.ttft.observe(last - t0)
+                        t_last = time.perf_counter()
+                        n_out += 1
+                        if t_first is None:
+                            t_first = t_last
+                            self.metrics.ttft.observe(t_first - t0)
                     if not chat or split is None:
-                        yield sse(chunk)
+                        out.append(ch)
                         continue
-                    if splitter is None:  # raw
-                        if text and raw_prefix:
-                            delta["content"] = raw_prefix + text
-                            raw_prefix = ""
-                        yield sse(chunk)
+                    if not split:  # raw: the template opened <think> in the prompt, give it back to the client
+                        if text and self.s.starts_in_think and idx not in raw_open:
+                            delta["content"] = "<think>\n" + text
+                            raw_open.add(idx)
+                        out.append(ch)
                         continue
-                    parts = splitter.feed(text) if text else ("", "")
+                    sp = splitters.setdefault(idx, ThinkSplitter(self.s.starts_in_think))
+                    parts = sp.feed(text) if text else ("", "")
                     if ch.get("finish_reason"):
-                        fr, fc = splitter.flush()
+                        fr, fc = sp.flush()
                         parts = (parts[0] + fr, parts[1] + fc)
                     if parts[0]:
-                        yield sse(_with_delta(chunk, {"reasoning_content": parts[0]}, None))
+                        out.append(_choice(ch, {"reasoning_content": parts[0]}, None))
                     if parts[1]:
-                        yield sse(_with_delta(chunk, {"content": parts[1]}, None))
+                        out.append(_choice(ch, {"content": parts[1]}, None))
                     if ch.get("finish_reason") or (not text and "role" in delta):
-                        yield sse(_with_delta(chunk, {k: v for k, v in delta.items() if k != "content"},
-                                              ch.get("finish_reason")))
-                yield b"data: [DONE]\n\n"
-            except EngineRejected as e:
-                status = e.status
-                yield sse(error_body(e.message, e.type, str(e.status)))
-                yield b"data: [DONE]\n\n"
-            except EngineFailed as e:
-                status = 502
-                log.warning("engine stream broke: %s", e)
-                yield sse(error_body("the engine stopped during generation; it is being restarted — retry the request",
-                                     "server_error", "engine_error"))
-                yield b"data: [DONE]\n\n"
-            except (asyncio.CancelledError, GeneratorExit):
-                status = 499  # the client went away
-                self.metrics.cancelled += 1
-                raise
-            finally:
-                self._release()
-                self.metrics.request_done(endpoint, status, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                if status == 200:
-                    self.metrics.e2e.observe(time.perf_counter() - t0)
-                    toks = usage.get("completion_tokens", 0)
-                    if first is not None and last is not None and toks > 1 and last > first:
-                        self.metrics.tps.observe((toks - 1) / (last - first))
+                        out.append(_choice(ch, {k: v for k, v in delta.items() if k != "content"}, ch.get("finish_reason")))
+                for ch in out:
+                    c = dict(chunk)
+                    c["choices"] = [ch]
+                    if ch is not out[-1]:
+                        c.pop("usage", None)
+                    yield sse(c)
+            yield DONE
+            state["status"] = 200
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+            toks = state["usage"].get("completion_tokens", 0)
+            if t_first is not None and t_last is not None and toks > 1 and t_last > t_first:
+                self.metrics.decode.observe((toks - 1) / (t_last - t_first))
+        except EngineRejected as e:
+            state["status"] = e.status
+            yield sse(error_body(e.message, e.type, str(e.status)))
+            yield DONE
+        except EngineFailed as e:
+            problem = await self._failed(e)
+            state["status"] = problem.status
+            log.warning("engine stream broke: %s", e)
+            msg = problem.body["error"]["message"]
+            if problem.status == 502 and self.engine.state != "ready":
+                msg = "the engine stopped during generation; it is being restarted — retry the request"
+            yield sse(error_body(msg, problem.body["error"]["type"], problem.body["error"]["code"]))
+            yield DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            state["status"] = 499  # the client went away
+            raise
+        except Exception as e:  # noqa: BLE001 — a proxy-side failure still ends the stream properly
+            state["status"] = 500
+            log.exception("stream failed in the proxy")
+            yield sse(error_body(f"internal error while streaming: {e.__class__.__name__}", "server_error", "internal_error"))
+            yield DONE
+        finally:
+            await finish()
 
-        return gen()
 
-
-def _with_delta(chunk: dict, delta: dict, finish_reason) -> dict:
-    out = dict(chunk)
-    ch = dict(chunk["choices"][0])
-    ch["delta"] = delta
-    ch["finish_reason"] = finish_reason
-    out["choices"] = [ch]
-    out.pop("usage", None)
-    out.pop("timings", None)
+def _choice(ch: dict, delta: dict, finish_reason) -> dict:
+    out = dict(ch)
+    out["delta"] = delta
+    out["finish_reason"] = finish_reason
     return out

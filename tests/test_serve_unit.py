@@ -1,0 +1,169 @@
+"""The serve layer's pieces that need no engine: strict request models, the metrics table, plan's prompt cache,
+one-line CLI errors, stale socket directories, the engine's load-error line, the OpenAPI description."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import run_cli
+from hybridinfer import metrics
+from hybridinfer.server.protocol import ChatCompletionRequest, CompletionRequest
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ({"max_tokens": True}, "valid integer"),
+    ({"stream": "yes"}, "valid boolean"),
+    ({"temperature": float("nan")}, "finite number"),
+    ({"temperature": "0.5"}, "valid number"),
+    ({"n": 5}, "less than or equal to 1"),
+    ({"tools": "abc"}, "valid array"),
+    ({"tools": [{"type": "function"}]}, "function"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "'image_url' content parts are not supported"),
+])
+def test_requests_are_strict(extra, fragment):
+    body = json.dumps({"messages": MSG, **extra}, allow_nan=True)
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate_json(body)
+    assert fragment in str(e.value)
+
+
+def test_valid_requests_still_pass():
+    r = ChatCompletionRequest.model_validate_json(json.dumps({
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "temperature": 0, "max_tokens": 3,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "top_k": 3, "ignore_eos": True, "whatever_engine_field": 1}))
+    assert r.temperature == 0.0 and r.model_extra == {"whatever_engine_field": 1}
+    assert CompletionRequest.model_validate_json('{"prompt": ["a", "b"], "stream": true}').stream
+
+
+def test_one_metrics_table_shared_by_server_bench_and_plan():
+    from hybridinfer.bench.load import Level, Sample
+    from hybridinfer.predict import Prediction
+
+    names = [m.name for m in metrics.TABLE]
+    assert len(names) == len(set(names)) and all(m.unit and m.meaning for m in metrics.TABLE)
+    # plan's predictions and bench's JSON use the table's names for decode and prefill speed
+    fields = {f.name for f in dataclasses.fields(Prediction)}
+    assert {metrics.DECODE_TPS, metrics.PREFILL_TPS} <= fields
+    lv = Level(1, float("inf"), 1.0, [Sample(0, True, 0.0, output_tokens=11, ttft_s=0.1, e2e_s=1.1)]).summary()
+    assert lv[f"median_{metrics.DECODE_TPS}"] == pytest.approx(10.0)
+    # the server exposes each under hybridinfer_<name>
+    m = metrics.ServerMetrics(lambda: ("ready", 0, 1, 2))
+    m.decode.observe(10)
+    m.ttft.observe(0.2)
+    m.request_done("chat", 200, {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}})
+    text = m.render().decode()
+    for name in (metrics.DECODE_TPS, metrics.TTFT, metrics.E2E, "queue_wait_s"):
+        assert f"{metrics.prom(name)}_bucket" in text
+    for line in ("hybridinfer_requests_total{endpoint=\"chat\",status=\"200\"} 1.0", "hybridinfer_engine_up 1.0",
+                 "hybridinfer_requests_queued 2.0", "hybridinfer_cached_prompt_tokens_total 4.0"):
+        assert line in text
+
+
+def test_plan_counts_the_prompt_cache(models):
+    from hybridinfer.plan import PlanOptions, make_plan
+    from hybridinfer.probe import load_profile
+
+    hw = load_profile("desktop-4090")
+    model = next(m for m in models.values() if m.is_moe)
+    p = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
+    cpu = p.devices[0]
+    assert 0 < p.cache_ram <= 8 * 2**30 and cpu.prompt_cache == p.cache_ram
+    assert cpu.total >= cpu.weights + cpu.kv_cache + cpu.compute + cpu.runtime + cpu.prompt_cache
+    assert any("prompt cache in RAM" in r for r in p.reasons)
+    q = make_plan(hw, model, PlanOptions(engine="llama.cpp", cache_ram_mib=0))
+    assert q.cache_ram == 0 and q.devices[0].total == cpu.total - p.cache_ram
+    cmd = q.command  # the engine's argv, fixed at plan time
+    assert cmd[cmd.index("--cache-ram") + 1] == "0"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--queue", "-1"], "--queue -1 is negative"),
+    (["--port", "70000"], "--port 70000 is not a TCP port"),
+    (["--max-body-mb", "0"], "--max-body-mb 0"),
+    (["--cache-ram", "-5"], "--cache-ram -5 is negative"),
+])
+def test_serve_bad_options_are_one_line(args, fragment):
+    r = run_cli("serve", *args, timeout=60)
+    assert r.returncode == 2 and fragment in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_stale_socket_dirs_are_cleaned(tmp_path):
+    from hybridinfer.engines.supervisor import clean_stale_sockdirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "hybridinfer-stale"
+    stale.mkdir()
+    (stale / "owner.pid").write_text(str(dead.pid))
+    live = tmp_path / "hybridinfer-live"
+    live.mkdir()
+    (live / "owner.pid").write_text(str(os.getpid()))
+    other = tmp_path / "someone-else"
+    other.mkdir()
+    assert clean_stale_sockdirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_engine_load_error_line():
+    from hybridinfer.engines.supervisor import load_error
+
+    tail = ["llama_model_loader: - type q8_0: 30 tensors",
+            "llama_model_load: error loading model: error loading model vocabulary: unknown pre-tokenizer type: 'deepseek-v9'",
+            "llama_model_load_from_file_impl: failed to load model", "main: exiting due to model loading error", ""]
+    assert load_error(tail).endswith("unknown pre-tokenizer type: 'deepseek-v9'")
+
+
+def test_openapi_declares_bodies_and_answers():
+    from hybridinfer.server.app import create_app
+    from hybridinfer.server.serving import Settings
+
+    schema = create_app(Settings(model_id="m", ctx_per_slot=4096, parallel=1), engine=None, api_key="k").openapi()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    ref = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert "messages" in body["required"] and body["properties"]["max_tokens"]
+    assert set(chat["responses"]) >= {"200", "400", "401", "413", "429", "503", "504"}
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert schema["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["security"] == [{"bearer": []}]
+
+
+def test_proxy_side_failure_mid_stream_ends_with_error_event_and_done():
+    """A chunk the proxy cannot handle (here: `choices` that is not a list — a stand-in for an engine answer no
+    real engine gives on demand) becomes an error event and [DONE], never a dropped connection."""
+    import asyncio
+
+    from hybridinfer.server.protocol import CompletionRequest
+    from hybridinfer.server.serving import Serving, Settings, Stream
+
+    class Malformed:
+        state, restarts = "ready", 0
+
+        async def stream(self, path, body):
+            yield {"id": "x", "choices": [{"index": 0, "text": "ok", "finish_reason": None}]}
+            yield {"id": "x", "choices": 5}
+
+    async def main():
+        s = Serving(Settings(model_id="m", ctx_per_slot=512, parallel=1, queue=0), Malformed())
+        out = await s.completions(CompletionRequest(prompt="a", stream=True))
+        assert isinstance(out, Stream)
+        chunks = [c async for c in out]
+        await out.aclose()
+        return s, chunks
+
+    s, chunks = asyncio.run(main())
+    assert b'"text":"ok"' in chunks[0]
+    assert b'"error"' in chunks[-2] and b"internal error while streaming" in chunks[-2]
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    assert s.admitted == 0 and s.running == 0  # the slot came back
+    assert 'status="500"' in s.metrics.render().decode()
