@@ -105,6 +105,7 @@ class ModelInfo:
     key_length: int = 0
     value_length: int = 0
     rope_dim: int = 0
+    kv_lora_rank: int = 0  # MLA's compressed latent width (DeepSeek), 0 elsewhere
 
     @property
     def is_moe(self) -> bool:
@@ -212,4 +213,5 @@ def inspect(path) -> ModelInfo:
         tensors=tensors,
         head_count_kv=int(g("attention.head_count_kv", n_head)), key_length=int(g("attention.key_length")),
         value_length=int(g("attention.value_length")), rope_dim=int(g("rope.dimension_count")),
+        kv_lora_rank=int(g("attention.kv_lora_rank")),
     )
