@@ -80,15 +80,17 @@ def _bpe(n_merges: int) -> tuple[list[str], list[str]]:
 
 
 def write_tiny(path: str | os.PathLike, seed: int = 0, qtype: str = "q8_0", mla: bool = True,
-               blocks: int = 4, n_embd: int = 256, n_expert: int = 8, n_ff_exp: int = 128) -> str:
-    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys)."""
+               blocks: int = 4, n_embd: int = 256, n_expert: int = 8, n_ff_exp: int = 128,
+               kv_lora: int = 512, rope: int = 64) -> str:
+    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys); other
+    kv_lora/rope give an MLA model ik_llama.cpp refuses (for tests)."""
     rng = np.random.default_rng(seed)
     arch = "deepseek2"
     # Attention has DeepSeek-V3/R1's real per-head dimensions (kv_lora 512, rope 64, nope 128, v 128): ik_llama.cpp
     # accepts a mainline MLA GGUF only with key 576 / value 512, rope 64 and heads divisible by 4
     # (src/llama-hparams.cpp, "Detected incompatible DeepSeek model"), and its CPU flash-attention kernels exist
     # for exactly these head sizes (576/512 MLA, 192/128 legacy). Only the head count and widths are small.
-    n_head, q_lora, kv_lora, nope, rope, v_dim, n_ff, n_dense, n_used = 4, 128, 512, 128, 64, 128, 512, 1, 2
+    n_head, q_lora, nope, v_dim, n_ff, n_dense, n_used = 4, 128, 128, 128, 512, 1, 2
     tokens, merges = _bpe(120)
     specials = [BOS, EOS, USER, ASSISTANT, THINK, END_THINK]
     vocab = tokens + specials
