@@ -85,6 +85,10 @@ class IkLlamaCpp(LlamaCpp):
             out.append(bad)
         return out + super().blockers(model, placement, hw)
 
+    def runner(self, plan: "Plan", settings):
+        from .ik_runner import IkSupervisor  # httpx & co. load only when something runs
+        return IkSupervisor(self, plan, settings)
+
     def chosen_because(self, model, hw) -> str:
         return "FlashMLA-3 and fused-MoE CPU kernels, run-time repacking when no tensor is on a GPU"
 
