@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def main() -> int:
     a = ap.parse_args()
 
     hw = probe()
-    have = {n for n in (MAINLINE, IK) if engines.get(n).installed(hw)}
+    have = {n for n in (MAINLINE, IK) if (engines.get(n).probe() or None) and engines.get(n).probe().installed}
     if have != {MAINLINE, IK}:
         missing = sorted({MAINLINE, IK} - have)
         print(f"not installed: {', '.join(missing)} (run ./install.sh)", file=sys.stderr)
@@ -151,21 +152,27 @@ def main() -> int:
             row["engines"][name] = r
             print(f"  {name}: {json.dumps({k: v for k, v in r.items() if k != 'plan_command'}, default=str)[:700]}", flush=True)
         results.append(row)
+        write(a, hw, results)  # after each model, so a long run leaves what it measured
 
-    report = {"schema": "hybridinfer.engines-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"host": platform.node(), "cpu": hw.cpu.model, "isa": hw.cpu.isa,
-                          "physical_cores": hw.cpu.physical_cores, "ram_gib": round(hw.ram_total / 2**30, 1),
-                          "gpus": [g.name for g in hw.gpus]},
-              "engines": {e.name: e.version for e in hw.engines if e.name in (MAINLINE, IK)},
-              "threads": a.threads, "reps": a.reps, "requests": a.requests, "max_tokens": a.max_tokens,
-              "models": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+    report = write(a, hw, results)
     print(table(report))
     if not a.no_table:
         print(f"wrote {measured.update_table(report)}")
     return 0
+
+
+def write(a, hw, results) -> dict:
+    report = {"schema": "hybridinfer.engines-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"host": platform.node(), "cpu": hw.cpu.model, "isa": hw.cpu.isa,
+                          "physical_cores": hw.cpu.physical_cores, "ram_gib": round(hw.ram_total / 2**30, 1),
+                          "gpus": [g.name for g in hw.gpus], "load_average": os.getloadavg()},
+              "engines": {n: engines.get(n).probe().version for n in (MAINLINE, IK)},
+              "threads": a.threads, "reps": a.reps, "requests": a.requests, "max_tokens": a.max_tokens,
+              "models": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}", flush=True)
+    return report
 
 
 def table(report: dict) -> str:

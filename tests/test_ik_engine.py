@@ -105,3 +105,13 @@ def test_auto_rests_on_the_measured_table(tiny_model, hw, tmp_path, monkeypatch)
     # another CPU: nothing measured there, the prediction decides and says so
     other = replace(hw, cpu=replace(hw.cpu, model="Some Other CPU"))
     assert "predicted" in make_plan(other, m, PlanOptions(engine="auto")).reasons[0]
+
+
+def test_bench_output_with_fork_load_messages():
+    # ik_llama.cpp's llama-bench prints its MLA set-up to stdout inside the JSON array
+    from hybridinfer.engines.llamacpp import parse_bench
+    out = ('[\n================= Adjusted mainline llama.cpp MLA tensors to ik_llama.cpp\n'
+           'Computed blk.0.attn_kv_b.weight as 512 x 1024 of type q8_0 and stored in buffer CPU\n'
+           '  {\n    "n_prompt": 512,\n    "n_gen": 0,\n    "avg_ts": 170.5,\n    "stddev_ts": 2.0\n  },\n'
+           '  {\n    "n_prompt": 0,\n    "n_gen": 128,\n    "avg_ts": 55.0,\n    "stddev_ts": 1.0\n  }\n]\n')
+    assert [(r["test"], r["tokens_per_s"]) for r in parse_bench(out)] == [("pp512", 170.5), ("tg128", 55.0)]

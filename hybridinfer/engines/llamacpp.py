@@ -209,7 +209,9 @@ ENGINE = LlamaCpp()
 
 def parse_bench(stdout: str) -> list[dict]:
     """llama-bench -o json -> [{"test": "pp512"|"tg128", "tokens_per_s": mean, "stddev": s}, ...]."""
-    rows = json.loads(stdout[stdout.index("["):])
+    # Keep JSON lines only: forks print load messages to stdout amid the array (ik_llama.cpp's MLA set-up).
+    text = "\n".join(ln for ln in stdout.splitlines() if re.match(r'\s*[\[\]{}"]', ln))
+    rows = json.loads(text[text.index("["):])
     out = []
     for r in rows:
         test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
