@@ -146,7 +146,9 @@ def main() -> int:
             pf = plan_file(name, path, a.threads, tmp)
             plan = json.loads(pf.read_text())
             row["class"] = measured.model_class(m, plan.get("device_of") or {})
+            load = os.getloadavg()[0]  # a shared box: say how busy it was when each engine ran
             r = {"plan_command": plan["command"], **bench(pf, a.requests, a.max_tokens, tmp)}
+            r["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
             if name == IK:
                 r["llama_bench_no_rtr"] = llama_bench_without_rtr(pf, a.reps, a.max_tokens)
             row["engines"][name] = r
@@ -178,17 +180,18 @@ def write(a, hw, results) -> dict:
 def table(report: dict) -> str:
     def f(x):
         return "—" if x is None else f"{x:g}"
-    lines = ["| model | engine | llama-bench pp512 | tg128 | served decode tok/s | served TTFT ms |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | engine | llama-bench pp512 | tg128 | served decode tok/s | served TTFT ms | load avg (start/end) |",
+             "|---|---|---|---|---|---|---|"]
     for row in report["models"]:
         for name, r in row["engines"].items():
             lb, s = r.get("llama_bench", {}), r.get("served", {})
             rtr = " (-rtr)" if "-rtr" in lb.get("command", []) else ""
             lines.append(f"| {row['model']} ({row['bytes'] / 2**30:.2f} GiB) | {name}{rtr} | {f(lb.get('pp512'))} | "
-                         f"{f(lb.get('tg128'))} | {f(s.get('decode_tok_s'))} | {f(s.get('ttft_ms'))} |")
+                         f"{f(lb.get('tg128'))} | {f(s.get('decode_tok_s'))} | {f(s.get('ttft_ms'))} | "
+                         f"{'/'.join(map(str, r.get('load_average_1m', [])))} |")
             if r.get("llama_bench_no_rtr"):
                 nb = r["llama_bench_no_rtr"]
-                lines.append(f"| | {name} (no -rtr) | {f(nb.get('pp512'))} | {f(nb.get('tg128'))} | | |")
+                lines.append(f"| | {name} (no -rtr) | {f(nb.get('pp512'))} | {f(nb.get('tg128'))} | | | |")
     return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ def test_auto_rests_on_the_measured_table(tiny_model, hw, tmp_path, monkeypatch)
     m = inspect(tiny_model)
     table = tmp_path / "measured.json"
     monkeypatch.setattr(measured, "TABLE", table)
+    monkeypatch.delenv("HYBRIDINFER_ENGINE_MEASUREMENTS")
     cls = measured.model_class(m, {})
 
     def write(ik, main):

@@ -6,12 +6,14 @@ noisy), and the throughput model has no per-engine kernel data good enough to ra
 whose decode differs by less than its error. So the choice between engines rests on measurement where one exists:
 `benchmarks/engines.py` runs the engines on the same GGUF and threads and writes `measured.json` beside this file;
 `lookup` returns the figures when the CPU, its ISA and the model class match, else None (the planner then
-predicts).
+predicts). HYBRIDINFER_ENGINE_MEASUREMENTS names another table, or `off` (the tests' default: a choice that does not
+depend on a benchmark artifact).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 TABLE = Path(__file__).with_name("measured.json")
@@ -29,8 +31,11 @@ def model_class(model, device_of: dict[str, str]) -> str:
 
 
 def _load(path: Path | None = None) -> list[dict]:
+    env = os.environ.get("HYBRIDINFER_ENGINE_MEASUREMENTS")
+    if path is None and env == "off":
+        return []
     try:
-        data = json.loads((path or TABLE).read_text())
+        data = json.loads((path or (Path(env) if env else TABLE)).read_text())
     except (OSError, ValueError):
         return []
     return data.get("entries", []) if data.get("schema") == SCHEMA else []
