@@ -20,6 +20,72 @@ from .errors import HybridError
 SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _SIZE = {k: struct.calcsize(v) for k, v in _SCALAR.items()}
+# ggml types only ik_llama.cpp defines (IQ*_K, IQ*_KS, IQ*_KT trellis, _R4/_R8 repacked rows, ...), so a GGUF
+# quantized by ik_llama.cpp can be inspected and an engine can say it cannot run it. id -> (name, block size,
+# bytes per block, bytes of per-row metadata). From ik_llama.cpp (vendored in ik-llama-cpp-python 0.1.5):
+# ids and block sizes from gguf-py/gguf/constants.py, `row_meta_size` from ggml/src/ggml.c `type_traits`
+# (a row is row_meta_size + n/block*bytes, see its ggml_row_size).
+IK_TYPES: dict[int, tuple[str, int, int, int]] = {
+    31: ("Q4_0_4_4", 32, 18, 0),
+    32: ("Q4_0_4_8", 32, 18, 0),
+    33: ("Q4_0_8_8", 32, 18, 0),
+    36: ("I2_S", 1, 1, 0),
+    97: ("Q8_0_X4", 32, 34, 0),
+    98: ("Q8_1_X4", 32, 36, 0),
+    99: ("Q8_2_X4", 32, 36, 0),
+    133: ("Q6_0", 32, 26, 0),
+    134: ("IQ1_BN", 64, 13, 2),
+    135: ("IQ2_BN", 64, 16, 4),
+    136: ("Q8_K64", 64, 68, 0),
+    137: ("IQ2_K", 256, 76, 0),
+    138: ("IQ3_K", 256, 110, 0),
+    139: ("IQ4_K", 256, 144, 0),
+    140: ("IQ5_K", 256, 176, 0),
+    141: ("IQ6_K", 256, 212, 0),
+    144: ("IQ4_KS", 256, 136, 4),
+    145: ("IQ2_KS", 256, 70, 2),
+    146: ("IQ4_KSS", 256, 128, 4),
+    147: ("Q8_K16", 64, 64, 20),
+    148: ("Q8_K32", 256, 292, 0),
+    149: ("Q8_KR8", 256, 292, 0),
+    150: ("Q8_K128", 128, 140, 0),
+    151: ("Q8_KV", 32, 32, 8),
+    152: ("IQ5_KS", 256, 168, 4),
+    153: ("IQ2_KT", 256, 68, 4),
+    154: ("IQ3_KT", 256, 100, 4),
+    155: ("IQ4_KT", 256, 128, 4),
+    156: ("IQ3_KS", 256, 102, 2),
+    157: ("IQ2_KL", 256, 86, 2),
+    158: ("IQ1_KT", 256, 56, 4),
+    202: ("Q4_0_R8", 32, 18, 0),
+    206: ("Q5_0_R4", 32, 22, 0),
+    208: ("Q8_0_R8", 32, 34, 0),
+    210: ("Q2_K_R4", 256, 84, 0),
+    211: ("Q3_K_R4", 256, 110, 0),
+    212: ("Q4_K_R4", 256, 144, 0),
+    213: ("Q5_K_R4", 256, 176, 0),
+    214: ("Q6_K_R4", 256, 210, 0),
+    216: ("IQ2_XXS_R4", 256, 66, 0),
+    217: ("IQ2_XS_R4", 256, 74, 0),
+    218: ("IQ3_XXS_R4", 256, 98, 0),
+    219: ("IQ1_S_R4", 32, 6, 2),
+    220: ("IQ4_NL_R4", 32, 18, 0),
+    221: ("IQ3_S_R4", 256, 110, 0),
+    222: ("IQ2_S_R4", 256, 82, 0),
+    223: ("IQ4_XS_R8", 256, 136, 0),
+    229: ("IQ1_M_R4", 32, 7, 2),
+    230: ("BF16_R16", 1, 2, 0),
+    233: ("Q6_0_R4", 32, 26, 0),
+    335: ("IQ2_BN_R4", 64, 16, 4),
+    337: ("IQ2_K_R4", 256, 76, 0),
+    338: ("IQ3_K_R4", 256, 110, 0),
+    339: ("IQ4_K_R4", 256, 144, 0),
+    340: ("IQ5_K_R4", 256, 176, 0),
+    344: ("IQ4_KS_R4", 256, 136, 4),
+    352: ("IQ5_KS_R4", 256, 168, 4),
+    398: ("Q8_KV_R8", 32, 32, 4),
+    399: ("Q8_K_R8", 256, 258, 0),
+}
 # Arrays kept in full; other arrays keep only their length (tokenizer tables are huge and not needed to plan).
 _KEEP_ARRAYS_MAX = 4096
 
@@ -41,10 +107,28 @@ class TensorEntry:
 
     @property
     def type_name(self) -> str:
-        try:
-            return GGMLQuantizationType(self.type).name
-        except ValueError:
-            return f"type{self.type}"
+        return type_name(self.type)
+
+
+def type_name(ttype: int) -> str:
+    try:
+        return GGMLQuantizationType(ttype).name
+    except ValueError:
+        return IK_TYPES[ttype][0] if ttype in IK_TYPES else f"type{ttype}"
+
+
+def tensor_nbytes(ttype: int, shape) -> int | None:
+    """Bytes of a tensor of this type and ggml shape (rows of shape[0] values); None for an unknown type."""
+    if ttype in IK_TYPES:
+        _, bs, ts, meta = IK_TYPES[ttype]
+    elif ttype in GGML_QUANT_SIZES:
+        (bs, ts), meta = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)], 0
+    else:
+        return None
+    rows = 1
+    for d in shape[1:]:
+        rows *= d
+    return rows * (meta + shape[0] // bs * ts) if shape else 0
 
 
 @dataclass(frozen=True)
@@ -166,13 +250,9 @@ def parse(path: str, shard: int = 0) -> tuple[dict, list[TensorEntry], int, int]
     tensors = []
     end = data_start
     for name, shape, ttype, offset in infos:
-        if ttype not in GGML_QUANT_SIZES:
+        nbytes = tensor_nbytes(ttype, shape)
+        if nbytes is None:
             raise HybridError(f"{path}: tensor {name} has unknown ggml type {ttype}", "upgrade the gguf package (pip install -U gguf), or this type is a fork's own")
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n // bs * ts
         tensors.append(TensorEntry(name=name, shape=tuple(int(x) for x in shape), type=ttype, nbytes=nbytes, shard=shard))
         end = max(end, data_start + offset + nbytes)
     return md, tensors, end, size

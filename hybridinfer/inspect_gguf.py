@@ -99,6 +99,13 @@ class ModelInfo:
     has_chat_template: bool
     opens_think: bool  # the chat template opens <think> in the generation prompt (R1): output starts in a thought
     tensors: list[Tensor] = field(default_factory=list)
+    # Attention head dimensions as the GGUF states them (an engine may accept only some shapes, e.g. ik_llama.cpp's
+    # MLA check); key/value length are per head, rope_dim the rotary part.
+    head_count_kv: int = 0
+    key_length: int = 0
+    value_length: int = 0
+    rope_dim: int = 0
+    kv_lora_rank: int = 0  # MLA's compressed latent width (DeepSeek), 0 elsewhere
 
     @property
     def is_moe(self) -> bool:
@@ -204,4 +211,7 @@ def inspect(path) -> ModelInfo:
         kv=_kv_cache(md, arch, n_layer, n_embd, n_head),
         has_chat_template="tokenizer.chat_template" in md, opens_think=_opens_think(md.get("tokenizer.chat_template")),
         tensors=tensors,
+        head_count_kv=int(g("attention.head_count_kv", n_head)), key_length=int(g("attention.key_length")),
+        value_length=int(g("attention.value_length")), rope_dim=int(g("rope.dimension_count")),
+        kv_lora_rank=int(g("attention.kv_lora_rank")),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from dataclasses import replace
 
 from . import engines, rules
+from .engines import measured
 from .engines.base import Engine
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
@@ -250,18 +251,28 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if first_error:
             raise first_error
         raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
-    # Fastest predicted decode wins; on a tie an installed engine, then the registry's order.
-    best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, bool(ep[0].installed(hw)),
-                                                -cands.index(ep[0])))
+    # Fastest decode wins; on a tie an installed engine, then the registry's order. Between engines measured side by side on this CPU for
+    # this model class (benchmarks/engines.py -> engines/measured.json) the measurement decides, else the prediction.
+    found = {e.name: measured.lookup(hw, model, p.device_of) for e, p in planned}
+    tps = {e.name: (found[e.name] or {}).get("decode_tok_s", {}).get(e.name) for e, _ in planned}
+    by_measure = not requested and len(planned) > 1 and all(tps.values())
+    if not by_measure:
+        tps = {e.name: p.prediction.decode_tps for e, p in planned}
+    basis = "measured" if by_measure else "predicted"
+    best_e, best = max(planned, key=lambda ep: (tps[ep[0].name], bool(ep[0].installed(hw)), -cands.index(ep[0])))
+    where = ""
+    if by_measure:
+        m = found[best_e.name]
+        where = f" on this CPU for {m['class']} ({m['model']}; {m['source']})"
     head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
-            f"predicted {best.prediction.decode_tps:g} tok/s decode"]
+            f"{basis} {tps[best_e.name]:g} tok/s decode{where}"]
     if not best_e.installed(hw):
         head.append(f"note: {best_e.name} is not installed on {hw.id}; the command is what it would run "
                     f"({best_e.install_hint})")
     for e, p in planned:
         if e is not best_e:
-            d = p.prediction.decode_tps
-            head.append(f"engine {e.name}: {'slower' if d < best.prediction.decode_tps else 'not faster'}: {d:g} tok/s decode")
+            d = tps[e.name]
+            head.append(f"engine {e.name}: {'slower' if d < tps[best_e.name] else 'not faster'}: {d:g} tok/s decode ({basis})")
     head += [b for _, b in blocked] + verdicts
     best = replace(best, reasons=head + best.reasons)
     best = replace(best, compiled=best_e.compile(best))

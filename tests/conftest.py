@@ -36,6 +36,8 @@ def tiny_model(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     # Keep each test's writes (rules files, demo model) out of the user's cache.
     monkeypatch.setenv("HYBRIDINFER_CACHE", str(tmp_path / "cache"))
+    # Engine choice by prediction, not by whatever benchmarks/engines.py last measured on this box.
+    monkeypatch.setenv("HYBRIDINFER_ENGINE_MEASUREMENTS", "off")
 
 
 def run_cli(*args, env=None, timeout=120):

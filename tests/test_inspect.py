@@ -119,3 +119,47 @@ def test_cli_inspect(shapes_dir, tmp_path):
 def test_opens_think_from_template(models, tiny_model):
     assert inspect(tiny_model).opens_think  # R1-style template: generation prompt ends with <think>
     assert not models["llama3-8b-q4_k_m"].opens_think
+
+
+def test_tiny_model_has_deepseek_attention_dims(tiny_model, tmp_path):
+    """ik_llama.cpp loads a mainline MLA GGUF only with key 576 / value 512, one KV head, rope 64 and heads
+    divisible by 4 (its src/llama-hparams.cpp); the demo model keeps those so every engine runs it."""
+    m = inspect(tiny_model)
+    assert (m.head_count_kv, m.key_length, m.value_length, m.rope_dim) == (1, 576, 512, 64)
+    assert m.head_count % 4 == 0 and m.bytes < 16 << 20
+    assert m.kv.bytes_per_token["f16"] == 576 * 2 * m.block_count
+    from hybridinfer.demo.tiny import write_tiny
+    legacy = inspect(write_tiny(tmp_path / "legacy.gguf", mla=False))
+    assert legacy.kv.form == "legacy-mha" and (legacy.head_count_kv, legacy.key_length, legacy.value_length) == (4, 192, 128)
+    q4 = inspect(write_tiny(tmp_path / "q4.gguf", qtype="q4_0"))
+    assert "Q4_0" in q4.quant_types and q4.key_length == 576
+
+
+def _write_gguf(path, tensors):
+    """A minimal GGUF v3 with raw tensors [(name, ggml shape, type id, nbytes)] — for types the gguf package lacks."""
+    import struct
+
+    def s(x):
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+    kv = s("general.architecture") + struct.pack("<I", 8) + s("llama")
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv
+    off = 0
+    for name, shape, t, n in tensors:
+        head += s(name) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *shape) + struct.pack("<IQ", t, off)
+        off += -(-n // 32) * 32
+    head += b"\0" * (-len(head) % 32)
+    with open(path, "wb") as f:
+        f.write(head + b"\0" * off)
+
+
+def test_reads_ik_llama_cpp_types(tmp_path):
+    # IQ4_K (id 139): 144 B per 256 values; IQ4_KS (144) has 136 B + 4 B per row; IQ1_S_R4 (219): 6 B per 32 + 2 B per row.
+    p = tmp_path / "ik.gguf"
+    _write_gguf(p, [("blk.0.ffn_up_exps.weight", (256, 8, 4), 139, 32 * 144),
+                    ("blk.0.ffn_down_exps.weight", (256, 8, 4), 144, 32 * (4 + 136)),
+                    ("blk.0.ffn_gate_exps.weight", (256, 8, 4), 219, 32 * (2 + 8 * 6))])
+    m = inspect(p)
+    by = {t.name.split(".")[2]: t for t in m.tensors}
+    assert (by["ffn_up_exps"].type, by["ffn_down_exps"].type, by["ffn_gate_exps"].type) == ("IQ4_K", "IQ4_KS", "IQ1_S_R4")
+    assert by["ffn_down_exps"].nbytes == 32 * 140 and by["ffn_gate_exps"].nbytes == 32 * 50

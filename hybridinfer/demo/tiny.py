@@ -1,6 +1,6 @@
 """The project's own demo model: a tiny DeepSeek-V3/R1-architecture GGUF (MLA + MoE) that llama.cpp loads.
 
-Random weights, deterministic from a seed, ~4 MB, written in about a second. Its text is meaningless; it exists
+Random weights, deterministic from a seed, ~7 MB, written in about a second. Its text is meaningless; it exists
 so the whole path (plan, expert placement, MLA KV cache, reasoning split, serving, benchmarking) runs on any
 box with no download. `default_model()` writes it once into the cache directory.
 """
@@ -17,7 +17,7 @@ from gguf.quants import quantize
 
 from ..util import cache_dir
 
-VERSION = 1  # bump when the recipe changes, so cached copies are regenerated
+VERSION = 2  # bump when the recipe changes, so cached copies are regenerated
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT, THINK, END_THINK = "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"
@@ -81,12 +81,17 @@ def _bpe(n_merges: int) -> tuple[list[str], list[str]]:
 
 def write_tiny(path: str | os.PathLike, seed: int = 0, qtype: str = "q8_0", mla: bool = True,
                blocks: int = 4, n_embd: int = 256, n_expert: int = 8, n_ff_exp: int = 128,
-               pre: str = "deepseek-v3") -> str:
-    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys); `pre` names
-    the pre-tokenizer (an unknown one makes a model the engine cannot load)."""
+               kv_lora: int = 512, rope: int = 64, pre: str = "deepseek-v3") -> str:
+    """Write the tiny deepseek2 model. `mla=False` writes the legacy form (attn_kv_b, no *_mla keys); other
+    kv_lora/rope give an MLA model ik_llama.cpp refuses (for tests); `pre` names the pre-tokenizer (an unknown one
+    makes a model the engine cannot load)."""
     rng = np.random.default_rng(seed)
     arch = "deepseek2"
-    n_head, q_lora, kv_lora, nope, rope, v_dim, n_ff, n_dense, n_used = 4, 128, 128, 32, 32, 32, 512, 1, 2
+    # Attention has DeepSeek-V3/R1's real per-head dimensions (kv_lora 512, rope 64, nope 128, v 128): ik_llama.cpp
+    # accepts a mainline MLA GGUF only with key 576 / value 512, rope 64 and heads divisible by 4
+    # (src/llama-hparams.cpp, "Detected incompatible DeepSeek model"), and its CPU flash-attention kernels exist
+    # for exactly these head sizes (576/512 MLA, 192/128 legacy). Only the head count and widths are small.
+    n_head, q_lora, nope, v_dim, n_ff, n_dense, n_used = 4, 128, 128, 128, 512, 1, 2
     tokens, merges = _bpe(120)
     specials = [BOS, EOS, USER, ASSISTANT, THINK, END_THINK]
     vocab = tokens + specials

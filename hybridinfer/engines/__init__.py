@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from ..errors import HybridError
 from ..probe import EngineInfo
-from . import kt_sglang, ktransformers, llamacpp, llamacpp_python
+from . import ik_llama, kt_sglang, ktransformers, llamacpp, llamacpp_python
 from .base import Engine
 
-_MODULES = (llamacpp, llamacpp_python, ktransformers, kt_sglang)  # order breaks ties between equally fast engines
+_MODULES = (llamacpp, ik_llama, llamacpp_python, ktransformers, kt_sglang)  # order breaks ties between equally fast engines
 REGISTRY: dict[str, Engine] = {m.ENGINE.name: m.ENGINE for m in _MODULES}
 DEFAULT = llamacpp.ENGINE.name  # planned when no other engine is installed: runs every GGUF on any box
 AUTO = "auto"

@@ -10,6 +10,7 @@ A running engine is an async context manager with:
   restarts       how many times it was restarted after dying
   started_at / ready_at   monotonic seconds (load time = ready_at - started_at)
   fatal          a load failure no restart can fix (None otherwise)
+  notes          what the engine lacks and how hybridinfer adapts (printed in serve's banner)
   command()      what it runs, for the banner (argv list)
   wait_ready(timeout) -> bool
   complete(path, body) -> dict                     one OpenAI-shaped response
@@ -58,6 +59,7 @@ class Running:
     Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""
 
     fatal: str | None = None
+    notes: tuple[str, ...] = ()  # what this engine lacks that hybridinfer works around, said once at start
 
     async def __aenter__(self):
         await self.start()

@@ -13,6 +13,7 @@ import re
 import subprocess
 from typing import TYPE_CHECKING
 
+from ..ggufio import IK_TYPES
 from ..predict import PredictionParams
 from ..probe import EngineInfo, binary_has_cuda, find_llama_binary
 from .base import Engine, NumaPolicy, Running, RunSettings
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from ..probe import HardwareProfile
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080  # in the printed command; `serve` injects its own
+# Quant types only the ik_llama.cpp fork defines (IQ*_K, _KS, _KT, _R4/_R8 repacked rows; ids 31-33 mainline
+# dropped from GGUF files): mainline refuses to load a file holding any of them.
+FORK_TYPES = frozenset(n for n, *_ in IK_TYPES.values())
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,6 +75,19 @@ class LlamaCpp(Engine):
     prediction_params = PredictionParams(cpu_eff=0.85, prefill_uploads_weights=True)
     # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
     runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
+    missing_metrics: tuple[str, ...] = ()  # llamacpp:* metrics mainline reports and this build's server does not
+
+    # --- capabilities -----------------------------------------------------------------------------------
+    def runs(self, cls: str, type_: str, device: str) -> bool:
+        return type_ not in FORK_TYPES and not type_.startswith("type")  # ggml computes every type it knows
+
+    def blockers(self, model: "ModelInfo", placement, hw: "HardwareProfile") -> list[str]:
+        out = super().blockers(model, placement, hw)
+        fork = sorted({t for g in model.groups.values() for t in g.types if t in FORK_TYPES and not self.runs("", t, "cpu")})
+        if fork:
+            out.insert(0, f"{'/'.join(fork)}: ik_llama.cpp's own quant type{'s' if len(fork) > 1 else ''}, which "
+                          f"{self.name} cannot load (run the file with --engine ik_llama.cpp)")
+        return out
 
     # --- this box ---------------------------------------------------------------------------------------
     def binary(self) -> str | None:
@@ -213,7 +230,9 @@ ENGINE = LlamaCpp()
 
 def parse_bench(stdout: str) -> list[dict]:
     """llama-bench -o json -> [{"test": "pp512"|"tg128", "tokens_per_s": mean, "stddev": s}, ...]."""
-    rows = json.loads(stdout[stdout.index("["):])
+    # Keep JSON lines only: forks print load messages to stdout amid the array (ik_llama.cpp's MLA set-up).
+    text = "\n".join(ln for ln in stdout.splitlines() if re.match(r'\s*[\[\]{}"]', ln))
+    rows = json.loads(text[text.index("["):])
     out = []
     for r in rows:
         test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"

@@ -148,6 +148,14 @@ class Supervisor(Running):
             with open(os.path.join(self._sockdir, "owner.pid"), "w") as f:
                 f.write(str(os.getpid()))  # lets a later serve remove this directory if we are killed
             self.sock = os.path.join(self._sockdir, "engine.sock")
+        notes = []
+        if not self.sock:
+            notes.append(f"{self.label} cannot listen on a Unix socket: the engine runs on 127.0.0.1:{self.port} "
+                         "(loopback only; hybridinfer opens a fresh no-delay connection per request)")
+        if engine.missing_metrics:
+            notes.append(f"{engine.name}'s /metrics does not report " + ", ".join(engine.missing_metrics) +
+                         "; hybridinfer's own hybridinfer_* metrics count requests, tokens and latency for it")
+        self.notes = tuple(notes)
         self.log_file = settings.log_file
         self.restart = restart
         self.on_line = settings.on_line

@@ -109,6 +109,8 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
           f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s"
           + (f" (saved plan {args.plan})" if args.plan else ""))
     print(f"  engine: {shell(running.command())}")
+    for note in running.notes:
+        print(f"  note:   {note}")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "

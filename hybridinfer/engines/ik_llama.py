@@ -1,0 +1,160 @@
+"""ik_llama.cpp as an engine: ikawrakow's llama.cpp fork with faster CPU kernels for DeepSeek-style MoE (FlashMLA-3
+on CPU and CUDA, fused MoE up/gate, run-time repacking into row-interleaved types) and its own quant types
+(IQ*_K, IQ*_KS, IQ*_KT, _R4/_R8 layouts). Its server and bench are llama.cpp's with different flags, so this is
+the mainline engine with a different binary, flag set and capabilities.
+
+Facts from the tree vendored in PyPI's ik-llama-cpp-python 0.1.5 (`vendor/ik_llama.cpp`), which install.sh builds:
+- common/common.cpp: `-mla N` (default 3), `-fa auto|on|off` (default on), fused MoE on by default (`-no-fmoe`
+  turns it off; older trees took `-fmoe` to turn it on), `-amb N` (MiB cap on the MLA attention buffer),
+  `-rtr` / `--run-time-repack` (also turns mmap off), `-ot`, `--cpu-moe`, `--numa`, `-ctk`. Its --help omits `-ot`
+  and the short `-rtr`, which its parser takes: `flags()` adds them.
+- src/llama-hparams.cpp: a mainline-converted MLA GGUF (`head_count_kv` 1) loads only with key 576 / value 512,
+  rope 64 and heads divisible by 4, else "Detected incompatible DeepSeek model" and an abort; an older GGUF with
+  only `attn_kv_b` gets its MLA tensors built at load time, so it caches the compressed latent either way.
+- examples/server/server.cpp: binds TCP only (no Unix socket); /health, /metrics (`llamacpp:` names, without
+  mainline's n_decode_total, n_busy_slots_per_decode, n_tokens_max, prompt_tokens_cached_total), /tokenize,
+  /apply-template, /v1/chat/completions, /v1/completions.
+- ggml/src/ggml-cuda.cu supports_op: the quant types its CUDA matmul runs (repacked CPU layouts mostly not).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from gguf.constants import GGMLQuantizationType
+
+from ..ggufio import IK_TYPES
+from ..predict import PredictionParams
+from .llamacpp import LlamaCpp, buffer_name, compiled_of, help_text
+
+if TYPE_CHECKING:
+    from ..inspect_gguf import ModelInfo
+    from ..plan import Plan
+    from ..probe import HardwareProfile
+
+# Types ggml in ik_llama.cpp defines (ggml/include/ggml.h): mainline's up to MXFP4 (it has Q1_0 as Q1_0_G128, id 41;
+# not TQ1_0/TQ2_0/NVFP4/Q2_0) plus its own.
+_MAINLINE_NOT_IN_IK = {"TQ1_0", "TQ2_0", "NVFP4", "Q2_0"}
+CPU_TYPES = frozenset({q.name for q in GGMLQuantizationType} - _MAINLINE_NOT_IN_IK) | {n for n, *_ in IK_TYPES.values()}
+# ggml-cuda.cu, ggml_backend_cuda_supports_op, GGML_OP_MUL_MAT / MUL_MAT_ID.
+CUDA_TYPES = frozenset("""F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q6_0 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ1_M IQ1_S IQ2_S
+    IQ2_XS IQ2_XXS IQ3_S IQ3_XXS IQ4_NL MXFP4 IQ4_XS IQ2_KL IQ3_KS IQ4_KS IQ4_KSS IQ5_KS IQ2_K IQ2_KS IQ1_KT IQ2_KT
+    IQ3_KT IQ4_KT IQ3_K IQ4_K IQ5_K IQ6_K IQ1_BN IQ2_BN IQ2_K_R4 IQ3_K_R4 IQ4_K_R4 IQ4_KS_R4 IQ5_K_R4 IQ5_KS_R4 IQ1_S_R4
+    IQ1_M_R4 I32 I16 I8""".split())
+# The parser takes these though --help does not list them (common.cpp: "-ot"/"--override-tensor", "-rtr").
+_UNLISTED_FLAGS = {"-ot", "--override-tensor", "-rtr"}
+AMB_MIB = 512  # the attention-buffer cap R1 users pass with a GPU; it bounds the MLA prefill buffer in VRAM
+
+
+class IkLlamaCpp(LlamaCpp):
+    name = "ik_llama.cpp"
+    summary = ("ik_llama.cpp's llama-server: llama.cpp fork with FlashMLA-3, fused MoE and run-time repacking on CPU, "
+               "and its IQ*_K/_KS/_KT/_R4 quants")
+    server_binary = "ik-llama-server"  # HYBRIDINFER_IK_LLAMA_SERVER, the venv's bin/ (install.sh links it), PATH
+    bench_binary = "ik-llama-bench"
+    install_hint = ("run ./install.sh (it builds ik_llama.cpp from ik-llama-cpp-python 0.1.5 next to llama.cpp), "
+                    "or set HYBRIDINFER_IK_LLAMA_SERVER to its llama-server")
+    # Measured here on CPU (benchmarks/engines.py): prefill ~2x mainline's with -rtr, decode close to it.
+    prediction_params = PredictionParams(cpu_eff=0.85, prefill_cpu_scale=2.0, prefill_uploads_weights=True)
+    # examples/server/server.cpp handle_metrics; its server binds TCP only, which the runner detects from --help.
+    missing_metrics = ("llamacpp:n_decode_total", "llamacpp:n_busy_slots_per_decode", "llamacpp:n_tokens_max",
+                       "llamacpp:prompt_tokens_cached_total")
+
+    # --- capabilities ---------------------------------------------------------------------------------
+    def runs(self, cls: str, type_: str, device: str) -> bool:
+        return type_ in (CPU_TYPES if device == "cpu" else CUDA_TYPES)
+
+    def kv_form(self, model: "ModelInfo") -> str:
+        # Legacy DeepSeek GGUFs (attn_kv_b only) get MLA tensors built at load: the compressed latent is cached.
+        return "mla" if model.arch == "deepseek2" else model.kv.form
+
+    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
+        if model.arch == "deepseek2" and model.kv.form == "legacy-mha" and model.kv_lora_rank:
+            per_value = model.kv.bytes_per_token[kv_type] / max(1, model.kv.values_per_token_per_layer * model.kv.layers)
+            return int(round((model.kv_lora_rank + model.rope_dim) * model.kv.layers * per_value))
+        return model.kv.bytes_per_token[kv_type]
+
+    def flags(self, binary: str | None) -> set[str]:
+        return super().flags(binary) | _UNLISTED_FLAGS if binary else set()
+
+    def blockers(self, model: "ModelInfo", placement, hw: "HardwareProfile") -> list[str]:
+        out = []
+        bad = incompatible_mla(model)
+        if bad:
+            out.append(bad)
+        return out + super().blockers(model, placement, hw)
+
+    def runner(self, plan: "Plan", settings):
+        from .ik_runner import IkSupervisor  # httpx & co. load only when something runs
+        return IkSupervisor(self, plan, settings)
+
+    def chosen_because(self, model, hw) -> str:
+        return "FlashMLA-3 and fused-MoE CPU kernels, run-time repacking when no tensor is on a GPU"
+
+    # --- the command ----------------------------------------------------------------------------------
+    def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        out = []
+        mla = plan.arch == "deepseek2"
+        if mla and self.has_flag(binary, "-mla"):
+            out += ["-mla", "3"]  # FlashMLA-3: the compressed latent cache, MLA kernels for prefill and decode
+        if self.has_flag(binary, "-fa"):
+            # `-fa on|off|auto` in recent trees; a bare switch before.
+            out += ["-fa", "on"] if not binary or re.search(r"--flash-attn \(", help_text(binary)) else ["-fa"]
+        if binary and "-fmoe" in self.flags(binary):
+            out += ["-fmoe"]  # older trees: fused MoE is opt-in (recent ones: on unless -no-fmoe)
+        gpu = any(d != "cpu" for d in plan.device_of.values())
+        if mla and gpu and self.has_flag(binary, "-amb"):
+            out += ["-amb", str(AMB_MIB)]
+        if plan.kv_type != "f16":
+            # With MLA only K is cached (the latent); V is a view of it.
+            out += ["-ctk", plan.kv_type] + ([] if mla else ["-ctv", plan.kv_type])
+        return out
+
+    def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        if repacks(plan) and self.has_flag(binary, "-rtr"):
+            return ["-rtr"]  # also turns mmap off (common.cpp), so the mmap flags below are not needed
+        return super().load_args(plan, binary)
+
+    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
+        """ik's llama-bench: placement as -ngl/-ot (','-joined there, not ';'), MLA 3, FA, fused MoE, -rtr 1 when
+        the plan repacks (its own defaults: -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0)."""
+        from ..probe import find_llama_binary
+        exe = find_llama_binary(self.bench_binary) or self.bench_binary
+        c = compiled_of(plan)
+        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+        if c.overrides:
+            cmd += ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
+        if plan.arch == "deepseek2":
+            cmd += ["-mla", "3", "-fa", "1"]
+        if plan.numa:
+            cmd += ["--numa", plan.numa]
+        if plan.kv_type != "f16":
+            cmd += ["-ctk", plan.kv_type]
+        if repacks(plan):
+            cmd += ["-rtr", "1"]
+        return cmd
+
+
+def repacks(plan: "Plan") -> bool:
+    """Run-time repacking applies when no tensor is on a GPU (repacked types have no CUDA kernels) and the weights
+    are read into RAM (repacking needs them there; a streaming plan relies on mmap)."""
+    return all(d == "cpu" for d in plan.device_of.values()) and not plan.streaming
+
+
+def incompatible_mla(model: "ModelInfo") -> str:
+    """ik_llama.cpp's load-time check for mainline-converted DeepSeek MLA GGUFs (src/llama-hparams.cpp), before
+    launch: the reason it would abort, or ""."""
+    if model.arch != "deepseek2" or model.head_count_kv != 1:
+        return ""
+    ok = (model.key_length == 576 and model.value_length == 512 and model.rope_dim == 64
+          and model.head_count % 4 == 0)
+    if ok:
+        return ""
+    return (f"it aborts loading this MLA GGUF (\"Detected incompatible DeepSeek model\", src/llama-hparams.cpp): it needs "
+            f"key 576 / value 512 with one KV head, rope 64 and heads divisible by 4; this file has key "
+            f"{model.key_length} / value {model.value_length}, rope {model.rope_dim}, {model.head_count} heads")
+
+
+ENGINE = IkLlamaCpp()

@@ -1,0 +1,56 @@
+"""The supervised ik_llama.cpp server: mainline's supervisor plus what its chat endpoint reports differently.
+
+ik_llama.cpp's OpenAI chat responses say finish_reason "stop" whenever generation stopped, a max_tokens cut
+included (examples/server/server-task.cpp, to_json_oaicompat_chat_final/_stream test `if (stop)`, where mainline
+tells STOP_TYPE_LIMIT apart). Clients read "length" to know an answer (or a thought) was cut off, so a chat
+completion that used all of max_tokens is reported as "length" (an end-of-sequence on exactly the last allowed
+token reads as a cut too).
+"""
+
+from __future__ import annotations
+
+from .supervisor import Supervisor
+
+NOTE = ("its chat endpoint reports finish_reason \"stop\" for a max_tokens cut: hybridinfer reports \"length\" when "
+        "a completion used all of max_tokens")
+
+
+def _limit(body: dict) -> int | None:
+    v = body.get("max_tokens", body.get("max_completion_tokens", body.get("n_predict")))
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _fix(obj: dict, limit: int | None, usage: dict | None) -> None:
+    if limit and usage and usage.get("completion_tokens", 0) >= limit:
+        for c in obj.get("choices", []):
+            if c.get("finish_reason") == "stop":
+                c["finish_reason"] = "length"
+
+
+class IkSupervisor(Supervisor):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.notes = self.notes + (NOTE,)
+
+    async def complete(self, path: str, body: dict) -> dict:
+        out = await super().complete(path, body)
+        if path.endswith("chat/completions"):
+            _fix(out, _limit(body), out.get("usage"))
+        return out
+
+    async def stream(self, path: str, body: dict):
+        limit = _limit(body) if path.endswith("chat/completions") else None
+        held = None  # the finishing chunk, until the usage that tells a cut from a stop arrives
+        async for chunk in super().stream(path, body):
+            if held is not None:
+                _fix(held, limit, chunk.get("usage"))
+                yield held
+                held = None
+            finishing = any(c.get("finish_reason") == "stop" for c in chunk.get("choices", []))
+            if limit and finishing and not chunk.get("usage"):
+                held = chunk
+                continue
+            _fix(chunk, limit, chunk.get("usage"))
+            yield chunk
+        if held is not None:
+            yield held
