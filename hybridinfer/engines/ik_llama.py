@@ -51,6 +51,9 @@ class IkLlamaCpp(LlamaCpp):
     name = "ik_llama.cpp"
     summary = ("ik_llama.cpp's llama-server: llama.cpp fork with FlashMLA-3, fused MoE and run-time repacking on CPU, "
                "and its IQ*_K/_KS/_KT/_R4 quants")
+    # -ngl: layers n_layer-ngl.. go to the GPU, the output only when ngl > n_layer (src/llama.cpp of the
+    # ik-llama-cpp-python 0.1.5 tree, llm_load_tensors)
+    ngl_counts_output = False
     server_binary = "ik-llama-server"  # HYBRIDINFER_IK_LLAMA_SERVER, the venv's bin/ (install.sh links it), PATH
     bench_binary = "ik-llama-bench"
     install_hint = ("run ./install.sh (it builds ik_llama.cpp from ik-llama-cpp-python 0.1.5 next to llama.cpp), "

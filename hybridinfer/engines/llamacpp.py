@@ -67,6 +67,8 @@ class LlamaCpp(Engine):
     summary = "llama.cpp's llama-server: every GGUF type on CPU and CUDA, -ot tensor placement, concurrent slots"
     kind = "server"
     drives_rpc_devices = True  # --rpc: a remote ggml device is one more GPU to -ngl/-dev/-ts/-ot
+    # Whether -ngl counts the output layer as one of its layers (mainline: src/llama-model.cpp; forks differ)
+    ngl_counts_output = True
     server_binary = "llama-server"  # looked up by probe.find_llama_binary (HYBRIDINFER_LLAMA_SERVER, the venv, PATH)
     bench_binary = "llama-bench"
     install_hint = "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER to a llama-server binary"
@@ -132,7 +134,8 @@ class LlamaCpp(Engine):
 
     # --- the command ------------------------------------------------------------------------------------
     def compile(self, plan: "Plan") -> dict:
-        c = compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers)
+        c = compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers,
+                              counts_output=self.ngl_counts_output)
         return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe,
                 "devices": c.devices, "split": c.split, "buffers": c.buffers, "layer": c.layer}
 
