@@ -227,8 +227,10 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
+    from .demo.cli import register as demo_register
     from .patch_kt import register as patch_register
-    out += [bench_register, patch_register, _register_openwebui]
+    from .tune import register as tune_register
+    out += [bench_register, patch_register, _register_openwebui, demo_register, tune_register]
     return out
 
 

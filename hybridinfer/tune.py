@@ -1,0 +1,5 @@
+"""`hybridinfer tune` (in progress)."""
+
+
+def register(sub, add, plan_args) -> None:
+    pass
