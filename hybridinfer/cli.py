@@ -40,7 +40,7 @@ def cmd_probe(args) -> int:
     from .render import render_probe
 
     if args.measure_bandwidth and not args.json:
-        print("measuring memory bandwidth (~3 s)...", file=sys.stderr)
+        print("measuring memory read bandwidth on all cores (a few seconds)...", file=sys.stderr)
     hw = probe(measure=args.measure_bandwidth)
     if args.json:
         print(hw.to_json())
