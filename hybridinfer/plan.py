@@ -292,16 +292,24 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
                                 total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))
 
     threads = opts.threads or hw.cpu.physical_cores
+    if threads > hw.cpu.physical_cores:
+        # Passed through as asked, but SMT siblings share one core's load ports: predict with the real cores.
+        warnings.append(f"--threads {threads} is more than the {hw.cpu.physical_cores} physical cores: extra threads add no "
+                        f"memory bandwidth and usually slow decode; the prediction uses {hw.cpu.physical_cores}")
     numa = "distribute" if numa_nodes > 1 and engine == "llama.cpp" else ""
     pred = predict(model, hw, dev_of, engine, threads, kv_type, resident,
-                   gpu_cost=(lambda t: max(t.nbytes, marlin(t))) if engine == "ktransformers" else None)
+                   gpu_cost=(lambda t: max(t.nbytes, marlin(t))) if engine == "ktransformers" else None,
+                   parallel=opts.parallel)
     reasons = list(reasons)
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
     if model.is_moe and gpus and rs.name == "moe-auto-fill":
         reasons.append(f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
                        f"({_ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
-    reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
+    if opts.threads:
+        reasons.append(f"threads {threads}: requested ({hw.cpu.physical_cores} physical cores)")
+    else:
+        reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
     if numa_nodes > 1:
         reasons.append(f"NUMA: {numa_nodes} nodes; " + ("llama.cpp --numa distribute spreads threads and pages"
                                                         if engine == "llama.cpp" else "one KTransformers thread pool per node"))
