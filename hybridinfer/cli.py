@@ -91,7 +91,8 @@ def _plan_options(args):
     from .plan import PlanOptions
 
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
-                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream)
+                       kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream,
+                       batch=args.batch, ubatch=args.ubatch, load_mode=args.load_mode)
 
 
 def engine_command(plan, host="127.0.0.1", port=8080) -> list[str]:
@@ -149,6 +150,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", default="f16", choices=["f16", "q8_0", "q4_0"], help="KV cache type (default: f16)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
+    p.add_argument("--batch", type=int, metavar="N", help="engine logical batch for prefill (default: the engine's)")
+    p.add_argument("--ubatch", type=int, metavar="N", help="engine physical batch for prefill (default: the engine's)")
+    p.add_argument("--load-mode", default="auto", choices=["auto", "mmap", "ram"],
+                   help="weights mapped (mmap) or read into RAM (default: auto = RAM when experts stay on the CPU beside a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from .probe import HardwareProfile
 from .util import GIB, MIB, from_dict, to_dict
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+LOAD_MODES = ("auto", "mmap", "ram")
 ENGINES = ("auto", "llama.cpp", "ktransformers")
 UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
@@ -35,6 +36,9 @@ class PlanOptions:
     kv_type: str = "f16"
     threads: int | None = None
     allow_streaming: bool = True
+    batch: int | None = None  # engine logical/physical batch for prefill (None = the engine's default)
+    ubatch: int | None = None
+    load_mode: str = "auto"  # auto | mmap | ram (weights read into RAM rather than mapped)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class Plan:
     moe_blocks: list[int]
     routed_types: list[str]
     device_of: dict[str, str] = field(default_factory=dict)
+    batch: int = 0  # 0 = the engine's default
+    ubatch: int = 0
+    load_mode: str = "auto"
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -169,6 +176,11 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         raise HybridError(f"unknown engine '{opts.engine}'", f"use one of {', '.join(ENGINES)}")
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
+    if opts.load_mode not in LOAD_MODES:
+        raise HybridError(f"unknown load mode '{opts.load_mode}'", f"use one of {', '.join(LOAD_MODES)}")
+    for flag, v in (("--batch", opts.batch), ("--ubatch", opts.ubatch)):
+        if v is not None and v < 1:
+            raise HybridError(f"{flag} must be at least 1, not {v}", f"drop {flag} for the engine's default")
     try:
         return _make_plan(hw, model, opts, rules.load(opts.rules or default_rules(hw, model)))
     except HybridError as first:
@@ -324,6 +336,7 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         resident_fraction=round(resident, 3), devices=devices, prediction=pred, reasons=reasons, warnings=warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
+        batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
     )
 
 

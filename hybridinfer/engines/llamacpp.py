@@ -63,15 +63,8 @@ def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str |
         cmd += ["--numa", plan.numa]
     if plan.kv_type != "f16":
         cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-    cpu_experts = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
-    # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
-    if has_flag(binary, "--load-mode"):
-        if plan.streaming:
-            cmd += ["--load-mode", "mmap"]
-        elif cpu_experts:
-            cmd += ["--load-mode", "none"]
-    elif cpu_experts and not plan.streaming and has_flag(binary, "--no-mmap"):
-        cmd += ["--no-mmap"]
+    cmd += _batch_args(plan)
+    cmd += _load_args(plan, binary)
     if has_flag(binary, "--metrics"):
         cmd += ["--metrics"]
     if has_flag(binary, "--jinja"):
@@ -80,6 +73,25 @@ def command(plan: Plan, host: str = "127.0.0.1", port: int = 8080, binary: str |
         cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
     cmd += ["--host", host, "--port", str(port)]
     return cmd + list(extra or [])
+
+
+def _batch_args(plan: Plan) -> list[str]:
+    return (["-b", str(plan.batch)] if plan.batch else []) + (["-ub", str(plan.ubatch)] if plan.ubatch else [])
+
+
+def _into_ram(plan: Plan) -> bool:
+    """Weights read into RAM rather than mapped: asked for, or (auto) when experts stay on the CPU beside a GPU,
+    where read-in weights run faster than mmap'd ones. Streaming needs mmap."""
+    cpu_experts = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
+    return not plan.streaming and (plan.load_mode == "ram" or (plan.load_mode == "auto" and cpu_experts))
+
+
+def _load_args(plan: Plan, binary: str | None) -> list[str]:
+    ram = _into_ram(plan)
+    mmap = plan.streaming or plan.load_mode == "mmap"
+    if has_flag(binary, "--load-mode"):
+        return ["--load-mode", "mmap"] if mmap else ["--load-mode", "none"] if ram else []
+    return ["--no-mmap"] if ram and has_flag(binary, "--no-mmap") else []
 
 
 # --- supervision --------------------------------------------------------------------------------------
@@ -326,6 +338,9 @@ def bench_command(plan: Plan, binary: str | None = None, n_prompt: int = 512, n_
         cmd += ["--numa", plan.numa]
     if plan.kv_type != "f16":
         cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+    cmd += _batch_args(plan)
+    if _into_ram(plan):
+        cmd += ["-mmp", "0"]  # loaded as the server would load it
     return cmd
 
 

@@ -1,0 +1,186 @@
+"""What this box does with the GB-scale mid model vs what the planner predicts for it, both variants.
+
+    .venv/bin/python benchmarks/measured_vs_predicted.py [--variant iq1_s,q4_k_m] [--requests 4] [--max-tokens 64]
+
+Per variant: writes the model if the cache lacks it (`hybridinfer demo --size mid`); plans it for this box with the
+bandwidth `probe --measure-bandwidth` measures; runs llama-bench pp512/tg128 with the plan's threads and
+placement; serves it through `hybridinfer serve` and a raw llama-server with the same argv in one run, and
+streams the same requests to both with `hybridinfer bench` (decode tok/s = 1 / median TPOT, TTFT); reads the
+engine's RSS after load. Prints and writes benchmarks/results/measured_vs_predicted.json: predicted / measured
+for decode, prefill and CPU memory (targets 0.8-1.25 and +-5 %), served / raw, and decode's fraction of the
+bandwidth roofline (bytes read per token x tok/s / measured bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from hybridinfer.demo.mid import ensure_mid
+from hybridinfer.engines.llamacpp import bench_command, parse_bench
+from hybridinfer.inspect_gguf import inspect
+from hybridinfer.plan import PlanOptions, make_plan
+from hybridinfer.predict import CONTEXT_FOR_DECODE
+from hybridinfer.probe import find_llama_binary, probe
+
+EXE = str(Path(sys.executable).parent / "hybridinfer")
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{url} did not become ready in {timeout:.0f} s")
+
+
+def llama_bench(plan, reps: int) -> dict:
+    cmd = bench_command(plan, find_llama_binary("llama-bench"), n_prompt=512, n_gen=128, repetitions=reps)
+    print("  llama-bench:", " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"llama-bench failed: {r.stderr[-800:]}")
+    rows = {x["test"]: x for x in parse_bench(r.stdout)}
+    return {"command": cmd, "pp512": rows["pp512"]["tokens_per_s"], "tg128": rows["tg128"]["tokens_per_s"],
+            "pp512_stddev": rows["pp512"]["stddev"], "tg128_stddev": rows["tg128"]["stddev"]}
+
+
+def served_vs_raw(path: str, requests: int, max_tokens: int) -> dict:
+    """`hybridinfer serve` and a raw llama-server with the same argv, both measured by `hybridinfer bench`."""
+    hp = free_port()
+    hi = subprocess.Popen([EXE, "serve", "--gguf", path, "--port", str(hp), "--alias", "m"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hurl = f"http://127.0.0.1:{hp}"
+    raw = None
+    try:
+        banner = ""
+        while "engine:" not in banner:
+            banner = hi.stdout.readline()
+            if not banner and hi.poll() is not None:
+                raise SystemExit("hybridinfer serve exited before printing its engine command")
+        cmd = banner.split("engine:", 1)[1].split()
+        rp = free_port()
+        cmd[cmd.index("--port") + 1] = str(rp)
+        cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the same arguments on a TCP port of its own
+        load_h = wait_health(hurl, hi)
+        raw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rurl = f"http://127.0.0.1:{rp}"
+        load_r = wait_health(rurl, raw)
+        rss_loaded = psutil.Process(raw.pid).memory_info().rss
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "bench.json"
+            r = subprocess.run([EXE, "bench", "--url", hurl + "/v1", "--url", rurl + "/v1", "--model", "m",
+                                "--requests", str(requests), "--max-tokens", str(max_tokens), "--prompt-tokens", "128",
+                                "--json", str(out)], capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"hybridinfer bench failed: {r.stderr[-800:]}")
+            report = json.loads(out.read_text())
+        rss_after = psutil.Process(raw.pid).memory_info().rss
+    finally:
+        for p in (raw, hi):
+            if p:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    lv = {("served" if i == 0 else "raw"): run["levels"][0] for i, run in enumerate(report["runs"])}
+    res = {k: {"decode_tps": 1000 / v["median_tpot_ms"], "ttft_ms": v["median_ttft_ms"], "completed": v["completed"],
+               "output_throughput": v["output_throughput"]} for k, v in lv.items()}
+    return {"engine_command": cmd, "served": res["served"], "raw": res["raw"],
+            "served_over_raw_decode": res["served"]["decode_tps"] / res["raw"]["decode_tps"],
+            "added_ttft_ms": res["served"]["ttft_ms"] - res["raw"]["ttft_ms"],
+            "load_s": {"served": round(load_h, 1), "raw": round(load_r, 1)},
+            "engine_rss_loaded": rss_loaded, "engine_rss_after_bench": rss_after}
+
+
+def run_variant(variant: str, hw, args) -> dict:
+    t0 = time.perf_counter()
+    path = ensure_mid(variant)
+    print(f"{variant}: {path} ({time.perf_counter() - t0:.1f} s to ensure)", flush=True)
+    model = inspect(path)
+    plan = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
+    pr = plan.prediction
+    cpu = next(d for d in plan.devices if d.device == "cpu")
+    bench = llama_bench(plan, args.reps)
+    print(f"  llama-bench pp512 {bench['pp512']:.1f} tok/s, tg128 {bench['tg128']:.2f} tok/s", flush=True)
+    served = served_vs_raw(path, args.requests, args.max_tokens)
+    print(f"  served {served['served']['decode_tps']:.2f} tok/s vs raw {served['raw']['decode_tps']:.2f} "
+          f"(x{served['served_over_raw_decode']:.3f}), TTFT {served['served']['ttft_ms']:.0f} vs {served['raw']['ttft_ms']:.0f} ms",
+          flush=True)
+    # Bytes read per decoded token: the plan's weights touched per token plus the KV cache at the quoted context.
+    kv_read = model.kv.bytes_per_token[plan.kv_type] * CONTEXT_FOR_DECODE
+    bytes_per_token = pr.cpu_bytes_per_token + pr.gpu_bytes_per_token + kv_read
+    measured_mem = served["engine_rss_after_bench"]
+    return {
+        "variant": variant, "model_bytes": model.bytes, "plan": {
+            "threads": plan.threads, "ctx": plan.ctx, "kv_type": plan.kv_type, "rules": plan.rules,
+            "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
+            "predicted_cpu_bytes": cpu.total, "bound": pr.bound, "breakdown_ms": pr.breakdown_ms},
+        "llama_bench": bench, "serve": served,
+        "ratios": {
+            "decode_predicted_over_measured": pr.decode_tps / bench["tg128"],
+            "prefill_predicted_over_measured": pr.prefill_tps / bench["pp512"],
+            "memory_predicted_over_measured": cpu.total / measured_mem,
+            "served_over_raw_decode": served["served_over_raw_decode"],
+            "decode_fraction_of_roofline": bytes_per_token * bench["tg128"] / (hw.memory_bandwidth_gbs * 1e9)},
+        "bytes_per_token": bytes_per_token,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", default="iq1_s,q4_k_m")
+    ap.add_argument("--requests", type=int, default=4, help="streamed requests per server (default: 4)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions (default: 2)")
+    args = ap.parse_args()
+    if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):
+        raise SystemExit("needs llama-bench and llama-server (./install.sh)")
+    hw = probe(measure=True, engines=False)
+    print(f"bandwidth: {hw.memory_bandwidth_gbs} GB/s ({hw.bandwidth_method})", flush=True)
+    out = {"machine": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
+           "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method,
+           "targets": {"decode": [0.8, 1.25], "prefill": [0.8, 1.25], "memory": [0.95, 1.05], "served_over_raw": 0.99},
+           "variants": []}
+    for v in args.variant.split(","):
+        out["variants"].append(run_variant(v.strip(), hw, args))
+    print()
+    print(f"| variant | decode pred / meas | prefill pred / meas | CPU memory pred / RSS | served / raw | roofline |")
+    print("|---|---|---|---|---|---|")
+    for r in out["variants"]:
+        p, b, s, q = r["plan"], r["llama_bench"], r["serve"], r["ratios"]
+        print(f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg128']:.2f} = {q['decode_predicted_over_measured']:.2f} "
+              f"| {p['predicted_prefill_tps']:.1f} / {b['pp512']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
+              f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = {q['memory_predicted_over_measured']:.3f} "
+              f"| {q['served_over_raw_decode']:.3f} | {q['decode_fraction_of_roofline']:.0%} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "measured_vs_predicted.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / 'measured_vs_predicted.json'}")
+
+
+if __name__ == "__main__":
+    main()
