@@ -61,9 +61,16 @@ def test_batch_and_load_candidates_change_the_command(models, monkeypatch):
     assert (p.ubatch, p.batch, p.load_mode) == (1024, 2048, "ram")
     cmd = command(p, binary=None)
     assert cmd[cmd.index("-ub") + 1] == "1024" and cmd[cmd.index("-b") + 1] == "2048" and "--load-mode" in cmd
+    from hybridinfer.engines import llamacpp
+
+    monkeypatch.setattr(llamacpp, "help_text", lambda b: "  -lm, --load-mode <auto|none|mmap>  (default: auto)\n")
     b = bench_command(p, binary="llama-bench")
-    assert b[b.index("-ub") + 1] == "1024" and b[b.index("-mmp") + 1] == "0"
-    assert "-mmp" not in bench_command(make_plan(hw, m, PlanOptions(load_mode="mmap")), binary="llama-bench")
+    assert b[b.index("-ub") + 1] == "1024" and b[b.index("-lm") + 1] == "none"
+    b = bench_command(make_plan(hw, m, PlanOptions(load_mode="mmap")), binary="llama-bench")
+    assert b[b.index("-lm") + 1] == "mmap"
+    monkeypatch.setattr(llamacpp, "help_text", lambda b: "  -mmp, --mmap <0|1>\n")  # an older llama-bench
+    b = bench_command(p, binary="llama-bench")
+    assert b[b.index("-mmp") + 1] == "0" and "-lm" not in b
     with pytest.raises(HybridError, match="unknown load mode"):
         make_plan(hw, m, PlanOptions(load_mode="disk"))
 

@@ -339,8 +339,10 @@ def bench_command(plan: Plan, binary: str | None = None, n_prompt: int = 512, n_
     if plan.kv_type != "f16":
         cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
     cmd += _batch_args(plan)
-    if _into_ram(plan):
-        cmd += ["-mmp", "0"]  # loaded as the server would load it
+    if plan.streaming or plan.load_mode == "mmap":
+        cmd += ["-lm", "mmap"] if has_flag(exe, "--load-mode") else []
+    elif _into_ram(plan):  # loaded as the server would load it
+        cmd += ["-lm", "none"] if has_flag(exe, "--load-mode") else ["-mmp", "0"]
     return cmd
 
 
