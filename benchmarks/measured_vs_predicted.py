@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -35,6 +38,30 @@ from hybridinfer.probe import find_llama_binary, probe
 
 EXE = str(Path(sys.executable).parent / "hybridinfer")
 RESULTS = Path(__file__).parent / "results"
+
+
+QUIET_WAIT = 0.0  # --quiet-wait
+
+
+def idle_fraction(seconds: float = 2.0) -> float:
+    """Share of all CPUs idle over a short window (/proc/stat), i.e. how much of the box other work leaves."""
+    def snap():
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return v[3] + v[4], sum(v)
+    i0, t0 = snap()
+    time.sleep(seconds)
+    i1, t1 = snap()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet() -> float:
+    """Wait (up to --quiet-wait seconds) until other work leaves >= 80 % of the CPUs idle; -> the idle share."""
+    deadline = time.time() + QUIET_WAIT
+    while True:
+        idle = idle_fraction()
+        if idle >= 0.8 or time.time() >= deadline:
+            return round(idle, 2)
+        time.sleep(10)
 
 
 def free_port() -> int:
@@ -60,15 +87,44 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> float
 def llama_bench(plan, reps: int) -> dict:
     cmd = bench_command(plan, find_llama_binary("llama-bench"), n_prompt=512, n_gen=128, repetitions=reps)
     print("  llama-bench:", " ".join(cmd), flush=True)
+    idle0 = wait_quiet()
+    ru0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
+    ru1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"llama-bench failed: {r.stderr[-800:]}")
     rows = {x["test"]: x for x in parse_bench(r.stdout)}
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    # The CPU the run actually got: near 1.0 on a quiet box; other processes on the cores push it down.
+    share = cpu / (wall * plan.threads)
     return {"command": cmd, "pp512": rows["pp512"]["tokens_per_s"], "tg128": rows["tg128"]["tokens_per_s"],
-            "pp512_stddev": rows["pp512"]["stddev"], "tg128_stddev": rows["tg128"]["stddev"]}
+            "pp512_stddev": rows["pp512"]["stddev"], "tg128_stddev": rows["tg128"]["stddev"],
+            "cpu_share": round(share, 3), "idle_before": idle0, "wall_s": round(wall, 1)}
 
 
-def served_vs_raw(path: str, requests: int, max_tokens: int) -> dict:
+def _cpu_run(cmd: list[str]) -> tuple[float, float]:
+    """-> (CPU seconds the run used, its tokens/s)."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode:
+        raise SystemExit(f"llama-bench failed: {r.stderr[-800:]}")
+    return (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), parse_bench(r.stdout)[0]["tokens_per_s"]
+
+
+def single_thread_rates(plan1) -> dict:
+    """One thread's decode and prefill rates from CPU time, which other work on the box does not inflate:
+    two runs differing only in token count; the difference in CPU seconds is what those extra tokens cost
+    (model load and warm-up cancel out). A single thread has no barrier to wait at, so CPU time = its time."""
+    binary = find_llama_binary("llama-bench")
+    b = lambda p, n: bench_command(plan1, binary, n_prompt=p, n_gen=n, repetitions=1)  # noqa: E731
+    (c0, _), (c1, _) = _cpu_run(b(0, 8)), _cpu_run(b(0, 40))
+    (d0, _), (d1, _) = _cpu_run(b(32, 0)), _cpu_run(b(160, 0))
+    return {"decode_tps": 32 / (c1 - c0), "prefill_tps": 128 / (d1 - d0),
+            "method": "1 thread; CPU seconds of tg40 - tg8 and pp160 - pp32 runs"}
+
+
+def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int) -> dict:
     """`hybridinfer serve` and a raw llama-server with the same argv, both measured by `hybridinfer bench`."""
     hp = free_port()
     hi = subprocess.Popen([EXE, "serve", "--gguf", path, "--port", str(hp), "--alias", "m"],
@@ -86,6 +142,7 @@ def served_vs_raw(path: str, requests: int, max_tokens: int) -> dict:
         cmd[cmd.index("--port") + 1] = str(rp)
         cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the same arguments on a TCP port of its own
         load_h = wait_health(hurl, hi)
+        idle0 = wait_quiet()
         raw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rurl = f"http://127.0.0.1:{rp}"
         load_r = wait_health(rurl, raw)
@@ -93,7 +150,7 @@ def served_vs_raw(path: str, requests: int, max_tokens: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "bench.json"
             r = subprocess.run([EXE, "bench", "--url", hurl + "/v1", "--url", rurl + "/v1", "--model", "m",
-                                "--requests", str(requests), "--max-tokens", str(max_tokens), "--prompt-tokens", "128",
+                                "--requests", str(requests), "--max-tokens", str(max_tokens), "--prompt-tokens", str(prompt_tokens),
                                 "--json", str(out)], capture_output=True, text=True)
             if r.returncode:
                 raise SystemExit(f"hybridinfer bench failed: {r.stderr[-800:]}")
@@ -110,7 +167,7 @@ def served_vs_raw(path: str, requests: int, max_tokens: int) -> dict:
     lv = {("served" if i == 0 else "raw"): run["levels"][0] for i, run in enumerate(report["runs"])}
     res = {k: {"decode_tps": 1000 / v["median_tpot_ms"], "ttft_ms": v["median_ttft_ms"], "completed": v["completed"],
                "output_throughput": v["output_throughput"]} for k, v in lv.items()}
-    return {"engine_command": cmd, "served": res["served"], "raw": res["raw"],
+    return {"engine_command": cmd, "idle_before": idle0, "served": res["served"], "raw": res["raw"],
             "served_over_raw_decode": res["served"]["decode_tps"] / res["raw"]["decode_tps"],
             "added_ttft_ms": res["served"]["ttft_ms"] - res["raw"]["ttft_ms"],
             "load_s": {"served": round(load_h, 1), "raw": round(load_r, 1)},
@@ -127,7 +184,11 @@ def run_variant(variant: str, hw, args) -> dict:
     cpu = next(d for d in plan.devices if d.device == "cpu")
     bench = llama_bench(plan, args.reps)
     print(f"  llama-bench pp512 {bench['pp512']:.1f} tok/s, tg128 {bench['tg128']:.2f} tok/s", flush=True)
-    served = served_vs_raw(path, args.requests, args.max_tokens)
+    plan1 = make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1))
+    st = single_thread_rates(plan1)
+    print(f"  one thread, from CPU time: decode {st['decode_tps']:.2f} tok/s (predicted {plan1.prediction.decode_tps:.2f}), "
+          f"prefill {st['prefill_tps']:.1f} tok/s (predicted {plan1.prediction.prefill_tps:.1f})", flush=True)
+    served = served_vs_raw(path, args.requests, args.max_tokens, args.prompt_tokens)
     print(f"  served {served['served']['decode_tps']:.2f} tok/s vs raw {served['raw']['decode_tps']:.2f} "
           f"(x{served['served_over_raw_decode']:.3f}), TTFT {served['served']['ttft_ms']:.0f} vs {served['raw']['ttft_ms']:.0f} ms",
           flush=True)
@@ -141,6 +202,10 @@ def run_variant(variant: str, hw, args) -> dict:
             "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
             "predicted_cpu_bytes": cpu.total, "bound": pr.bound, "breakdown_ms": pr.breakdown_ms},
         "llama_bench": bench, "serve": served,
+        "single_thread": {**st, "predicted_decode_tps": plan1.prediction.decode_tps,
+                          "predicted_prefill_tps": plan1.prediction.prefill_tps,
+                          "decode_predicted_over_measured": plan1.prediction.decode_tps / st["decode_tps"],
+                          "prefill_predicted_over_measured": plan1.prediction.prefill_tps / st["prefill_tps"]},
         "ratios": {
             "decode_predicted_over_measured": pr.decode_tps / bench["tg128"],
             "prefill_predicted_over_measured": pr.prefill_tps / bench["pp512"],
@@ -156,27 +221,47 @@ def main() -> None:
     ap.add_argument("--variant", default="iq1_s,q4_k_m")
     ap.add_argument("--requests", type=int, default=4, help="streamed requests per server (default: 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="served requests' prompt length (default: 128)")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions (default: 2)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="niceness for every process started (e.g. -10 on a shared box, as root; default: 0)")
+    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                    help="wait up to S seconds before each measurement for the CPUs to be >= 80%% idle (default: 0)")
+    ap.add_argument("--bandwidth", type=float, metavar="GBS", help="use this bandwidth instead of measuring it now")
     args = ap.parse_args()
+    global QUIET_WAIT
+    QUIET_WAIT = args.quiet_wait
+    if args.nice:
+        os.nice(args.nice)  # inherited by every process started below, the served and the raw engine alike
     if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):
         raise SystemExit("needs llama-bench and llama-server (./install.sh)")
     hw = probe(measure=True, engines=False)
+    if args.bandwidth:  # a figure measured when the box was quiet (probe --measure-bandwidth), if this run's is not
+        hw = replace(hw, memory_bandwidth_gbs=args.bandwidth, bandwidth_method=f"given: {args.bandwidth} GB/s "
+                     f"(this run measured {hw.memory_bandwidth_gbs} GB/s)")
     print(f"bandwidth: {hw.memory_bandwidth_gbs} GB/s ({hw.bandwidth_method})", flush=True)
     out = {"machine": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
-           "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method,
+           "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method, "nice": args.nice,
            "targets": {"decode": [0.8, 1.25], "prefill": [0.8, 1.25], "memory": [0.95, 1.05], "served_over_raw": 0.99},
            "variants": []}
     for v in args.variant.split(","):
         out["variants"].append(run_variant(v.strip(), hw, args))
+        RESULTS.mkdir(exist_ok=True)  # after each variant, so a long run leaves what it has measured
+        (RESULTS / "measured_vs_predicted.json").write_text(json.dumps(out, indent=2) + "\n")
     print()
-    print(f"| variant | decode pred / meas | prefill pred / meas | CPU memory pred / RSS | served / raw | roofline |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | decode pred / meas | prefill pred / meas | CPU memory pred / RSS | served / raw | roofline | CPU share "
+          "| 1 thread decode pred / meas | 1 thread prefill pred / meas |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in out["variants"]:
         p, b, s, q = r["plan"], r["llama_bench"], r["serve"], r["ratios"]
         print(f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg128']:.2f} = {q['decode_predicted_over_measured']:.2f} "
               f"| {p['predicted_prefill_tps']:.1f} / {b['pp512']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
               f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = {q['memory_predicted_over_measured']:.3f} "
-              f"| {q['served_over_raw_decode']:.3f} | {q['decode_fraction_of_roofline']:.0%} |")
+              f"| {q['served_over_raw_decode']:.3f} | {q['decode_fraction_of_roofline']:.0%} | {b['cpu_share']:.2f} "
+              f"| {r['single_thread']['predicted_decode_tps']:.2f} / {r['single_thread']['decode_tps']:.2f} = "
+              f"{r['single_thread']['decode_predicted_over_measured']:.2f} "
+              f"| {r['single_thread']['predicted_prefill_tps']:.1f} / {r['single_thread']['prefill_tps']:.1f} = "
+              f"{r['single_thread']['prefill_predicted_over_measured']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "measured_vs_predicted.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {RESULTS / 'measured_vs_predicted.json'}")
