@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from hybridinfer.demo.mid import ensure_mid
+from hybridinfer.demo.mid import ensure_mid, mid_path
 from hybridinfer.engines.llamacpp import bench_command, parse_bench
 from hybridinfer.inspect_gguf import inspect
 from hybridinfer.plan import PlanOptions, make_plan
@@ -175,45 +175,68 @@ def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int)
 
 
 def run_variant(variant: str, hw, args) -> dict:
+    """Measure one variant; -> its measurements (predictions are added by `assess`)."""
     t0 = time.perf_counter()
     path = ensure_mid(variant)
     print(f"{variant}: {path} ({time.perf_counter() - t0:.1f} s to ensure)", flush=True)
     model = inspect(path)
     plan = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
-    pr = plan.prediction
-    cpu = next(d for d in plan.devices if d.device == "cpu")
     bench = llama_bench(plan, args.reps)
-    print(f"  llama-bench pp512 {bench['pp512']:.1f} tok/s, tg128 {bench['tg128']:.2f} tok/s", flush=True)
-    plan1 = make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1))
-    st = single_thread_rates(plan1)
-    print(f"  one thread, from CPU time: decode {st['decode_tps']:.2f} tok/s (predicted {plan1.prediction.decode_tps:.2f}), "
-          f"prefill {st['prefill_tps']:.1f} tok/s (predicted {plan1.prediction.prefill_tps:.1f})", flush=True)
+    print(f"  llama-bench pp512 {bench['pp512']:.1f} tok/s, tg128 {bench['tg128']:.2f} tok/s "
+          f"(CPU share {bench['cpu_share']:.2f})", flush=True)
+    st = single_thread_rates(make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1)))
+    print(f"  one thread, from CPU time: decode {st['decode_tps']:.2f} tok/s, prefill {st['prefill_tps']:.1f} tok/s",
+          flush=True)
     served = served_vs_raw(path, args.requests, args.max_tokens, args.prompt_tokens)
     print(f"  served {served['served']['decode_tps']:.2f} tok/s vs raw {served['raw']['decode_tps']:.2f} "
           f"(x{served['served_over_raw_decode']:.3f}), TTFT {served['served']['ttft_ms']:.0f} vs {served['raw']['ttft_ms']:.0f} ms",
           flush=True)
+    return {"variant": variant, "path": path, "model_bytes": model.bytes, "llama_bench": bench, "serve": served,
+            "single_thread": st}
+
+
+def assess(r: dict, hw) -> dict:
+    """Add the plan's predictions for this box and the predicted / measured ratios to one variant's measurements
+    (also re-run by --recompute, so the prediction model can be revised without measuring again)."""
+    model = inspect(r.get("path") or str(mid_path(r["variant"])))
+    plan = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
+    plan1 = make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1))
+    pr, pr1 = plan.prediction, plan1.prediction
+    cpu = next(d for d in plan.devices if d.device == "cpu")
+    bench, served, st = r["llama_bench"], r["serve"], r["single_thread"]
     # Bytes read per decoded token: the plan's weights touched per token plus the KV cache at the quoted context.
-    kv_read = model.kv.bytes_per_token[plan.kv_type] * CONTEXT_FOR_DECODE
-    bytes_per_token = pr.cpu_bytes_per_token + pr.gpu_bytes_per_token + kv_read
-    measured_mem = served["engine_rss_after_bench"]
-    return {
-        "variant": variant, "model_bytes": model.bytes, "plan": {
-            "threads": plan.threads, "ctx": plan.ctx, "kv_type": plan.kv_type, "rules": plan.rules,
-            "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
-            "predicted_cpu_bytes": cpu.total, "bound": pr.bound, "breakdown_ms": pr.breakdown_ms},
-        "llama_bench": bench, "serve": served,
-        "single_thread": {**st, "predicted_decode_tps": plan1.prediction.decode_tps,
-                          "predicted_prefill_tps": plan1.prediction.prefill_tps,
-                          "decode_predicted_over_measured": plan1.prediction.decode_tps / st["decode_tps"],
-                          "prefill_predicted_over_measured": plan1.prediction.prefill_tps / st["prefill_tps"]},
-        "ratios": {
-            "decode_predicted_over_measured": pr.decode_tps / bench["tg128"],
-            "prefill_predicted_over_measured": pr.prefill_tps / bench["pp512"],
-            "memory_predicted_over_measured": cpu.total / measured_mem,
-            "served_over_raw_decode": served["served_over_raw_decode"],
-            "decode_fraction_of_roofline": bytes_per_token * bench["tg128"] / (hw.memory_bandwidth_gbs * 1e9)},
-        "bytes_per_token": bytes_per_token,
-    }
+    bytes_per_token = pr.cpu_bytes_per_token + pr.gpu_bytes_per_token + model.kv.bytes_per_token[plan.kv_type] * CONTEXT_FOR_DECODE
+    r["plan"] = {"threads": plan.threads, "ctx": plan.ctx, "kv_type": plan.kv_type, "rules": plan.rules,
+                 "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
+                 "predicted_cpu_bytes": cpu.total, "bound": pr.bound, "breakdown_ms": pr.breakdown_ms,
+                 "predicted_decode_tps_1_thread": pr1.decode_tps, "predicted_prefill_tps_1_thread": pr1.prefill_tps}
+    r["bytes_per_token"] = bytes_per_token
+    r["ratios"] = {
+        "decode_predicted_over_measured": pr.decode_tps / bench["tg128"],
+        "prefill_predicted_over_measured": pr.prefill_tps / bench["pp512"],
+        "memory_predicted_over_measured": cpu.total / served["engine_rss_after_bench"],
+        "served_over_raw_decode": served["served_over_raw_decode"],
+        "decode_fraction_of_roofline": bytes_per_token * bench["tg128"] / (hw.memory_bandwidth_gbs * 1e9),
+        "decode_1_thread_predicted_over_measured": pr1.decode_tps / st["decode_tps"],
+        "prefill_1_thread_predicted_over_measured": pr1.prefill_tps / st["prefill_tps"]}
+    return r
+
+
+def table(out: dict) -> str:
+    lines = ["| variant | decode pred / meas | prefill pred / meas | CPU memory pred / RSS | served / raw | roofline "
+             "| CPU share | 1 thread decode pred / meas | 1 thread prefill pred / meas |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["variants"]:
+        p, b, s, q, st = r["plan"], r["llama_bench"], r["serve"], r["ratios"], r["single_thread"]
+        lines.append(
+            f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg128']:.2f} = {q['decode_predicted_over_measured']:.2f} "
+            f"| {p['predicted_prefill_tps']:.1f} / {b['pp512']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
+            f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = "
+            f"{q['memory_predicted_over_measured']:.3f} | {q['served_over_raw_decode']:.3f} "
+            f"| {q['decode_fraction_of_roofline']:.0%} | {b['cpu_share']:.2f} "
+            f"| {p['predicted_decode_tps_1_thread']:.2f} / {st['decode_tps']:.2f} = {q['decode_1_thread_predicted_over_measured']:.2f} "
+            f"| {p['predicted_prefill_tps_1_thread']:.1f} / {st['prefill_tps']:.1f} = {q['prefill_1_thread_predicted_over_measured']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -228,43 +251,38 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds before each measurement for the CPUs to be >= 80%% idle (default: 0)")
     ap.add_argument("--bandwidth", type=float, metavar="GBS", help="use this bandwidth instead of measuring it now")
+    ap.add_argument("--recompute", action="store_true",
+                    help="measure nothing: recompute predictions and ratios for the measurements in the results file")
     args = ap.parse_args()
     global QUIET_WAIT
     QUIET_WAIT = args.quiet_wait
-    if args.nice:
-        os.nice(args.nice)  # inherited by every process started below, the served and the raw engine alike
-    if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):
-        raise SystemExit("needs llama-bench and llama-server (./install.sh)")
-    hw = probe(measure=True, engines=False)
-    if args.bandwidth:  # a figure measured when the box was quiet (probe --measure-bandwidth), if this run's is not
-        hw = replace(hw, memory_bandwidth_gbs=args.bandwidth, bandwidth_method=f"given: {args.bandwidth} GB/s "
-                     f"(this run measured {hw.memory_bandwidth_gbs} GB/s)")
-    print(f"bandwidth: {hw.memory_bandwidth_gbs} GB/s ({hw.bandwidth_method})", flush=True)
-    out = {"machine": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
-           "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method, "nice": args.nice,
-           "targets": {"decode": [0.8, 1.25], "prefill": [0.8, 1.25], "memory": [0.95, 1.05], "served_over_raw": 0.99},
-           "variants": []}
-    for v in args.variant.split(","):
-        out["variants"].append(run_variant(v.strip(), hw, args))
-        RESULTS.mkdir(exist_ok=True)  # after each variant, so a long run leaves what it has measured
-        (RESULTS / "measured_vs_predicted.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = RESULTS / "measured_vs_predicted.json"
+    if args.recompute:
+        out = json.loads(path.read_text())
+        hw = replace(probe(engines=False), memory_bandwidth_gbs=out["bandwidth_gbs"], bandwidth_method=out["bandwidth_method"])
+        out["variants"] = [assess(r, hw) for r in out["variants"]]
+    else:
+        if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):
+            raise SystemExit("needs llama-bench and llama-server (./install.sh)")
+        if args.nice:
+            os.nice(args.nice)  # inherited by every process started below, the served and the raw engine alike
+        hw = probe(measure=True, engines=False)
+        if args.bandwidth:  # a figure measured when the box was quiet (probe --measure-bandwidth), if this run's is not
+            hw = replace(hw, memory_bandwidth_gbs=args.bandwidth, bandwidth_method=f"given: {args.bandwidth} GB/s "
+                         f"(this run measured {hw.memory_bandwidth_gbs} GB/s)")
+        print(f"bandwidth: {hw.memory_bandwidth_gbs} GB/s ({hw.bandwidth_method})", flush=True)
+        out = {"machine": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
+               "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method, "nice": args.nice,
+               "targets": {"decode": [0.8, 1.25], "prefill": [0.8, 1.25], "memory": [0.95, 1.05], "served_over_raw": 0.99},
+               "variants": []}
+        for v in args.variant.split(","):
+            out["variants"].append(assess(run_variant(v.strip(), hw, args), hw))
+            RESULTS.mkdir(exist_ok=True)  # after each variant, so a long run leaves what it has measured
+            path.write_text(json.dumps(out, indent=2) + "\n")
     print()
-    print("| variant | decode pred / meas | prefill pred / meas | CPU memory pred / RSS | served / raw | roofline | CPU share "
-          "| 1 thread decode pred / meas | 1 thread prefill pred / meas |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in out["variants"]:
-        p, b, s, q = r["plan"], r["llama_bench"], r["serve"], r["ratios"]
-        print(f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg128']:.2f} = {q['decode_predicted_over_measured']:.2f} "
-              f"| {p['predicted_prefill_tps']:.1f} / {b['pp512']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
-              f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = {q['memory_predicted_over_measured']:.3f} "
-              f"| {q['served_over_raw_decode']:.3f} | {q['decode_fraction_of_roofline']:.0%} | {b['cpu_share']:.2f} "
-              f"| {r['single_thread']['predicted_decode_tps']:.2f} / {r['single_thread']['decode_tps']:.2f} = "
-              f"{r['single_thread']['decode_predicted_over_measured']:.2f} "
-              f"| {r['single_thread']['predicted_prefill_tps']:.1f} / {r['single_thread']['prefill_tps']:.1f} = "
-              f"{r['single_thread']['prefill_predicted_over_measured']:.2f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "measured_vs_predicted.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'measured_vs_predicted.json'}")
+    print(table(out))
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

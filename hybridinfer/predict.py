@@ -17,7 +17,11 @@ CPU_BW_EFF = 0.75
 GPU_BW_EFF = 0.70
 # Quantized GEMV throughput per physical core during decode, GFLOP/s (2 FLOP per weight). Low-bit formats
 # spend most of their time unpacking, so decode on a big core is compute-bound well below the bandwidth roof.
-DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 18.0, "avx512": 29.0, "amx": 29.0}
+# avx2 measured: one Zen 3 core decodes the mid benchmark model (R1 UD-IQ1_S type mix, 5.2 GFLOP/token) at
+# ~285 ms of CPU time per token under llama.cpp (benchmarks/measured_vs_predicted.py), i.e. ~20 GFLOP/s
+# after its memory time; 24 x llama.cpp's 0.85 matches that and moves budget-2080ti (AVX2 Haswell) from 3.0
+# to 3.4 tok/s against its published 3-5.
+DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 24.0, "avx512": 29.0, "amx": 29.0}
 # Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
 PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 55.0}
 PREFILL_GFLOPS_PER_CORE_KT_AMX = 200.0
@@ -40,7 +44,7 @@ TOKEN_OVERHEAD_S = {"gpu": 0.3e-3, "cpu": 1e-3}
 # llama.cpp decode of Qwen3-30B-A3B Q4_K_M (48 MoE blocks, ~2 GB read per token): ~196 tok/s on an RTX 4090
 # (runaihome.com, "Qwen3-30B-A3B Local AI Guide", 2026) and 166.9 tok/s at 4K context on an RTX 3090 Ti
 # (smeltcore.com recipe "Qwen3-30B-A3B on RTX 3090 Ti") — both 1008 GB/s cards, where bytes / bandwidth
-# alone says ~350 tok/s. 48 x (20 + 30) us + 0.3 ms + 2.9 ms of reads = 5.6 ms -> ~180 tok/s.
+# alone says ~350 tok/s. 48 x (20 + 30) us + 0.3 ms + ~3 ms of reads = 5.7 ms -> 176 tok/s.
 # Each extra sequence in a decode batch adds this fraction of one token's CPU compute time: most of a single
 # token's "compute" is per-step work (thread start/sync, unpacking latency) that a batch shares.
 # Fitted to the published "5 concurrent users, 6-8 tok/s each" on xeon4-ddr5-4090 (KTransformers, R1
