@@ -96,7 +96,8 @@ class Tuner:
 
     # --- measuring ---------------------------------------------------------------------------------------
 
-    def measure(self, c: Candidate) -> None:
+    def measure(self, c: Candidate, reserve: float = 0.0) -> None:
+        """Build c's plan and benchmark it, within the budget minus `reserve` seconds kept for later runs."""
         try:
             c.plan = make_plan(self.hw, self.model, c.opts)
         except HybridError as e:
@@ -106,7 +107,7 @@ class Tuner:
         if not hasattr(engine, "bench_command"):
             c.status, c.note = "skipped", "engine has no benchmark"
             return
-        left = self.remaining()
+        left = self.remaining() - reserve
         if left < 3:
             c.status, c.note = "skipped", "budget spent"
             return
@@ -151,7 +152,8 @@ class Tuner:
             for label, opts in self.alternatives(dim, best):
                 c = Candidate(dim, label, opts)
                 self.rows.append(c)
-                self.measure(c)
+                # Keep enough budget to measure the static plan and the best once more at the end.
+                self.measure(c, reserve=base.seconds + (best.seconds if best is not base else base.seconds))
                 if c.status == "done" and c.request_s(self.prompt) < best.request_s(self.prompt) * (1 - NOISE):
                     c.kept, best = True, c  # kept: the best so far when it was measured
                 self._changed()
