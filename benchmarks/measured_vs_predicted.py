@@ -84,8 +84,8 @@ def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> float
     raise SystemExit(f"{url} did not become ready in {timeout:.0f} s")
 
 
-def llama_bench(plan, reps: int) -> dict:
-    cmd = bench_command(plan, find_llama_binary("llama-bench"), n_prompt=512, n_gen=128, repetitions=reps)
+def llama_bench(plan, reps: int, pp: int = 512, tg: int = 128) -> dict:
+    cmd = bench_command(plan, find_llama_binary("llama-bench"), n_prompt=pp, n_gen=tg, repetitions=reps)
     print("  llama-bench:", " ".join(cmd), flush=True)
     idle0 = wait_quiet()
     ru0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -97,8 +97,8 @@ def llama_bench(plan, reps: int) -> dict:
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     # The CPU the run actually got: near 1.0 on a quiet box; other processes on the cores push it down.
     share = cpu / (wall * plan.threads)
-    return {"command": cmd, "pp512": rows["pp512"]["tokens_per_s"], "tg128": rows["tg128"]["tokens_per_s"],
-            "pp512_stddev": rows["pp512"]["stddev"], "tg128_stddev": rows["tg128"]["stddev"],
+    return {"command": cmd, "pp": rows[f"pp{pp}"]["tokens_per_s"], "tg": rows[f"tg{tg}"]["tokens_per_s"],
+            "pp_stddev": rows[f"pp{pp}"]["stddev"], "tg_stddev": rows[f"tg{tg}"]["stddev"], "tests": [f"pp{pp}", f"tg{tg}"],
             "cpu_share": round(share, 3), "idle_before": idle0, "wall_s": round(wall, 1)}
 
 
@@ -118,18 +118,42 @@ def single_thread_rates(plan1) -> dict:
     (model load and warm-up cancel out). A single thread has no barrier to wait at, so CPU time = its time."""
     binary = find_llama_binary("llama-bench")
     b = lambda p, n: bench_command(plan1, binary, n_prompt=p, n_gen=n, repetitions=1)  # noqa: E731
+    _cpu_run(b(0, 1))  # once first, so both measured runs find the file equally cached
     (c0, _), (c1, _) = _cpu_run(b(0, 8)), _cpu_run(b(0, 40))
     (d0, _), (d1, _) = _cpu_run(b(32, 0)), _cpu_run(b(160, 0))
     return {"decode_tps": 32 / (c1 - c0), "prefill_tps": 128 / (d1 - d0),
             "method": "1 thread; CPU seconds of tg40 - tg8 and pp160 - pp32 runs"}
 
 
+def _bench(url: str, requests: int, max_tokens: int, prompt_tokens: int) -> dict:
+    """`hybridinfer bench` on one server (fixed seed: both servers get the same prompts) -> its level summary."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "bench.json"
+        r = subprocess.run([EXE, "bench", "--url", url + "/v1", "--model", "m", "--requests", str(requests),
+                            "--max-tokens", str(max_tokens), "--prompt-tokens", str(prompt_tokens), "--json", str(out)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"hybridinfer bench failed: {r.stderr[-800:]}")
+        v = json.loads(out.read_text())["runs"][0]["levels"][0]
+    return {"decode_tps": 1000 / v["median_tpot_ms"], "ttft_ms": v["median_ttft_ms"], "completed": v["completed"],
+            "output_throughput": v["output_throughput"]}
+
+
+def _stop(p: subprocess.Popen | None) -> None:
+    if p and p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int) -> dict:
-    """`hybridinfer serve` and a raw llama-server with the same argv, both measured by `hybridinfer bench`."""
+    """`hybridinfer serve`, then a raw llama-server with the argv serve ran, each measured by `hybridinfer bench`.
+    One after the other: two engines at once would double the memory (and share the cores)."""
     hp = free_port()
     hi = subprocess.Popen([EXE, "serve", "--gguf", path, "--port", str(hp), "--alias", "m"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    hurl = f"http://127.0.0.1:{hp}"
     raw = None
     try:
         banner = ""
@@ -138,38 +162,26 @@ def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int)
             if not banner and hi.poll() is not None:
                 raise SystemExit("hybridinfer serve exited before printing its engine command")
         cmd = banner.split("engine:", 1)[1].split()
-        rp = free_port()
-        cmd[cmd.index("--port") + 1] = str(rp)
         cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the same arguments on a TCP port of its own
+        hurl = f"http://127.0.0.1:{hp}"
         load_h = wait_health(hurl, hi)
         idle0 = wait_quiet()
+        served = _bench(hurl, requests, max_tokens, prompt_tokens)
+        _stop(hi)
+        rp = free_port()
+        cmd[cmd.index("--port") + 1] = str(rp)
         raw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rurl = f"http://127.0.0.1:{rp}"
         load_r = wait_health(rurl, raw)
         rss_loaded = psutil.Process(raw.pid).memory_info().rss
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "bench.json"
-            r = subprocess.run([EXE, "bench", "--url", hurl + "/v1", "--url", rurl + "/v1", "--model", "m",
-                                "--requests", str(requests), "--max-tokens", str(max_tokens), "--prompt-tokens", str(prompt_tokens),
-                                "--json", str(out)], capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"hybridinfer bench failed: {r.stderr[-800:]}")
-            report = json.loads(out.read_text())
+        raw_res = _bench(rurl, requests, max_tokens, prompt_tokens)
         rss_after = psutil.Process(raw.pid).memory_info().rss
     finally:
-        for p in (raw, hi):
-            if p:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-    lv = {("served" if i == 0 else "raw"): run["levels"][0] for i, run in enumerate(report["runs"])}
-    res = {k: {"decode_tps": 1000 / v["median_tpot_ms"], "ttft_ms": v["median_ttft_ms"], "completed": v["completed"],
-               "output_throughput": v["output_throughput"]} for k, v in lv.items()}
-    return {"engine_command": cmd, "idle_before": idle0, "served": res["served"], "raw": res["raw"],
-            "served_over_raw_decode": res["served"]["decode_tps"] / res["raw"]["decode_tps"],
-            "added_ttft_ms": res["served"]["ttft_ms"] - res["raw"]["ttft_ms"],
+        _stop(raw)
+        _stop(hi)
+    return {"engine_command": cmd, "idle_before": idle0, "served": served, "raw": raw_res,
+            "served_over_raw_decode": served["decode_tps"] / raw_res["decode_tps"],
+            "added_ttft_ms": served["ttft_ms"] - raw_res["ttft_ms"],
             "load_s": {"served": round(load_h, 1), "raw": round(load_r, 1)},
             "engine_rss_loaded": rss_loaded, "engine_rss_after_bench": rss_after}
 
@@ -181,8 +193,8 @@ def run_variant(variant: str, hw, args) -> dict:
     print(f"{variant}: {path} ({time.perf_counter() - t0:.1f} s to ensure)", flush=True)
     model = inspect(path)
     plan = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
-    bench = llama_bench(plan, args.reps)
-    print(f"  llama-bench pp512 {bench['pp512']:.1f} tok/s, tg128 {bench['tg128']:.2f} tok/s "
+    bench = llama_bench(plan, args.reps, args.pp, args.tg)
+    print(f"  llama-bench pp{args.pp} {bench['pp']:.1f} tok/s, tg{args.tg} {bench['tg']:.2f} tok/s "
           f"(CPU share {bench['cpu_share']:.2f})", flush=True)
     st = single_thread_rates(make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1)))
     print(f"  one thread, from CPU time: decode {st['decode_tps']:.2f} tok/s, prefill {st['prefill_tps']:.1f} tok/s",
@@ -212,11 +224,11 @@ def assess(r: dict, hw) -> dict:
                  "predicted_decode_tps_1_thread": pr1.decode_tps, "predicted_prefill_tps_1_thread": pr1.prefill_tps}
     r["bytes_per_token"] = bytes_per_token
     r["ratios"] = {
-        "decode_predicted_over_measured": pr.decode_tps / bench["tg128"],
-        "prefill_predicted_over_measured": pr.prefill_tps / bench["pp512"],
+        "decode_predicted_over_measured": pr.decode_tps / bench["tg"],
+        "prefill_predicted_over_measured": pr.prefill_tps / bench["pp"],
         "memory_predicted_over_measured": cpu.total / served["engine_rss_after_bench"],
         "served_over_raw_decode": served["served_over_raw_decode"],
-        "decode_fraction_of_roofline": bytes_per_token * bench["tg128"] / (hw.memory_bandwidth_gbs * 1e9),
+        "decode_fraction_of_roofline": bytes_per_token * bench["tg"] / (hw.memory_bandwidth_gbs * 1e9),
         "decode_1_thread_predicted_over_measured": pr1.decode_tps / st["decode_tps"],
         "prefill_1_thread_predicted_over_measured": pr1.prefill_tps / st["prefill_tps"]}
     return r
@@ -229,8 +241,8 @@ def table(out: dict) -> str:
     for r in out["variants"]:
         p, b, s, q, st = r["plan"], r["llama_bench"], r["serve"], r["ratios"], r["single_thread"]
         lines.append(
-            f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg128']:.2f} = {q['decode_predicted_over_measured']:.2f} "
-            f"| {p['predicted_prefill_tps']:.1f} / {b['pp512']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
+            f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg']:.2f} = {q['decode_predicted_over_measured']:.2f} "
+            f"| {p['predicted_prefill_tps']:.1f} / {b['pp']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
             f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = "
             f"{q['memory_predicted_over_measured']:.3f} | {q['served_over_raw_decode']:.3f} "
             f"| {q['decode_fraction_of_roofline']:.0%} | {b['cpu_share']:.2f} "
@@ -246,6 +258,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="served requests' prompt length (default: 128)")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions (default: 2)")
+    ap.add_argument("--pp", type=int, default=512, help="llama-bench prompt length (default: 512)")
+    ap.add_argument("--tg", type=int, default=128, help="llama-bench generated tokens (default: 128)")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for every process started (e.g. -10 on a shared box, as root; default: 0)")
     ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
@@ -253,13 +267,23 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, metavar="GBS", help="use this bandwidth instead of measuring it now")
     ap.add_argument("--recompute", action="store_true",
                     help="measure nothing: recompute predictions and ratios for the measurements in the results file")
+    ap.add_argument("--remeasure-single-thread", action="store_true",
+                    help="measure only the one-thread CPU-time rates again, into the results file")
     args = ap.parse_args()
     global QUIET_WAIT
     QUIET_WAIT = args.quiet_wait
     path = RESULTS / "measured_vs_predicted.json"
-    if args.recompute:
+    if args.recompute or args.remeasure_single_thread:
         out = json.loads(path.read_text())
-        hw = replace(probe(engines=False), memory_bandwidth_gbs=out["bandwidth_gbs"], bandwidth_method=out["bandwidth_method"])
+        now = probe(engines=False)  # the box as it was measured: its bandwidth figure and free RAM
+        hw = replace(now, memory_bandwidth_gbs=out["bandwidth_gbs"], bandwidth_method=out["bandwidth_method"],
+                     ram_available=out.get("ram_available", int(now.ram_total * 0.9)))
+        for r in out["variants"]:
+            if args.remeasure_single_thread:
+                model = inspect(r.get("path") or str(mid_path(r["variant"])))
+                r["single_thread"] = single_thread_rates(make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1)))
+                print(f"{r['variant']}: one thread, from CPU time: decode {r['single_thread']['decode_tps']:.2f} tok/s, "
+                      f"prefill {r['single_thread']['prefill_tps']:.1f} tok/s", flush=True)
         out["variants"] = [assess(r, hw) for r in out["variants"]]
     else:
         if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):
@@ -272,6 +296,7 @@ def main() -> None:
                          f"(this run measured {hw.memory_bandwidth_gbs} GB/s)")
         print(f"bandwidth: {hw.memory_bandwidth_gbs} GB/s ({hw.bandwidth_method})", flush=True)
         out = {"machine": platform.node(), "cpu": hw.cpu.model, "physical_cores": hw.cpu.physical_cores,
+               "ram_available": hw.ram_available,
                "bandwidth_gbs": hw.memory_bandwidth_gbs, "bandwidth_method": hw.bandwidth_method, "nice": args.nice,
                "targets": {"decode": [0.8, 1.25], "prefill": [0.8, 1.25], "memory": [0.95, 1.05], "served_over_raw": 0.99},
                "variants": []}

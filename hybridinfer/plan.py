@@ -22,7 +22,15 @@ ENGINES = ("auto", "llama.cpp", "ktransformers")
 UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
 GPU_RUNTIME = {"llama.cpp": int(0.45 * GIB), "ktransformers": int(1.2 * GIB)}  # CUDA context, cuBLAS, torch
-CPU_RUNTIME = int(0.5 * GIB)
+# Process memory beyond the engine's buffers: llama-server's RSS on the mid benchmark model is its buffers plus
+# <0.1 GiB (benchmarks/results/measured_vs_predicted.json); KTransformers carries Python and torch.
+CPU_RUNTIME = {"llama.cpp": int(0.1 * GIB), "ktransformers": int(0.5 * GIB)}
+# ggml's CPU backend repacks weights of these types (matrices and expert stacks alike; not the embedding, which
+# it only gathers rows from) into its CPU_REPACK buffer for its AVX2/AVX-512 kernels (ggml-cpu/repack.cpp; load
+# log: "repack tensor blk.0.attn_q.weight with q4_K_8x8"). With the file mapped, the originals stay mapped too:
+# RSS counts those bytes twice (measured: the mid model's Q4_K_M variant). The originals are never read again,
+# so under memory pressure they are the first pages dropped: the fit check does not count them.
+REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
 MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
 KT_MARLIN_BITS = 4.25  # KTransformers runs GPU-resident experts as Marlin int4 (+ group scales)
 
@@ -93,6 +101,12 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return from_dict(cls, json.loads(text))
+
+
+def maps_weights(load_mode: str, streaming: bool, mixed: bool) -> bool:
+    """Whether the engine maps the weights file (mmap) rather than reading it into RAM: asked for, needed for
+    streaming, or (auto) unless experts stay on the CPU beside a GPU, where read-in weights run faster."""
+    return streaming or load_mode == "mmap" or (load_mode == "auto" and not mixed)
 
 
 def default_rules(hw: HardwareProfile, model: ModelInfo) -> str:
@@ -279,8 +293,11 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         ram_need_weights += expert_cpu * (numa_nodes - 1)
         warnings.append(f"KTransformers legacy with USE_NUMA=1 keeps a copy of the CPU experts per NUMA node: "
                         f"{numa_nodes} x {expert_cpu / GIB:.1f} GiB of RAM")
-    cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus else compute // 4
-    ram_fixed = kv.get("cpu", 0) + cpu_compute + CPU_RUNTIME
+    # llama.cpp's CPU compute buffer holds activations, not logits for a whole ubatch: ~1/4 of `compute`
+    # (108 MiB measured for the mid model at ubatch 512, vocab 102k, where `compute` is 370 MiB).
+    cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus and engine != "llama.cpp" else compute // 4
+    cpu_runtime = CPU_RUNTIME.get(engine, CPU_RUNTIME["ktransformers"])
+    ram_fixed = kv.get("cpu", 0) + cpu_compute + cpu_runtime
     ram_cap = _ram_capacity(hw)
     streaming, resident = False, 1.0
     if ram_need_weights + ram_fixed > ram_cap:
@@ -299,8 +316,18 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
         warnings.append(f"RAM is {short:.1f} GiB short of the CPU-side weights: planning to stream them from disk "
                         f"through the page cache (mmap); {resident:.0%} stay resident — expect the predicted, slow speed")
     ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
+    mixed = "cpu" in dev_of.values() and len(set(dev_of.values())) > 1
+    memory_notes = []
+    if engine == "llama.cpp" and hw.cpu.isa != "generic" and maps_weights(opts.load_mode, streaming, mixed) and not streaming:
+        repacked = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and len(t.shape) >= 2
+                       and t.type in REPACKED_TYPES and t.cls != "token_embd")
+        if repacked:
+            # Clean file pages: in RSS while RAM lasts, dropped first when it does not, so not in the fit check.
+            ram_total = min(ram_total + repacked, max(ram_total, ram_cap))
+            memory_notes.append(f"CPU memory includes {repacked / GIB:.2f} GiB of {'/'.join(sorted(REPACKED_TYPES))} weights llama.cpp "
+                           f"repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
-                                kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=CPU_RUNTIME,
+                                kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=cpu_runtime,
                                 total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))
 
     threads = opts.threads or hw.cpu.physical_cores
@@ -312,7 +339,7 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
     pred = predict(model, hw, dev_of, engine, threads, kv_type, resident,
                    gpu_cost=(lambda t: max(t.nbytes, marlin(t))) if engine == "ktransformers" else None,
                    parallel=opts.parallel)
-    reasons = list(reasons)
+    reasons = list(reasons) + memory_notes
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
     if model.is_moe and gpus and rs.name == "moe-auto-fill":

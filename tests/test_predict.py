@@ -86,3 +86,19 @@ def test_parallel_matches_published_five_users(models):
     p = make_plan(load_profile("xeon4-ddr5-4090"), models["r1-ud-iq1_s"], PlanOptions(parallel=5))
     assert p.engine == "ktransformers"
     assert 6.0 <= p.prediction.aggregate_decode_tps / 5 <= 8.0
+
+
+def test_cpu_memory_counts_llamacpp_repacked_weights_twice_when_mapped(tmp_path):
+    # Measured on the mid model: llama-server's RSS = mapped file + CPU_REPACK copies of its Q4_K weights + KV
+    # + compute buffer + <0.1 GiB (benchmarks/results/measured_vs_predicted.json).
+    from hybridinfer.demo.mid import write_mid
+    from hybridinfer.inspect_gguf import inspect
+
+    m = inspect(write_mid(tmp_path / "mid.gguf", "iq1_s", data=False))
+    hw = load_profile("ci-box")
+    mapped = make_plan(hw, m, PlanOptions(ctx=16384))
+    ram = make_plan(hw, m, PlanOptions(ctx=16384, load_mode="ram"))
+    repacked = sum(t.nbytes for t in m.tensors if t.type == "Q4_K" and t.cls != "token_embd")
+    assert mapped.devices[0].total - ram.devices[0].total == repacked
+    assert any("repacks" in r for r in mapped.reasons) and not any("repacks" in r for r in ram.reasons)
+    assert mapped.devices[0].runtime < 0.2 * 2**30  # llama-server's own memory beyond its buffers

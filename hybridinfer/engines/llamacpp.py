@@ -21,7 +21,7 @@ import anyio
 import httpx
 import orjson
 
-from ..plan import Plan
+from ..plan import Plan, maps_weights
 from ..probe import find_llama_binary
 from .base import EngineFailed, EngineRejected, Running
 from .llamacpp_args import buffer_name, compile_placement
@@ -80,10 +80,9 @@ def _batch_args(plan: Plan) -> list[str]:
 
 
 def _into_ram(plan: Plan) -> bool:
-    """Weights read into RAM rather than mapped: asked for, or (auto) when experts stay on the CPU beside a GPU,
-    where read-in weights run faster than mmap'd ones. Streaming needs mmap."""
-    cpu_experts = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
-    return not plan.streaming and (plan.load_mode == "ram" or (plan.load_mode == "auto" and cpu_experts))
+    """Weights read into RAM rather than mapped (plan.maps_weights decides, for the memory figure too)."""
+    mixed = any(d == "cpu" for d in plan.device_of.values()) and any(d != "cpu" for d in plan.device_of.values())
+    return not maps_weights(plan.load_mode, plan.streaming, mixed)
 
 
 def _load_args(plan: Plan, binary: str | None) -> list[str]:
