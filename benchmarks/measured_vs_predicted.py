@@ -148,6 +148,21 @@ def _stop(p: subprocess.Popen | None) -> None:
             p.kill()
 
 
+def engine_rss(cmd: list[str]) -> int:
+    """RSS of the engine started with cmd, after load and one short request."""
+    cmd = list(cmd)
+    port = free_port()
+    cmd[cmd.index("--port") + 1] = str(port)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_health(url, p)
+        httpx.post(url + "/completion", json={"prompt": "hello", "n_predict": 2}, timeout=600)
+        return psutil.Process(p.pid).memory_info().rss
+    finally:
+        _stop(p)
+
+
 def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int) -> dict:
     """`hybridinfer serve`, then a raw llama-server with the argv serve ran, each measured by `hybridinfer bench`.
     One after the other: two engines at once would double the memory (and share the cores)."""
@@ -230,6 +245,7 @@ def assess(r: dict, hw) -> dict:
         "served_over_raw_decode": served["served_over_raw_decode"],
         "decode_fraction_of_roofline": bytes_per_token * bench["tg"] / (hw.memory_bandwidth_gbs * 1e9),
         "decode_1_thread_predicted_over_measured": pr1.decode_tps / st["decode_tps"],
+        "decode_1_thread_fraction_of_roofline": bytes_per_token * st["decode_tps"] / (hw.memory_bandwidth_gbs * 1e9),
         "prefill_1_thread_predicted_over_measured": pr1.prefill_tps / st["prefill_tps"]}
     return r
 
@@ -269,11 +285,13 @@ def main() -> None:
                     help="measure nothing: recompute predictions and ratios for the measurements in the results file")
     ap.add_argument("--remeasure-single-thread", action="store_true",
                     help="measure only the one-thread CPU-time rates again, into the results file")
+    ap.add_argument("--remeasure-memory", action="store_true",
+                    help="measure only the engine's RSS again (the stored command, one engine at a time)")
     args = ap.parse_args()
     global QUIET_WAIT
     QUIET_WAIT = args.quiet_wait
     path = RESULTS / "measured_vs_predicted.json"
-    if args.recompute or args.remeasure_single_thread:
+    if args.recompute or args.remeasure_single_thread or args.remeasure_memory:
         out = json.loads(path.read_text())
         now = probe(engines=False)  # the box as it was measured: its bandwidth figure and free RAM
         hw = replace(now, memory_bandwidth_gbs=out["bandwidth_gbs"], bandwidth_method=out["bandwidth_method"],
@@ -284,6 +302,9 @@ def main() -> None:
                 r["single_thread"] = single_thread_rates(make_plan(hw, model, PlanOptions(engine="llama.cpp", threads=1)))
                 print(f"{r['variant']}: one thread, from CPU time: decode {r['single_thread']['decode_tps']:.2f} tok/s, "
                       f"prefill {r['single_thread']['prefill_tps']:.1f} tok/s", flush=True)
+            if args.remeasure_memory:
+                r["serve"]["engine_rss_after_bench"] = engine_rss(r["serve"]["engine_command"])
+                print(f"{r['variant']}: engine RSS {r['serve']['engine_rss_after_bench'] / 2**30:.2f} GiB", flush=True)
         out["variants"] = [assess(r, hw) for r in out["variants"]]
     else:
         if not find_llama_binary("llama-bench") or not find_llama_binary("llama-server"):

@@ -17,16 +17,27 @@ CPU_BW_EFF = 0.75
 GPU_BW_EFF = 0.70
 # Quantized GEMV throughput per physical core during decode, GFLOP/s (2 FLOP per weight). Low-bit formats
 # spend most of their time unpacking, so decode on a big core is compute-bound well below the bandwidth roof.
-# avx2 measured: one Zen 3 core decodes the mid benchmark model (R1 UD-IQ1_S type mix, 5.2 GFLOP/token) at
-# ~285 ms of CPU time per token under llama.cpp (benchmarks/measured_vs_predicted.py), i.e. ~20 GFLOP/s
-# after its memory time; 24 x llama.cpp's 0.85 matches that and moves budget-2080ti (AVX2 Haswell) from 3.0
-# to 3.4 tok/s against its published 3-5.
-DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 24.0, "avx512": 29.0, "amx": 29.0}
+# avx2 measured on this project's Zen 3 VM with llama.cpp (benchmarks/measured_vs_predicted.py, one thread, from
+# CPU time so other work on the box does not count): the mid benchmark model (R1 UD-IQ1_S type mix, 5.2 GFLOP
+# per token) decodes at 3.5-4.9 tok/s and prefills at ~6 tok/s. 30 / 36 GFLOP/s x llama.cpp's 0.85 predict
+# 4.0 and 5.8; they also move budget-2080ti (AVX2 Haswell) from 3.0 to 3.6 tok/s against its published 3-5.
+DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 30.0, "avx512": 29.0, "amx": 29.0}
 # Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
-PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 55.0}
+PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 36.0, "avx512": 55.0, "amx": 55.0}
 PREFILL_GFLOPS_PER_CORE_KT_AMX = 200.0
 # Engine kernel efficiency on CPU-resident MoE (KTransformers' llamafile/AMX kernels vs ggml's).
 ENGINE_CPU_EFF = {"ktransformers": 1.0, "llama.cpp": 0.85}
+# llama.cpp's CPU decode cost per FLOP by weight type, relative to the table above, and whether its memory
+# reads overlap its compute. Measured on this project's Zen 3 VM, one thread, from CPU time, on the mid
+# benchmark model (benchmarks/results/measured_vs_predicted.json): the Q4_K_M variant decodes at 9.4 tok/s and
+# the UD-IQ1_S one at 4.9 although it reads 36 % fewer bytes — Q4_K runs on ggml's repacked GEMV kernels
+# (q4_K_8x8), IQ1_S unpacks grid lookups. Q4_K_M's 1.7 GB per token in 106 ms is ~60 % of one core's read
+# bandwidth, so its reads hide behind compute: for llama.cpp the token costs the larger of the two, not their sum.
+# Unmeasured IQ types are assumed to cost what IQ1_S does. Applied to CPU-only llama.cpp plans, the case
+# measured; hybrid plans and KTransformers keep the additive model the published figures were fitted with.
+LLAMACPP_TYPE_COST = {"Q4_0": 0.4, "Q4_K": 0.4, "IQ4_NL": 0.4, "IQ1_S": 1.4, "IQ1_M": 1.4, "IQ2_XXS": 1.4,
+                      "IQ2_XS": 1.4, "IQ2_S": 1.4, "IQ3_XXS": 1.4, "IQ3_S": 1.4}
+OVERLAP = {"llama.cpp": True}
 # A second NUMA node adds this fraction of its own bandwidth/compute. KTransformers mirrors the CPU experts on
 # every node and runs one thread pool per node (0.45 fitted to its published 1- vs 2-socket R1 figures).
 # llama.cpp keeps one copy of the weights: `--numa distribute` spreads threads, but the pages sit where they
@@ -95,6 +106,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
     attn_cpu_layers = attn_gpu_layers = 0
     hops = 0
     blocks_dev: dict[int, set[str]] = {}
+    cpu_only_llamacpp = engine == "llama.cpp" and set(device_of.values()) == {"cpu"}
     for t in model.tensors:
         dev = device_of[t.name]
         f = _frac(model, t.cls)
@@ -107,7 +119,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
                     attn_gpu_layers += 1
         if dev == "cpu":
             cpu_b += t.nbytes * f
-            cpu_flops += 2 * t.n_elements * f
+            cpu_flops += 2 * t.n_elements * f * (LLAMACPP_TYPE_COST.get(t.type, 1.0) if cpu_only_llamacpp else 1.0)
             cpu_b_all += t.nbytes
             cpu_prefill_flops += 2 * t.n_elements * f
             if t.cls == "routed_experts":
@@ -159,6 +171,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], en
     parts = {"cpu_memory": t_cpu_bw, "cpu_compute": t_cpu_compute, "gpu": t_gpu, "pcie_hops": t_hops,
              "disk": t_disk, "fixed": t_fixed}
     total = sum(parts.values())
+    if OVERLAP.get(engine) and cpu_only_llamacpp:
+        total -= min(t_cpu_bw, t_cpu_compute)
     decode = 1 / total
     bound = max(parts, key=parts.get)
 
