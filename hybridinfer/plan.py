@@ -321,11 +321,14 @@ def _plan_at(hw, model, opts, rs, engine, reasons, ctx) -> Plan:
     if engine == "llama.cpp" and hw.cpu.isa != "generic" and maps_weights(opts.load_mode, streaming, mixed) and not streaming:
         repacked = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and len(t.shape) >= 2
                        and t.type in REPACKED_TYPES and t.cls != "token_embd")
+        # A mapped embedding is only read a row per token: its pages are resident for the tokens seen, not whole.
+        embd = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and t.cls == "token_embd")
         if repacked:
             # Clean file pages: in RSS while RAM lasts, dropped first when it does not, so not in the fit check.
             ram_total = min(ram_total + repacked, max(ram_total, ram_cap))
             memory_notes.append(f"CPU memory includes {repacked / GIB:.2f} GiB of {'/'.join(sorted(REPACKED_TYPES))} weights llama.cpp "
-                           f"repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
+                                f"repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
+        ram_total -= embd
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
                                 kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=cpu_runtime,
                                 total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {})))

@@ -97,4 +97,10 @@ def test_mid_model_written_fast_and_llama_bench_runs_it(tmp_path):
     rows = json.loads(out.stdout)
     assert {(x["n_prompt"], x["n_gen"]) for x in rows} == {(16, 0), (0, 4)}
     assert all(x["avg_ts"] > 0 for x in rows)
+    ik = find_llama_binary("ik-llama-bench")
+    if ik:  # ik_llama.cpp loads the mainline MLA form too (it rebuilds attn_kv_b from attn_k_b / attn_v_b)
+        out = subprocess.run([ik, "-m", path, "-p", "8", "-n", "2", "-r", "1", "-o", "json"],
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert all(x["avg_ts"] > 0 for x in json.loads(out.stdout[out.stdout.index("["):]))
     os.unlink(path)
