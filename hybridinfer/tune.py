@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import HybridError
-from .plan import Plan, PlanOptions, make_plan
+from .plan import Plan, PlanOptions, make_plan, maps_weights
 
 ANSWER_TOKENS = 128  # decode length of the standard request the objective times
 NOISE = 0.03  # a candidate must beat the best by this fraction to replace it (llama-bench -r 1 jitter)
@@ -82,8 +82,8 @@ class Tuner:
         if dim == "kv_type":
             return [(f"KV {k}", replace(o, kv_type=k)) for k in ("f16", "q8_0") if k != plan.kv_type]
         if dim == "load":
-            cur = plan.load_mode if plan.load_mode != "auto" else ("ram" if "-mmp" in bench_cmd(plan) else "mmap")
-            other = "mmap" if cur == "ram" else "ram"
+            mixed = "cpu" in plan.device_of.values() and len(set(plan.device_of.values())) > 1
+            other = "ram" if maps_weights(plan.load_mode, plan.streaming, mixed) else "mmap"
             return [(f"load {'into RAM' if other == 'ram' else 'mmap'}", replace(o, load_mode=other))]
         if dim == "batch":
             ubs = (1024, 2048) if hw.gpus else (128, 256)
@@ -218,10 +218,6 @@ def _engine(name: str):
     from . import engines
 
     return engines.get(name)
-
-
-def bench_cmd(plan: Plan) -> list[str]:
-    return _engine(plan.engine).bench_command(plan)
 
 
 def _parse(stdout: str) -> list[dict]:

@@ -110,3 +110,10 @@ def test_tune_on_the_demo_model_writes_a_plan_at_least_as_fast(tmp_path):
 def test_tune_budget_too_small_for_one_run_is_a_clean_error(tmp_path):
     r = run_cli("tune", "--budget", "0.01s", "-o", str(tmp_path / "p.json"))
     assert r.returncode == 2 and "raise --budget" in r.stderr and not (tmp_path / "p.json").exists()
+
+
+def test_load_mode_candidate_is_the_other_mode(models):
+    t, best = _best(load_profile("ci-box"), models["qwen3moe-30b-a3b-q4_k_m"])  # CPU only: mapped by default
+    assert [label for label, _ in t.alternatives("load", best)] == ["load into RAM"]
+    t, best = _best(load_profile("desktop-4090"), models["r1-ud-iq1_s"])  # experts on the CPU beside a GPU: read in
+    assert [label for label, _ in t.alternatives("load", best)] == ["load mmap"]
