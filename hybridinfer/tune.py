@@ -153,7 +153,7 @@ class Tuner:
                 c = Candidate(dim, label, opts)
                 self.rows.append(c)
                 # Keep enough budget to measure the static plan and the best once more at the end.
-                self.measure(c, reserve=base.seconds + (best.seconds if best is not base else base.seconds))
+                self.measure(c, reserve=1.5 * (base.seconds + (best.seconds if best is not base else base.seconds)))
                 if c.status == "done" and c.request_s(self.prompt) < best.request_s(self.prompt) * (1 - NOISE):
                     c.kept, best = True, c  # kept: the best so far when it was measured
                 self._changed()
