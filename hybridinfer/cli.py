@@ -40,7 +40,7 @@ def cmd_probe(args) -> int:
     from .render import render_probe
 
     if args.measure_bandwidth and not args.json:
-        print("measuring memory bandwidth (~3 s)...", file=sys.stderr)
+        print("measuring memory read bandwidth on all cores (a few seconds)...", file=sys.stderr)
     hw = probe_box(measure=args.measure_bandwidth)
     if args.json:
         print(hw.to_json())
@@ -182,10 +182,13 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
+    from .demo.cli import register as demo_register
     from .download.cli import register as download_register
     from .engines.ktransformers_patch import register as patch_register
+    from .tune import register as tune_register
     from .worker import register as worker_register
-    out += [download_register, bench_register, patch_register, _register_openwebui, worker_register]
+    out += [download_register, bench_register, patch_register, _register_openwebui, worker_register, demo_register,
+            tune_register]
     return out
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 from . import engines
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, inspect
-from .plan import KV_TYPES, Plan, PlanOptions, make_plan
+from .plan import KV_TYPES, LOAD_MODES, Plan, PlanOptions, make_plan
 from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
                  "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None, "rpc": None,
-                 "cache_ram": None}
+                 "cache_ram": None,
+                 "batch": None, "ubatch": None, "load_mode": "auto"}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -35,6 +36,10 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--no-stream", action="store_true", help="refuse rather than stream weights from disk when RAM is short")
     p.add_argument("--cache-ram", type=int, metavar="MIB", help="RAM for the engine's prompt cache (engines that keep "
                    "one), counted in the plan (default: the KV cache size, at most 8192; 0 disables)")
+    p.add_argument("--batch", type=int, metavar="N", help="engine logical batch for prefill (default: the engine's)")
+    p.add_argument("--ubatch", type=int, metavar="N", help="engine physical batch for prefill (default: the engine's)")
+    p.add_argument("--load-mode", default="auto", choices=list(LOAD_MODES),
+                   help="weights mapped (mmap) or read into RAM (default: auto = RAM when experts stay on the CPU beside a GPU)")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
     p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these RPC workers' devices "
                    "(`hybridinfer worker` on each machine): planned with the memory each reports, served with --rpc")
@@ -46,7 +51,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
 def plan_options(args, serving: bool = False) -> PlanOptions:
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
                        kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving,
-                       kt_model_dir=getattr(args, "kt_model_dir", None), cache_ram_mib=getattr(args, "cache_ram", None))
+                       kt_model_dir=getattr(args, "kt_model_dir", None), cache_ram_mib=getattr(args, "cache_ram", None),
+                       batch=args.batch, ubatch=args.ubatch, load_mode=args.load_mode)
 
 
 def probe_box(measure: bool = False) -> HardwareProfile:

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from . import engines, rules
 from .engines import measured
-from .engines.base import Engine
+from .engines.base import Engine, maps_weights
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
 from .layers import layer_devices
@@ -25,6 +25,7 @@ from .probe import HardwareProfile
 from .util import GIB, MIB, from_dict, ranges, to_dict
 
 KV_TYPES = ("f16", "q8_0", "q4_0")
+LOAD_MODES = ("auto", "mmap", "ram")
 UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
 MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
@@ -42,6 +43,9 @@ class PlanOptions:
     serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
     kt_model_dir: str | None = None  # KTransformers: the model's HF folder (config + tokenizer; SGLang: checkpoint)
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM; None = the KV cache size, at most its cap
+    batch: int | None = None  # engine logical/physical batch for prefill (None = the engine's default)
+    ubatch: int | None = None
+    load_mode: str = "auto"  # auto | mmap | ram (weights read into RAM rather than mapped)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class Plan:
     gpu_buffers: dict[str, str] = field(default_factory=dict)
     rpc_servers: list[str] = field(default_factory=list)
     cache_ram: int | None = None  # bytes for the engine's prompt cache (--cache-ram), counted in RAM; None: no such cache
+    batch: int = 0  # 0 = the engine's default
+    ubatch: int = 0
+    load_mode: str = "auto"
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -137,6 +144,11 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
         raise HybridError(f"--cache-ram {opts.cache_ram_mib} is negative", "use 0 to disable the prompt cache, or a size in MiB")
     if opts.parallel < 1:
         raise HybridError(f"--parallel must be at least 1, not {opts.parallel}", "use --parallel 1 for one user")
+    if opts.load_mode not in LOAD_MODES:
+        raise HybridError(f"unknown load mode '{opts.load_mode}'", f"use one of {', '.join(LOAD_MODES)}")
+    for flag, v in (("--batch", opts.batch), ("--ubatch", opts.ubatch)):
+        if v is not None and v < 1:
+            raise HybridError(f"{flag} must be at least 1, not {v}", f"drop {flag} for the engine's default")
     if not opts.rules and len(hw.gpus) > 1 and model.is_moe:
         return _best_multi_gpu(hw, model, opts)
     try:
@@ -380,7 +392,10 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     if extra:
         ram_need_weights += extra
         warnings.append(why)
-    cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus else compute // 4
+    # An engine whose CPU compute buffer holds activations, not logits for a whole ubatch, needs ~1/4 of `compute`
+    # (Engine.full_cpu_compute_buffer; llama.cpp: 108 MiB measured for the mid model where `compute` is 370 MiB).
+    full = engine.full_cpu_compute_buffer
+    cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus and full else compute // 4
     ram_cap = _ram_capacity(hw)
     cache_ram = None
     if engine.prompt_cache_max is not None:
@@ -411,17 +426,35 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         warnings.append(f"RAM is {short:.1f} GiB short of the CPU-side weights: planning to stream them from disk "
                         f"through the page cache (mmap); {resident:.0%} stay resident — expect the predicted, slow speed")
     ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
+    mixed = "cpu" in dev_of.values() and len(set(dev_of.values())) > 1
+    memory_notes = []
+    repack = engine.repacked_types
+    if repack and hw.cpu.isa != "generic" and maps_weights(opts.load_mode, streaming, mixed) and not streaming:
+        repacked = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and len(t.shape) >= 2
+                       and t.type in repack and t.cls != "token_embd")
+        # A mapped embedding is only read a row per token: its pages are resident for the tokens seen, not whole.
+        embd = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and t.cls == "token_embd")
+        if repacked:
+            # Clean file pages: in RSS while RAM lasts, dropped first when it does not, so not in the fit check.
+            ram_total = min(ram_total + repacked, max(ram_total, ram_cap))
+            memory_notes.append(f"CPU memory includes {repacked / GIB:.2f} GiB of {'/'.join(sorted(repack))} weights {engine.name} "
+                                f"repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
+        ram_total -= embd
     devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
                                 kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=runtime_cpu,
                                 total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {}),
                                 prompt_cache=cache_ram or 0))
 
     threads = opts.threads or hw.cpu.physical_cores
+    if threads > hw.cpu.physical_cores:
+        # Passed through as asked, but SMT siblings share one core's load ports: predict with the real cores.
+        warnings.append(f"--threads {threads} is more than the {hw.cpu.physical_cores} physical cores: extra threads add no "
+                        f"memory bandwidth and usually slow decode; the prediction uses {hw.cpu.physical_cores}")
     policy = engine.numa_policy(numa_nodes)
     numa = policy.flag if numa_nodes > 1 else ""
     pred = predict(model, hw, dev_of, engine.prediction_params, threads, kv_type, resident,
-                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok)
-    reasons = []
+                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok, parallel=opts.parallel)
+    reasons = list(memory_notes)
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
     if model.is_moe and gpus and rs.name == "moe-auto-fill":
@@ -433,7 +466,10 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
                            f"reports; link {g.network_rtt_ms:g} ms round trip, {g.network_gbs:g} GB/s assumed, "
                            f"{pred.breakdown_ms.get('network', 0):g} ms/token in all; its memory bandwidth assumed "
                            f"{g.memory_bandwidth_gbs:g} GB/s")
-    reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
+    if opts.threads:
+        reasons.append(f"threads {threads}: requested ({hw.cpu.physical_cores} physical cores)")
+    else:
+        reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
     if numa_nodes > 1:
         reasons.append(policy.reason)
     if kv_type != "f16":
@@ -455,4 +491,5 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
         gpu_buffers={f"gpu:{g.index}": g.buffer_type for g in hw.gpus},
         rpc_servers=[g.endpoint for g in sorted((g for g in hw.gpus if g.endpoint), key=lambda g: int(g.llama_device[3:]))],
         cache_ram=cache_ram,
+        batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
     )

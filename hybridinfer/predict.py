@@ -21,11 +21,13 @@ CPU_BW_EFF = 0.75
 GPU_BW_EFF = 0.70
 # Quantized GEMV throughput per physical core during decode, GFLOP/s (2 FLOP per weight). Low-bit formats
 # spend most of their time unpacking, so decode on a big core is compute-bound well below the bandwidth roof.
-DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 18.0, "avx512": 29.0, "amx": 29.0}
+# avx2 measured on this project's Zen 3 VM with llama.cpp (benchmarks/measured_vs_predicted.py, one thread, from
+# CPU time so other work on the box does not count): the mid benchmark model (R1 UD-IQ1_S type mix, 5.2 GFLOP
+# per token) decodes at 3.5-4.9 tok/s and prefills at ~6 tok/s. 30 / 36 GFLOP/s x llama.cpp's 0.85 predict
+# 4.0 and 5.8; they also move budget-2080ti (AVX2 Haswell) from 3.0 to 3.6 tok/s against its published 3-5.
+DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 30.0, "avx512": 29.0, "amx": 29.0}
 # Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
-PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 30.0, "avx512": 55.0, "amx": 55.0}
-# A second NUMA node adds this fraction of its own bandwidth/compute (cross-node traffic, imperfect split).
-NUMA_EXTRA_NODE_GAIN = 0.45
+PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 36.0, "avx512": 55.0, "amx": 55.0}
 # Each hop of the hidden state between GPU and CPU (one MoE block with experts on the CPU = 2 hops).
 HOP_SECONDS = 25e-6
 # A remote (RPC) device: each run of consecutive layer parts computed there costs this many network round trips
@@ -37,8 +39,22 @@ HOP_SECONDS = 25e-6
 # per token, everything on the worker (1 run) 2.84 ms: 0.51 ms per extra run, of which 0.05 ms is the round trip.
 RPC_ROUNDTRIPS_PER_SEGMENT = 1
 RPC_SEGMENT_SECONDS = 0.46e-3
-# Per-token fixed cost: sampling, graph build/launch, detokenize.
-TOKEN_OVERHEAD_S = {"gpu": 3e-3, "cpu": 1e-3}
+# Per-token fixed cost outside the layers: sampling, graph build, detokenize.
+TOKEN_OVERHEAD_S = {"gpu": 0.3e-3, "cpu": 1e-3}
+# GPU-resident layers cost a fixed time per token on top of their bytes: each block is ~15 kernel launches
+# and a sync for attention, and MoE routing (router GEMV, top-k argsort, get_rows, one mul_mat_id per
+# projection over the selected experts) roughly doubles that. Fitted to published fully-offloaded
+# llama.cpp decode of Qwen3-30B-A3B Q4_K_M (48 MoE blocks, ~2 GB read per token): ~196 tok/s on an RTX 4090
+# (runaihome.com, "Qwen3-30B-A3B Local AI Guide", 2026) and 166.9 tok/s at 4K context on an RTX 3090 Ti
+# (smeltcore.com recipe "Qwen3-30B-A3B on RTX 3090 Ti") — both 1008 GB/s cards, where bytes / bandwidth
+# alone says ~350 tok/s. 48 x (20 + 30) us + 0.3 ms + ~3 ms of reads = 5.7 ms -> 176 tok/s.
+# Each extra sequence in a decode batch adds this fraction of one token's CPU compute time: most of a single
+# token's "compute" is per-step work (thread start/sync, unpacking latency) that a batch shares.
+# Fitted to the published "5 concurrent users, 6-8 tok/s each" on xeon4-ddr5-4090 (KTransformers, R1
+# UD-IQ1_S, reference-machines table) against its ~12 tok/s for one user.
+BATCH_COMPUTE_GROWTH = 0.05  # -> 6.5 tok/s each for 5 users
+GPU_BLOCK_S = 20e-6  # per block whose attention runs on a GPU
+GPU_MOE_BLOCK_S = 30e-6  # extra per block whose routed experts run on a GPU
 # Page cache of mmapped expert weights: routing has locality, so the hit rate beats the resident fraction.
 PAGE_CACHE_LOCALITY_EXP = 1 / 4  # hit = resident ** exp
 GPU_FP16_TFLOPS_DEFAULT = 50.0
@@ -53,6 +69,12 @@ class PredictionParams:
     prefill_cpu_scale: float = 1.0  # measured prefill speed-up of its CPU kernels over the base figures
     prefill_uploads_weights: bool = False  # with a GPU, streams CPU-resident weights to it per ubatch for prefill
     ubatch: int = 512
+    # A second NUMA node adds this fraction of its own bandwidth/compute (0 = none: one copy of the weights).
+    numa_extra_node_gain: float = 0.0
+    # CPU decode cost per FLOP by weight type, relative to DECODE_GFLOPS_PER_CORE ((type, factor) pairs; others 1.0),
+    # and whether memory reads overlap compute (a token costs the larger, not the sum). CPU-only plans.
+    cpu_type_cost: tuple[tuple[str, float], ...] = ()
+    overlap_cpu_reads: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,8 @@ class Prediction:
     cpu_bytes_per_token: int
     gpu_bytes_per_token: int
     notes: list[str]
+    parallel: int = 1  # slots decoding at once for the aggregate figure
+    aggregate_decode_tps: float = 0.0  # tokens/s summed over `parallel` busy slots (one weight read per step)
 
 
 def _frac(model: ModelInfo, cls: str) -> float:
@@ -77,18 +101,23 @@ def _frac(model: ModelInfo, cls: str) -> float:
 
 
 def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], params: PredictionParams, threads: int,
-            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None, kv_bytes_per_token: int | None = None) -> Prediction:
+            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None, kv_bytes_per_token: int | None = None,
+            parallel: int = 1) -> Prediction:
     """`params`: the engine's (engine.prediction_params); `gpu_cost(t)`: bytes it reads for t on a GPU."""
     gpu_cost = gpu_cost or (lambda t: t.nbytes)
     cpu_b = cpu_flops = 0.0
     cpu_expert_b_active = 0.0
     gpu_b: dict[str, float] = {}
-    gpu_flops = 0.0
+    gpu_flops: dict[str, float] = {}
+    gpu_moe_blocks: set[int] = set()
+    cpu_expert_b_active_per_block: dict[int, float] = {}
     cpu_b_all = 0.0
     cpu_prefill_flops = 0.0
     attn_cpu_layers = attn_gpu_layers = 0
     hops = 0
     blocks_dev: dict[int, set[str]] = {}
+    cpu_only = set(device_of.values()) == {"cpu"}
+    type_cost = dict(params.cpu_type_cost) if cpu_only else {}  # measured for CPU-only plans only
     for t in model.tensors:
         dev = device_of[t.name]
         f = _frac(model, t.cls)
@@ -101,14 +130,16 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
                     attn_gpu_layers += 1
         if dev == "cpu":
             cpu_b += t.nbytes * f
-            cpu_flops += 2 * t.n_elements * f
+            cpu_flops += 2 * t.n_elements * f * type_cost.get(t.type, 1.0)
             cpu_b_all += t.nbytes
             cpu_prefill_flops += 2 * t.n_elements * f
             if t.cls == "routed_experts":
                 cpu_expert_b_active += t.nbytes * f
         else:
             gpu_b[dev] = gpu_b.get(dev, 0.0) + gpu_cost(t) * f
-            gpu_flops += 2 * t.n_elements * f
+            gpu_flops[dev] = gpu_flops.get(dev, 0.0) + 2 * t.n_elements * f
+            if t.cls == "routed_experts":
+                gpu_moe_blocks.add(t.block)
     for b, devs in blocks_dev.items():
         if len(devs) > 1:
             hops += 2
@@ -143,7 +174,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     kv_read_gpu = kv_tok * CONTEXT_FOR_DECODE * attn_gpu_layers / n_layers
 
     nodes = max(1, len(hw.numa_nodes))
-    numa_scale = (1 + NUMA_EXTRA_NODE_GAIN * (nodes - 1)) / nodes  # fraction of the sum over nodes
+    numa_scale = (1 + params.numa_extra_node_gain * (nodes - 1)) / nodes  # fraction of the sum over nodes
     bw = hw.memory_bandwidth_gbs * 1e9
     cores = min(threads, hw.cpu.physical_cores)
     isa = hw.cpu.isa
@@ -158,7 +189,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
         gbw = (g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9
         t_gpu += (b + kv_read_gpu * b / max(1.0, sum(gpu_b.values()))) / (gbw * GPU_BW_EFF)
     t_hops = hops * HOP_SECONDS if gpu_b else 0.0
-    t_fixed = TOKEN_OVERHEAD_S["gpu" if gpu_b else "cpu"]
+    t_fixed = TOKEN_OVERHEAD_S["gpu" if gpu_b else "cpu"] + (
+        attn_gpu_layers * GPU_BLOCK_S + len(gpu_moe_blocks) * GPU_MOE_BLOCK_S if gpu_b else 0.0)
 
     notes = []
     t_disk = 0.0
@@ -173,6 +205,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     if remote:
         parts["network"] = t_net
     total = sum(parts.values())
+    if params.overlap_cpu_reads and cpu_only:
+        total -= min(t_cpu_bw, t_cpu_compute)
     decode = 1 / total
     bound = max(parts, key=parts.get)
 
@@ -197,13 +231,31 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
         if t_upload < t_pre_cpu:
             t_pre_cpu = t_upload
             notes.append(f"prefill: the engine streams CPU-resident weights to the GPU per {params.ubatch}-token batch")
-    tflops = sum((g.fp16_tflops or GPU_FP16_TFLOPS_DEFAULT) for g in hw.gpus) if gpu_b else 0
-    t_pre_gpu = gpu_flops / (tflops * 1e12 * 0.35) if gpu_flops and tflops else 0.0
+    # A layer split runs its GPUs one after the other: each computes its own layers, the times add up.
+    t_pre_gpu = sum(f / ((gpus[d].fp16_tflops if d in gpus and gpus[d].fp16_tflops else GPU_FP16_TFLOPS_DEFAULT)
+                         * 1e12 * 0.35) for d, f in gpu_flops.items())
     prefill = 1 / max(1e-9, t_pre_cpu + t_pre_gpu + (t_disk if resident_fraction < 1 else 0.0) / 8)
+
+    # N busy slots decode as one batch per step: the dense weights are read once for all N; each MoE block
+    # reads the union of the experts its N tokens chose (1 - (1 - k/E)^N of them); compute and KV reads scale
+    # with N; per-layer fixed costs are paid once per step.
+    aggregate = decode
+    if parallel > 1:
+        k_e = model.expert_used_count / model.expert_count if model.expert_count else 1.0
+        union = (1 - (1 - k_e) ** parallel) / k_e if model.expert_count else 1.0
+        cpu_dense_b = cpu_b - cpu_expert_b_active
+        t_bw_n = ((cpu_dense_b + cpu_expert_b_active * union + kv_read_cpu * parallel)
+                  / (bw * CPU_BW_EFF * numa_scale)) if cpu_b else 0.0
+        growth = parallel - 1
+        t_step = (t_bw_n + t_cpu_compute * (1 + BATCH_COMPUTE_GROWTH * growth) + t_gpu * (1 + 0.02 * growth)
+                  + t_hops + t_disk * union + t_fixed + TOKEN_OVERHEAD_S["cpu"] * 0.1 * growth)
+        aggregate = parallel / t_step
+        notes.append(f"{parallel} busy slots: ~{aggregate:.1f} tok/s in total, ~{aggregate / parallel:.1f} each")
 
     return Prediction(
         decode_tps=round(decode, 2), prefill_tps=round(prefill, 1), decode_limit_tps=round(limit, 2),
         fraction_of_limit=round(decode / limit, 3) if limit else 1.0, bound=bound,
         breakdown_ms={k: round(v * 1e3, 3) for k, v in parts.items()},
         cpu_bytes_per_token=int(cpu_b), gpu_bytes_per_token=int(sum(gpu_b.values())), notes=notes,
+        parallel=parallel, aggregate_decode_tps=round(aggregate, 2),
     )

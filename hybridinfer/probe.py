@@ -14,7 +14,6 @@ import platform
 import re
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +116,7 @@ class HardwareProfile:
     engines: list[EngineInfo] = field(default_factory=list)
     disk_read_gbs: float = 2.0  # sequential read of the model's disk, for planning weight streaming
     source: str = "probe"  # "probe" (this box) or "profile" (a file describing another box)
+    bandwidth_method: str = ""  # how a measured bandwidth was measured (kernel, threads, passes)
 
     def engine(self, name: str) -> EngineInfo | None:
         return next((e for e in self.engines if e.name == name and e.installed), None)
@@ -291,29 +291,11 @@ def binary_has_cuda(path: str) -> bool:
         return False
 
 
-def measure_bandwidth(seconds: float = 3.0, threads: int | None = None) -> float:
-    """Sustained copy bandwidth in GB/s (read + write bytes), one numpy copy per thread (copies drop the GIL)."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
+def measure_bandwidth(threads: int | None = None):
+    """Sustained multi-threaded read bandwidth (see hybridinfer.bandwidth) -> Bandwidth(gbs, method, ...)."""
+    from .bandwidth import measure
 
-    threads = threads or os.cpu_count() or 1
-    chunk = 64 * 1024 * 1024  # per thread, far beyond any cache
-    srcs = [np.ones(chunk // 8) for _ in range(threads)]
-    dsts = [np.empty_like(s) for s in srcs]
-
-    def work(i):
-        np.copyto(dsts[i], srcs[i])
-
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(work, range(threads)))  # warm-up: page in
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            list(pool.map(work, range(threads)))
-            dt = time.perf_counter() - t0
-            best = max(best, 2 * chunk * threads / dt / 1e9)
-    return round(best, 1)
+    return measure(threads)
 
 
 def probe(measure: bool = False, engines: list[EngineInfo] | None = None) -> HardwareProfile:
@@ -323,8 +305,10 @@ def probe(measure: bool = False, engines: list[EngineInfo] | None = None) -> Har
     cpu = probe_cpu()
     numa = probe_numa() or [NumaNode(id=0, cpus=list(range(cpu.logical_cores)), memory_bytes=psutil.virtual_memory().total)]
     vm = psutil.virtual_memory()
+    method = ""
     if measure:
-        bw, src = measure_bandwidth(), "measured"
+        m = measure_bandwidth()
+        bw, src, method = m.gbs, "measured", m.detail
     else:
         # Rough, stated as an estimate: ~8 GB/s per physical core, a typical share of DRAM bandwidth.
         bw, src = round(min(8.0 * cpu.physical_cores, 400.0), 1), "estimate"
@@ -332,6 +316,6 @@ def probe(measure: bool = False, engines: list[EngineInfo] | None = None) -> Har
         id=platform.node() or "this-box",
         description=f"{cpu.model}, {cpu.physical_cores} cores, {vm.total / 1024**3:.0f} GiB RAM (probed)",
         cpu=cpu, numa_nodes=numa, ram_total=int(vm.total), ram_available=int(vm.available),
-        memory_bandwidth_gbs=bw, bandwidth_source=src, gpus=probe_gpus(),
+        memory_bandwidth_gbs=bw, bandwidth_source=src, bandwidth_method=method, gpus=probe_gpus(),
         engines=list(engines or []), source="probe",
     )

@@ -26,7 +26,8 @@ def render_probe(hw) -> None:
         console.print(f"NUMA {n.id}  {len(n.cpus)} CPUs, {n.memory_bytes / GIB:.1f} GiB")
     console.print(f"RAM     {hw.ram_total / GIB:.1f} GiB total, {hw.ram_available / GIB:.1f} GiB available")
     console.print(f"Memory bandwidth  {hw.memory_bandwidth_gbs:g} GB/s ({hw.bandwidth_source}"
-                  + (", run with --measure-bandwidth to measure" if hw.bandwidth_source == "estimate" else "") + ")")
+                  + (", run with --measure-bandwidth to measure" if hw.bandwidth_source == "estimate" else "")
+                  + (f": {hw.bandwidth_method}" if hw.bandwidth_method else "") + ")")
     if not hw.gpus:
         console.print("GPU     none (CPU-only plans)")
     for g in hw.gpus:

@@ -43,3 +43,18 @@ def test_gpu_probe_reports_vram():
     from hybridinfer.probe import probe_gpus
     g = probe_gpus()[0]
     assert g.vram_total > 1024**3 and g.name
+
+
+def test_measured_bandwidth_is_multithreaded_reads_and_recorded_in_the_profile():
+    hw = probe(measure=True, engines=False)
+    assert hw.bandwidth_source == "measured" and hw.memory_bandwidth_gbs > 1
+    assert hw.bandwidth_method.startswith("C read kernel") and "threads" in hw.bandwidth_method
+    assert HardwareProfile.from_json(hw.to_json()).bandwidth_method == hw.bandwidth_method
+
+
+def test_bandwidth_falls_back_to_numpy_threads_without_a_compiler(monkeypatch):
+    from hybridinfer import bandwidth
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    m = bandwidth.measure(threads=2)
+    assert m.method == "numpy-sum" and m.gbs > 1 and m.threads == 2

@@ -87,6 +87,13 @@ class RunSettings:
     verbose: bool = False  # the engine's own verbose logging (per-tensor placement)
 
 
+def maps_weights(load_mode: str, streaming: bool, mixed: bool) -> bool:
+    """Whether the engine maps the weights file (mmap) rather than reading it into RAM: asked for, needed for
+    streaming, or (auto) unless experts stay on the CPU beside a GPU (`mixed`), where read-in weights run faster.
+    The one place this is decided: the planner's memory figure and the engines' load flags both ask it."""
+    return streaming or load_mode == "mmap" or (load_mode == "auto" and not mixed)
+
+
 @dataclass(frozen=True)
 class NumaPolicy:
     flag: str  # the engine's NUMA setting for the command ("" = none)
@@ -106,8 +113,14 @@ class Engine:
     max_slots: int | None = None  # None = no limit of its own
     serves: bool = True  # `hybridinfer serve` can run it (False: plan prints its command only)
     gpu_runtime_bytes: int = int(0.45 * GIB)  # CUDA context, cuBLAS workspace, ...
-    cpu_runtime_bytes: int = int(0.5 * GIB)
+    cpu_runtime_bytes: int = int(0.5 * GIB)  # process memory beyond its buffers (Python and torch for some)
     prompt_cache_max: int | None = None  # bytes: a prompt cache in RAM it fills up to this unless told (--cache-ram)
+    # Whether its CPU compute buffer holds logits for a whole ubatch (the planner's `compute` figure); False: only
+    # activations, ~1/4 of it.
+    full_cpu_compute_buffer: bool = True
+    # Weight types its CPU backend copies into a repacked buffer for its kernels while the mapped originals stay
+    # resident too (counted in the CPU memory figure when the file is mapped).
+    repacked_types: frozenset[str] = frozenset()
     prediction_params: PredictionParams = PredictionParams()
     install_hint: str = "see the README"
     plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions
@@ -217,6 +230,14 @@ class Engine:
     def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str] | None:
         """Its own benchmark tool with the plan's placement (None: it has none)."""
         return None
+
+    def bench_binary_path(self) -> str | None:
+        """Its benchmark tool on this box (None: it has none, or it is not installed)."""
+        return None
+
+    def parse_bench(self, stdout: str) -> list[dict]:
+        """Its benchmark's output -> [{"test": "pp512"|"tg128", "tokens_per_s": ..., "stddev": ...}, ...]."""
+        raise NotImplementedError
 
     def runner(self, plan: "Plan", settings: RunSettings) -> Running:
         from ..errors import HybridError

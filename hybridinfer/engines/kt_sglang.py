@@ -11,7 +11,6 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..predict import PredictionParams
 from ..probe import EngineInfo
 from .base import GIB, Engine, NumaPolicy, RunSettings
 from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel
@@ -49,7 +48,7 @@ class KtSglang(Engine):
     gpu_runtime_bytes = int(1.5 * GIB)  # CUDA context, torch, SGLang's CUDA graphs
     probe_names = ("kt-kernel",)
     install_hint = "pip install kt-kernel sglang-kt (or sglang), see github.com/kvcache-ai/ktransformers"
-    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    prediction_params = KTransformers.prediction_params  # the same kernels for the CPU-resident experts
     plan_args = KTransformers.plan_args  # the same --kt-model-dir
 
     model: "ModelInfo | None" = None

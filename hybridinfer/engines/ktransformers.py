@@ -87,7 +87,9 @@ class KTransformers(Engine):
     probe_names = ("ktransformers",)
     install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers), "
                     "or use --engine kt-sglang")
-    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0)
+    # It mirrors the CPU experts on every NUMA node and runs one thread pool per node: a second node adds 0.45 of
+    # its own bandwidth/compute (fitted to its published 1- vs 2-socket R1 figures).
+    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0, numa_extra_node_gain=0.45)
     plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
         "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
         "weights), the full checkpoint for kt-sglang (default: where `hybridinfer download` put it)")}),)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..ggufio import IK_TYPES
 from ..predict import PredictionParams
 from ..probe import EngineInfo, binary_has_cuda, find_llama_binary
-from .base import Engine, NumaPolicy, Running, RunSettings
+from .base import GIB, Engine, NumaPolicy, Running, RunSettings, maps_weights
 from .llamacpp_args import Compiled, buffer_name, compile_placement
 
 if TYPE_CHECKING:
@@ -74,7 +74,34 @@ class LlamaCpp(Engine):
     install_hint = "run ./install.sh (it builds llama.cpp), or set HYBRIDINFER_LLAMA_SERVER to a llama-server binary"
     # ggml's CPU kernels are about 15 % slower than KTransformers' on CPU-resident experts; with a GPU it uploads
     # CPU-resident weights per 512-token ubatch for prefill when that beats computing them on the CPU.
-    prediction_params = PredictionParams(cpu_eff=0.85, prefill_uploads_weights=True)
+    # Its CPU decode cost per FLOP by weight type, and its memory reads overlapping its compute, measured on this
+    # project's Zen 3 VM, one thread, from CPU time, on the mid benchmark model
+    # (benchmarks/results/measured_vs_predicted.json): the Q4_K_M variant decodes at 9.4 tok/s and the UD-IQ1_S one
+    # at 4.9 although it reads 36 % fewer bytes — Q4_K runs on ggml's repacked GEMV kernels (q4_K_8x8), IQ1_S
+    # unpacks grid lookups. Q4_K_M's 1.7 GB per token in 106 ms is ~60 % of one core's read bandwidth, so its reads
+    # hide behind compute: the token costs the larger of the two, not their sum. Unmeasured IQ types are assumed to
+    # cost what IQ1_S does. Applied to CPU-only plans, the case measured; hybrid plans keep the additive model the
+    # published figures were fitted with.
+    # NUMA: one copy of the weights: `--numa distribute` spreads threads, but the pages sit where they were first
+    # faulted, so the other socket's threads read across the link. ggml declares a MIRROR strategy it never
+    # implemented (ggml/include/ggml-cpu.h `GGML_NUMA_STRATEGY_MIRROR`; llama.cpp PR #5377 added it as
+    # "plumbing"); issue #1437 ("LLaMA NUMA could be better") measures the missing gain. So no gain from a node.
+    prediction_params = PredictionParams(
+        cpu_eff=0.85, prefill_uploads_weights=True, numa_extra_node_gain=0.0, overlap_cpu_reads=True,
+        cpu_type_cost=(("Q4_0", 0.4), ("Q4_K", 0.4), ("IQ4_NL", 0.4), ("IQ1_S", 1.4), ("IQ1_M", 1.4), ("IQ2_XXS", 1.4),
+                       ("IQ2_XS", 1.4), ("IQ2_S", 1.4), ("IQ3_XXS", 1.4), ("IQ3_S", 1.4)))
+    # llama-server's RSS on the mid benchmark model is its buffers plus <0.1 GiB
+    # (benchmarks/results/measured_vs_predicted.json).
+    cpu_runtime_bytes = int(0.1 * GIB)
+    # Its CPU compute buffer holds activations, not logits for a whole ubatch: 108 MiB measured for the mid model
+    # at ubatch 512, vocab 102k, where the planner's `compute` is 370 MiB.
+    full_cpu_compute_buffer = False
+    # ggml's CPU backend repacks weights of these types (matrices and expert stacks alike; not the embedding, which
+    # it only gathers rows from) into its CPU_REPACK buffer for its AVX2/AVX-512 kernels (ggml-cpu/repack.cpp; load
+    # log: "repack tensor blk.0.attn_q.weight with q4_K_8x8"). With the file mapped, the originals stay mapped too:
+    # RSS counts those bytes twice (measured: the mid model's Q4_K_M variant). The originals are never read again,
+    # so under memory pressure they are the first pages dropped: the fit check does not count them.
+    repacked_types = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
     # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
     runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
     missing_metrics: tuple[str, ...] = ()  # llamacpp:* metrics mainline reports and this build's server does not
@@ -150,6 +177,7 @@ class LlamaCpp(Engine):
         if plan.numa:
             cmd += ["--numa", plan.numa]
         cmd += self.kv_args(plan, binary)
+        cmd += self.batch_args(plan)
         cmd += self.load_args(plan, binary)
         if self.has_flag(binary, "--metrics"):
             cmd += ["--metrics"]
@@ -166,18 +194,21 @@ class LlamaCpp(Engine):
             return []
         return ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
 
+    def batch_args(self, plan: "Plan") -> list[str]:
+        return (["-b", str(plan.batch)] if plan.batch else []) + (["-ub", str(plan.ubatch)] if plan.ubatch else [])
+
+    def into_ram(self, plan: "Plan") -> bool:
+        """Weights read into RAM rather than mapped (base.maps_weights decides, for the planner's memory figure too)."""
+        devs = set(plan.device_of.values()) if plan.device_of else {d.device for d in plan.devices}
+        return not maps_weights(plan.load_mode, plan.streaming, "cpu" in devs and len(devs) > 1)
+
     def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
         # Weights read into RAM run faster than mmap'd ones when experts stay on the CPU; streaming needs mmap.
-        devs = set(plan.device_of.values()) if plan.device_of else {d.device for d in plan.devices}
-        cpu_experts = "cpu" in devs and len(devs) > 1
+        ram = self.into_ram(plan)
+        mmap = plan.streaming or plan.load_mode == "mmap"
         if self.has_flag(binary, "--load-mode"):
-            if plan.streaming:
-                return ["--load-mode", "mmap"]
-            if cpu_experts:
-                return ["--load-mode", "none"]
-        elif cpu_experts and not plan.streaming and self.has_flag(binary, "--no-mmap"):
-            return ["--no-mmap"]
-        return []
+            return ["--load-mode", "mmap"] if mmap else ["--load-mode", "none"] if ram else []
+        return ["--no-mmap"] if ram and self.has_flag(binary, "--no-mmap") else []
 
     def endpoint_args(self, host: str, port: int | str) -> list[str]:
         return ["--host", host, "--port", str(port)]
@@ -208,6 +239,12 @@ class LlamaCpp(Engine):
         return Supervisor(self, plan, settings)
 
     # --- llama-bench ------------------------------------------------------------------------------------
+    def bench_binary_path(self) -> str | None:
+        return find_llama_binary(self.bench_binary)
+
+    def parse_bench(self, stdout: str) -> list[dict]:
+        return parse_bench(stdout)
+
     def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
         """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
         exe = find_llama_binary(self.bench_binary) or self.bench_binary
@@ -223,6 +260,11 @@ class LlamaCpp(Engine):
             cmd += ["--numa", plan.numa]
         if plan.kv_type != "f16":
             cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+        cmd += self.batch_args(plan)
+        if plan.streaming or plan.load_mode == "mmap":
+            cmd += ["-lm", "mmap"] if self.has_flag(exe, "--load-mode") else []
+        elif self.into_ram(plan):  # loaded as the server would load it
+            cmd += ["-lm", "none"] if self.has_flag(exe, "--load-mode") else ["-mmp", "0"]
         return cmd
 
 

@@ -24,7 +24,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from ..probe import EngineInfo
-from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings
+from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings, maps_weights
 from .llamacpp import LlamaCpp, compiled_of
 from .llamacpp_args import buffer_name
 
@@ -44,6 +44,7 @@ class LlamaCppPython(Engine):
     install_hint = "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time)"
     prediction_params = LlamaCpp.prediction_params
     gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
+    full_cpu_compute_buffer = LlamaCpp.full_cpu_compute_buffer
     compile = LlamaCpp.compile
 
     def numa_policy(self, nodes: int) -> NumaPolicy:
@@ -213,7 +214,7 @@ class InProcess(Running):
             self.llm = llama_cpp.Llama(
                 model_path=self.plan.model_path, n_ctx=self.plan.ctx, n_batch=min(2048, self.plan.ctx),
                 n_gpu_layers=self.compiled.ngl, n_threads=self.plan.threads, n_threads_batch=self.plan.threads,
-                use_mmap=self.plan.streaming or not cpu_experts, numa=bool(self.plan.numa),
+                use_mmap=maps_weights(self.plan.load_mode, self.plan.streaming, cpu_experts), numa=bool(self.plan.numa),
                 flash_attn=True, type_k=kv, type_v=kv, verbose=True)
         finally:
             lib.llama_model_default_params = original
