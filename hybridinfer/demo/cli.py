@@ -9,7 +9,7 @@ import time
 def cmd_demo(args) -> int:
     """Write a built-in random-weights model into the cache (once) and print its path.
 
-    --size tiny: the ~4 MB DeepSeek-R1-architecture demo model every command uses by default.
+    --size tiny: the ~7 MB DeepSeek-R1-architecture demo model every command uses by default.
     --size mid:  a GB-scale benchmark model with DeepSeek-V2-Lite's shape (27 blocks, 64 experts, MLA) and
                  R1 UD-IQ1_S's type mix (~4 GB) or a Q4_K_M-style mix (--variant q4_k_m, ~10 GB); written in
                  seconds, for measuring speed where memory bandwidth and quantized kernels decide it.
@@ -34,6 +34,6 @@ def cmd_demo(args) -> int:
 
 def register(sub, add, plan_args) -> None:
     p = add("demo", cmd_demo)
-    p.add_argument("--size", choices=["tiny", "mid"], default="tiny", help="tiny (~4 MB) or mid (GB-scale) (default: tiny)")
+    p.add_argument("--size", choices=["tiny", "mid"], default="tiny", help="tiny (~7 MB) or mid (GB-scale) (default: tiny)")
     p.add_argument("--variant", choices=["iq1_s", "q4_k_m"], default="iq1_s", help="mid model type mix (default: iq1_s)")
     p.add_argument("--force", action="store_true", help="write it again even if the cache has it")
