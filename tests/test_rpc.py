@@ -281,7 +281,7 @@ def test_load_log_parser_on_a_recorded_log(demo6):
     r = llamacpp_log.compare(plan, text)
     assert r["mismatched"] == {} and r["log_devices"] == ["RPC0"]
     mem = {(row.device, row.kind): row for row in r["memory"]}
-    assert mem[("gpu:0", "kv")].measured == mem[("gpu:0", "kv")].predicted == 7864320
+    assert mem[("gpu:0", "kv")].measured == mem[("gpu:0", "kv")].predicted == 28311552  # 6 layers x 576 x 2 B x 4096
     assert abs(mem[("gpu:0", "weights")].ratio - 1) < 0.01 and abs(mem[("cpu", "weights")].ratio - 1) < 0.01
     assert mem[("cpu", "kv")].measured == 0 and mem[("gpu:0", "compute")].ratio <= 1
     wrong = replace(plan, device_of={**plan.device_of, "blk.2.ffn_up_exps.weight": "gpu:0"})

@@ -42,6 +42,10 @@ class IkSupervisor(Supervisor):
         limit = _limit(body) if path.endswith("chat/completions") else None
         held = None  # the finishing chunk, until the usage that tells a cut from a stop arrives
         async for chunk in super().stream(path, body):
+            if chunk.get("usage") and any(not c.get("finish_reason") for c in chunk.get("choices") or []):
+                # ik repeats the running usage on every chunk; OpenAI (and our assembler, which sums the usage of
+                # each prompt of a multi-prompt request) expects it once, at the end
+                chunk = {k: v for k, v in chunk.items() if k != "usage"}
             if held is not None:
                 _fix(held, limit, chunk.get("usage"))
                 yield held

@@ -36,6 +36,8 @@ log = logging.getLogger("hybridinfer.engine")
 
 class LlamaCppPython(Engine):
     """The same ggml kernels as llama-server, so the same capabilities and prediction; one request at a time."""
+
+    ngl_counts_output = True  # mainline llama.cpp's -ngl rule (it compiles its placement with LlamaCpp.compile)
     name = "llama-cpp-python"
     summary = "llama.cpp in-process through llama-cpp-python: same kernels and placement, one request at a time"
     kind = "in-process"
@@ -311,8 +313,8 @@ class InProcess(Running):
                 emitted = safe
             if hit >= 0 or len(out) >= max_tokens or len(tokens) + len(out) >= n_ctx:
                 break
-        if finish != "stop":
-            text_all += utf8.decode(b"", final=True)
+        # A character cut off by the token limit stays unsent (its bytes are held by the decoder), as llama-server
+        # does: no U+FFFD at the end of a cut answer.
         if finish != "stop" and emitted < len(text_all):
             emit("text", text_all[emitted:])
         t1 = time.perf_counter()
