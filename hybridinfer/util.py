@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import socket
 import tempfile
 import types
 import typing
@@ -99,3 +101,26 @@ def ranges(xs: list[int]) -> str:
         out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, port: int) -> None:
+    """One line (HybridError) when nothing could listen on host:port, before anything is started."""
+    from .errors import HybridError
+
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise HybridError(f"cannot listen on {host}:{port} ({e.strerror})",
+                              "choose another --port, or stop what is using it") from None

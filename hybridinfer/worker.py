@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import HybridError
+from .util import check_bind, is_loopback
 
 
 def cmd_worker(args) -> int:
@@ -18,20 +19,20 @@ def cmd_worker(args) -> int:
     """
     from .engines import rpc
 
-    if not rpc.is_loopback(args.host) and not args.allow_network:
+    if not is_loopback(args.host) and not args.allow_network:
         raise HybridError(f"binding {args.host} lets any machine that reaches port {args.port} use this device "
                           "(RPC has no authentication)",
                           "pass --allow-network on a trusted network only, or bind 127.0.0.1")
-    rpc.check_bind(args.host, args.port)
+    check_bind(args.host, args.port)
     cmd = rpc.worker_command(args.host, args.port, args.threads, cache=args.cache)
     where = f"{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"hybridinfer worker — {os.path.basename(cmd[0])} on {where}", flush=True)
-    if not rpc.is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"  WARNING: {rpc.NO_AUTH}", flush=True)
     print(f"  use it: hybridinfer serve --rpc {where}   (one engine at a time; Ctrl-C stops the worker)", flush=True)
     sys.stdout.flush()
     # On loopback the worker shares cores with the engine: its threads must not spin while the engine computes.
-    env = rpc.passive_env() if rpc.is_loopback(args.host) else dict(os.environ)
+    env = rpc.passive_env() if is_loopback(args.host) else dict(os.environ)
     os.execve(cmd[0], cmd, env)  # the worker is rpc-server itself: signals and exit status are its own
 
 

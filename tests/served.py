@@ -84,3 +84,15 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_stream(chunks) -> tuple[str, str, str | None, object]:
+    """An openai-client chat stream -> (reasoning, content, finish_reason, usage), joined as a client would."""
+    reasoning, content, finish, usage = "", "", None, None
+    for ch in chunks:
+        usage = ch.usage or usage
+        for choice in ch.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return reasoning, content, finish, usage

@@ -17,7 +17,7 @@ import pytest
 
 import kt_source
 from conftest import ROOT, run_cli
-from served import Served
+from served import Served, read_stream
 
 STANDIN = Path(__file__).with_name("kt_standin.py")
 MSG = [{"role": "user", "content": "hello"}]
@@ -73,16 +73,8 @@ def test_banner_and_models(kt):
 def test_stream_reasoning_usage_and_max_tokens(kt):
     tag, s, plan = kt
     c = s.client()
-    stream = c.chat.completions.create(model="r1", messages=MSG, stream=True, max_tokens=7)
-    reasoning, content, finish, usage = "", "", None, None
-    for ch in stream:
-        if ch.usage:
-            usage = ch.usage
-        for choice in ch.choices:
-            d = choice.delta
-            reasoning += getattr(d, "reasoning_content", None) or ""
-            content += d.content or ""
-            finish = choice.finish_reason or finish
+    reasoning, content, finish, usage = read_stream(
+        c.chat.completions.create(model="r1", messages=MSG, stream=True, max_tokens=7))
     # --force_think: the output starts inside the thought; R1's answer follows </think>
     assert reasoning.strip() == "Let me think." and content.strip() == "Hello"
     assert finish == "length"  # v0.2.1 ignores max_tokens: the runner stopped reading at 7 and hung up

@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-from served import EXE, Served, free_port
+from served import EXE, Served, free_port, read_stream
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,8 @@ def test_chat_non_stream_reasoning_and_usage(server):
 def test_chat_stream_matches_non_stream(server):
     c = server.client()
     whole = c.chat.completions.create(model="tiny", messages=MSG, **GREEDY).choices[0].message
-    reasoning, content, usage, finish = "", "", None, None
-    for ch in c.chat.completions.create(model="tiny", messages=MSG, stream=True, **GREEDY):
-        if ch.usage:
-            usage = ch.usage
-        for choice in ch.choices:
-            d = choice.delta
-            reasoning += getattr(d, "reasoning_content", None) or ""
-            content += d.content or ""
-            finish = choice.finish_reason or finish
+    reasoning, content, finish, usage = read_stream(
+        c.chat.completions.create(model="tiny", messages=MSG, stream=True, **GREEDY))
     assert reasoning == whole.reasoning_content and content == (whole.content or "")
     assert usage.completion_tokens == 24 and finish == "length"
 

@@ -61,13 +61,20 @@ def kt_patch_state(root: Path | None = None) -> str:
             "unpatched": f"{PATCH_NOT_APPLIED} (hybridinfer patch ktransformers --apply)"}.get(state, f"IQ patch: {state}")
 
 
-def probe_legacy() -> EngineInfo:
+def _installed(dist_name: str, module: str) -> tuple[str | None, Path | None]:
+    """(package version, package folder) of an installed distribution; (None, None) when it is not installed."""
     try:
-        dist = metadata.version("ktransformers")
+        version = metadata.version(dist_name)
     except metadata.PackageNotFoundError:
+        return None, None
+    spec = importlib.util.find_spec(module)
+    return version, Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def probe_legacy() -> EngineInfo:
+    dist, root = _installed("ktransformers", "ktransformers")
+    if dist is None:
         return EngineInfo(name="ktransformers", installed=False, detail="not installed")
-    spec = importlib.util.find_spec("ktransformers")
-    root = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
     if root is None or not (root / "server" / "args.py").is_file():
         return EngineInfo(name="ktransformers", installed=False, version=dist,
                           detail=f"ktransformers {dist} is the kt-kernel stack's CLI package (no legacy server): "
@@ -122,12 +129,9 @@ def methods(experts_py: str) -> list[str]:
 
 
 def probe_kt_kernel() -> EngineInfo:
-    try:
-        version = metadata.version("kt-kernel")
-    except metadata.PackageNotFoundError:
+    version, root = _installed("kt-kernel", "kt_kernel")
+    if version is None:
         return EngineInfo(name="kt-kernel", installed=False, detail="not installed")
-    spec = importlib.util.find_spec("kt_kernel")
-    root = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
     parts = []
     if root and (root / "_cpu_detect.py").is_file():
         # Its own detection code, run alone (the package __init__ would load the compiled kernels).

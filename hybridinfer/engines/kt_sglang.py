@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..probe import EngineInfo
 from .base import GIB, Engine, NumaPolicy, RunSettings
 from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel
-from .ktransformers import KT_CPU_EXPERTS, MLA_VALUES, KTransformers, _cc, config_dir_for, hf_repo
+from .ktransformers import KT_CPU_EXPERTS, KTransformers, _cc, config_dir_for, hf_repo
 from .ktransformers_args import module_of
 
 if TYPE_CHECKING:
@@ -94,13 +94,9 @@ class KtSglang(Engine):
             return "ok" if not bad else f"refused: {'/'.join(bad)} not computed by kt-kernel's LLAMAFILE method"
         return "ok (HF checkpoint)"
 
-    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
-        if model.arch == "deepseek2":
-            return MLA_VALUES * 2 * model.kv.layers  # SGLang's MLA cache, bf16
-        return model.kv.bytes_per_token["f16"]
-
-    def kv_form(self, model: "ModelInfo") -> str:
-        return "mla" if model.arch == "deepseek2" else model.kv.form
+    # SGLang keeps DeepSeek's compressed MLA cache in bf16 too, whatever the GGUF's attention form
+    kv_bytes_per_token = KTransformers.kv_bytes_per_token
+    kv_form = KTransformers.kv_form
 
     def tensor_bytes(self, t: "Tensor", device: str) -> int:
         if device == "cpu":

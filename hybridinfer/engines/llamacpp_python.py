@@ -36,8 +36,6 @@ log = logging.getLogger("hybridinfer.engine")
 
 class LlamaCppPython(Engine):
     """The same ggml kernels as llama-server, so the same capabilities and prediction; one request at a time."""
-
-    ngl_counts_output = True  # mainline llama.cpp's -ngl rule (it compiles its placement with LlamaCpp.compile)
     name = "llama-cpp-python"
     summary = "llama.cpp in-process through llama-cpp-python: same kernels and placement, one request at a time"
     kind = "in-process"
@@ -48,6 +46,7 @@ class LlamaCppPython(Engine):
     gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
     full_cpu_compute_buffer = LlamaCpp.full_cpu_compute_buffer
     compile = LlamaCpp.compile
+    ngl_counts_output = LlamaCpp.ngl_counts_output  # what compile reads: mainline's -ngl rule
 
     def numa_policy(self, nodes: int) -> NumaPolicy:
         return NumaPolicy("distribute", f"NUMA: {nodes} nodes; Llama(numa=True) spreads ggml's threads and pages")

@@ -16,7 +16,6 @@ Facts used (llama.cpp tree vendored by llama-cpp-python 0.3.36):
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import socket
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from ..errors import HybridError
 from ..probe import GpuInfo, HardwareProfile, find_llama_binary
+from ..util import is_loopback
 
 DEFAULT_PORT = 50052
 LOOPBACK_GBS = 5.0  # loopback TCP: memory copies through the kernel, not a wire
@@ -61,14 +61,6 @@ def split_endpoints(text: str) -> list[str]:
         raise HybridError(f"--rpc lists a worker twice ({text})", "name each worker once")
     return eps
 
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def round_trip(endpoint: str, timeout: float = 3.0, tries: int = 3) -> float:
@@ -193,12 +185,3 @@ def worker_command(host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: i
     return cmd
 
 
-def check_bind(host: str, port: int) -> None:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise HybridError(f"cannot listen on {host}:{port} ({e.strerror})",
-                              "choose another --port, or stop what is using it") from None

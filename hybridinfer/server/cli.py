@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
-import socket
 import sys
 from pathlib import Path
 
 from ..errors import HybridError
+from ..util import check_bind, is_loopback
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_serve(args) -> int:
@@ -33,10 +31,10 @@ def cmd_serve(args) -> int:
 
     _check_limits(args)
     api_key = args.api_key or os.environ.get("HYBRIDINFER_API_KEY")
-    if not _is_loopback(args.host) and not api_key:
+    if not is_loopback(args.host) and not api_key:
         raise HybridError(f"binding {args.host} exposes the server beyond this machine without authentication",
                           "pass --api-key KEY (or set HYBRIDINFER_API_KEY), or bind 127.0.0.1")
-    _check_port(args.host, args.port)
+    check_bind(args.host, args.port)
     if args.engine != "auto":  # asked for by name: it must be here (auto plans only what is)
         info = get(args.engine).probe()
         if info is not None and not info.installed:
@@ -129,24 +127,6 @@ def _check_limits(args) -> None:
         raise HybridError(f"--request-timeout {args.request_timeout:g} is not a positive time", "use e.g. --request-timeout 600")
 
 
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_port(host: str, port: int) -> None:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(fam) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise HybridError(f"cannot listen on {host}:{port} ({e.strerror})",
-                              "choose another --port, or stop what is using it") from None
 
 
 def _setup_logging(verbose: bool) -> None:

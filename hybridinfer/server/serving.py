@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import anyio
 import orjson
 
-from ..engines.base import EngineFailed, EngineRejected
+from ..engines.base import EngineFailed, EngineRejected, EngineTimeout
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ThinkSplitter, split_text
@@ -168,9 +168,10 @@ class Serving:
         self.admitted += 1
         return _Ticket(self)
 
-    async def _failed(self, e: EngineFailed) -> Err:
-        from ..engines.base import EngineTimeout
-
+    async def _engine_error(self, e: EngineRejected | EngineFailed) -> Err:
+        """The client's answer when the engine refused the request or broke during it."""
+        if isinstance(e, EngineRejected):
+            return err(e.status, e.message, e.type, code=str(e.status))
         if not isinstance(e, EngineTimeout):
             await asyncio.sleep(0.3)  # a broken connection comes just before the supervisor sees the engine exit
         if isinstance(e, EngineTimeout):
@@ -226,11 +227,8 @@ class Serving:
         status = 200
         try:
             return {"tokens": await self.engine.tokenize(content)}
-        except EngineRejected as e:
-            status = e.status
-            return err(e.status, e.message, e.type, code=str(e.status))
-        except EngineFailed as e:
-            problem = await self._failed(e)
+        except (EngineRejected, EngineFailed) as e:
+            problem = await self._engine_error(e)
             status = problem.status
             return problem
         except asyncio.CancelledError:
@@ -251,11 +249,8 @@ class Serving:
             t_engine = time.perf_counter()
             try:
                 data = await self.engine.complete(path, body)
-            except EngineRejected as e:
-                status = e.status
-                return err(e.status, e.message, e.type, code=str(e.status))
-            except EngineFailed as e:
-                problem = await self._failed(e)
+            except (EngineRejected, EngineFailed) as e:
+                problem = await self._engine_error(e)
                 status = problem.status
                 return problem
             data["model"] = self.s.model_id
@@ -322,11 +317,8 @@ class Serving:
                 first = await anext(it)
             except StopAsyncIteration:
                 first = None
-        except EngineRejected as e:
-            await finish(e.status)
-            return err(e.status, e.message, e.type, code=str(e.status))
-        except EngineFailed as e:
-            problem = await self._failed(e)
+        except (EngineRejected, EngineFailed) as e:
+            problem = await self._engine_error(e)
             await finish(problem.status)
             return problem
         except BaseException:
@@ -416,7 +408,7 @@ class Serving:
             yield sse(error_body(e.message, e.type, str(e.status)))
             yield DONE
         except EngineFailed as e:
-            problem = await self._failed(e)
+            problem = await self._engine_error(e)
             state["status"] = problem.status
             log.warning("engine stream broke: %s", e)
             msg = problem.body["error"]["message"]
