@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import run_cli
-from served import Served
+from served import Served, read_stream
 
 pytestmark = pytest.mark.engine
 
@@ -64,13 +64,8 @@ def test_chat_reasoning_split_stream_and_usage(server):
     msg = r.choices[0].message
     assert msg.reasoning_content and "<think>" not in msg.reasoning_content and "</think>" not in (msg.content or "")
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens > 0
-    reasoning, content, usage, finish = "", "", None, None
-    for ch in c.chat.completions.create(model="tiny", messages=MSG, stream=True, **GREEDY):
-        usage = ch.usage or usage
-        for choice in ch.choices:
-            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
-            content += choice.delta.content or ""
-            finish = choice.finish_reason or finish
+    reasoning, content, finish, usage = read_stream(
+        c.chat.completions.create(model="tiny", messages=MSG, stream=True, **GREEDY))
     assert reasoning == msg.reasoning_content and content == (msg.content or "")
     assert usage.completion_tokens == 24 and finish == "length"
     t = c.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=10, temperature=0,
@@ -124,15 +119,20 @@ def test_engine_crash_restart(tmp_path, tiny_model):
     s = Served(["--engine", "ik_llama.cpp", "--gguf", tiny_model, "--threads", "2"], tmp_path)
     try:
         errors = []
+        streaming = threading.Event()
 
         def stream():
             with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
                               json={"messages": MSG, "stream": True, "max_tokens": 3000, "ignore_eos": True,
                                     "grammar": ASCII}) as r:
-                errors.extend(json.loads(ln[6:]) for ln in r.iter_lines() if '"error"' in ln)
+                for ln in r.iter_lines():
+                    streaming.set()
+                    if '"error"' in ln:
+                        errors.append(json.loads(ln[6:]))
         t = threading.Thread(target=stream)
         t.start()
-        time.sleep(0.3)
+        # Mid-stream: a crash before the first chunk is answered with an HTTP error instead (first-chunk peek).
+        assert streaming.wait(20)
         os.kill(s.engine_pid(), signal.SIGKILL)
         t.join(20)
         assert errors and "engine stopped" in errors[0]["error"]["message"]
