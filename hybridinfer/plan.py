@@ -263,28 +263,28 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if first_error:
             raise first_error
         raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
-    # Fastest decode wins; on a tie an installed engine, then the registry's order. Between engines measured side by side on this CPU for
-    # this model class (benchmarks/engines.py -> engines/measured.json) the measurement decides, else the prediction.
+    # Fastest decode wins; on a tie an installed engine, then the registry's order. An engine measured on this CPU
+    # for this model class (benchmarks/engines.py -> engines/measured.json) competes with its measured speed, any
+    # other with its prediction.
     found = {e.name: measured.lookup(hw, model, p.device_of) for e, p in planned}
-    tps = {e.name: (found[e.name] or {}).get("decode_tok_s", {}).get(e.name) for e, _ in planned}
-    by_measure = not requested and len(planned) > 1 and all(tps.values())
-    if not by_measure:
-        tps = {e.name: p.prediction.decode_tps for e, p in planned}
-    basis = "measured" if by_measure else "predicted"
+    tps, basis = {}, {}
+    for e, p in planned:
+        m = None if requested or len(planned) == 1 else (found[e.name] or {}).get("decode_tok_s", {}).get(e.name)
+        tps[e.name], basis[e.name] = (m, "measured") if m else (p.prediction.decode_tps, "predicted")
     best_e, best = max(planned, key=lambda ep: (tps[ep[0].name], bool(ep[0].installed(hw)), -cands.index(ep[0])))
     where = ""
-    if by_measure:
+    if basis[best_e.name] == "measured":
         m = found[best_e.name]
         where = f" on this CPU for {m['class']} ({m['model']}; {m['source']})"
     head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
-            f"{basis} {tps[best_e.name]:g} tok/s decode{where}"]
+            f"{basis[best_e.name]} {tps[best_e.name]:g} tok/s decode{where}"]
     if not best_e.installed(hw):
         head.append(f"note: {best_e.name} is not installed on {hw.id}; the command is what it would run "
                     f"({best_e.install_hint})")
     for e, p in planned:
         if e is not best_e:
             d = tps[e.name]
-            head.append(f"engine {e.name}: {'slower' if d < tps[best_e.name] else 'not faster'}: {d:g} tok/s decode ({basis})")
+            head.append(f"engine {e.name}: {'slower' if d < tps[best_e.name] else 'not faster'}: {d:g} tok/s decode ({basis[e.name]})")
     head += [b for _, b in blocked] + verdicts
     best = replace(best, reasons=head + best.reasons)
     best = replace(best, compiled=best_e.compile(best))
@@ -452,7 +452,10 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
                         f"memory bandwidth and usually slow decode; the prediction uses {hw.cpu.physical_cores}")
     policy = engine.numa_policy(numa_nodes)
     numa = policy.flag if numa_nodes > 1 else ""
-    pred = predict(model, hw, dev_of, engine.prediction_params, threads, kv_type, resident,
+    params = engine.prediction_params
+    if opts.ubatch:  # the experts' share of a prefill batch shrinks with it
+        params = replace(params, ubatch=min(opts.ubatch, opts.batch or opts.ubatch))
+    pred = predict(model, hw, dev_of, params, threads, kv_type, resident,
                    gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok, parallel=opts.parallel)
     reasons = list(memory_notes)
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")

@@ -101,6 +101,10 @@ def test_auto_rests_on_the_measured_table(tiny_model, hw, tmp_path, monkeypatch)
     write(60.0, 45.0)
     p = make_plan(hw, m, PlanOptions(engine="auto"))
     assert p.engine == IK and "measured" in p.reasons[0] and "60" in p.reasons[0]
+    # each engine competes with its best figure: measured where the table has it, predicted otherwise
+    assert any(r.startswith(f"engine {MAIN}: slower: 45 tok/s") and r.endswith("(measured)") for r in p.reasons)
+    assert all(r.endswith("(predicted)") for r in p.reasons[1:] if r.startswith("engine ") and ": slower" in r
+               and IK not in r and MAIN not in r)
     write(40.0, 45.0)
     assert make_plan(hw, m, PlanOptions(engine="auto")).engine == MAIN
     # another CPU: nothing measured there, the prediction decides and says so

@@ -52,6 +52,7 @@ def test_banner_command_and_adaptations(server):
     assert "plan: engine ik_llama.cpp" in text
     cmd = next(ln for ln in server.lines if "ik-llama-server" in ln and " -m " in ln)
     assert "-mla 3" in cmd and re.search(r"-fa( on)?\b", cmd) and "-rtr" in cmd  # CPU only: repacked at load
+    assert "--log-disable" in cmd  # else its legacy logger writes ./llama.log wherever serve was started
     # its server binds TCP only: hybridinfer says so and keeps the engine on loopback
     assert "--host 127.0.0.1" in cmd and "Unix socket" in text
     assert "does not report" in text  # the metrics its /metrics lacks, named once at start

@@ -20,12 +20,12 @@ Facts from the tree vendored in PyPI's ik-llama-cpp-python 0.1.5 (`vendor/ik_lla
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gguf.constants import GGMLQuantizationType
 
 from ..ggufio import IK_TYPES
-from ..predict import PredictionParams
 from .llamacpp import LlamaCpp, buffer_name, compiled_of, help_text
 
 if TYPE_CHECKING:
@@ -58,8 +58,11 @@ class IkLlamaCpp(LlamaCpp):
     bench_binary = "ik-llama-bench"
     install_hint = ("run ./install.sh (it builds ik_llama.cpp from ik-llama-cpp-python 0.1.5 next to llama.cpp), "
                     "or set HYBRIDINFER_IK_LLAMA_SERVER to its llama-server")
-    # Measured here on CPU (benchmarks/engines.py): prefill ~2x mainline's with -rtr, decode close to it.
-    prediction_params = PredictionParams(cpu_eff=0.85, prefill_cpu_scale=2.0, prefill_uploads_weights=True)
+    # Mainline's model with ik's measured prefill gain: on the mid model (R1's UD-IQ1_S mix, 2 AVX2 cores, quiet box,
+    # benchmarks/engines.py) ik with -rtr prefilled 33.1 vs 26.2 tok/s. Its decode measured 1.13x mainline's there
+    # but is kept equal in the prediction, so on a box nobody measured a tie keeps mainline (engines/measured.py
+    # decides where a measurement exists).
+    prediction_params = replace(LlamaCpp.prediction_params, prefill_cpu_scale=1.26)
     # examples/server/server.cpp handle_metrics; its server binds TCP only, which the runner detects from --help.
     missing_metrics = ("llamacpp:n_decode_total", "llamacpp:n_busy_slots_per_decode", "llamacpp:n_tokens_max",
                        "llamacpp:prompt_tokens_cached_total")
@@ -113,6 +116,14 @@ class IkLlamaCpp(LlamaCpp):
             # With MLA only K is cached (the latent); V is a view of it.
             out += ["-ctk", plan.kv_type] + ([] if mla else ["-ctv", plan.kv_type])
         return out
+
+    def model_args(self, plan: "Plan", binary: str | None) -> list[str]:
+        cmd = super().model_args(plan, binary)
+        if self.has_flag(binary, "--log-disable"):
+            # Its legacy trace log otherwise goes to ./llama.log in whatever directory serve runs from; the same
+            # lines still reach stderr, where the supervisor reads them.
+            cmd += ["--log-disable"]
+        return cmd
 
     def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
         if repacks(plan) and self.has_flag(binary, "-rtr"):
