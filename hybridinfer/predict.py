@@ -21,13 +21,23 @@ CPU_BW_EFF = 0.75
 GPU_BW_EFF = 0.70
 # Quantized GEMV throughput per physical core during decode, GFLOP/s (2 FLOP per weight). Low-bit formats
 # spend most of their time unpacking, so decode on a big core is compute-bound well below the bandwidth roof.
-# avx2 measured on this project's Zen 3 VM with llama.cpp (benchmarks/measured_vs_predicted.py, one thread, from
-# CPU time so other work on the box does not count): the mid benchmark model (R1 UD-IQ1_S type mix, 5.2 GFLOP
-# per token) decodes at 3.5-4.9 tok/s and prefills at ~6 tok/s. 30 / 36 GFLOP/s x llama.cpp's 0.85 predict
-# 4.0 and 5.8; they also move budget-2080ti (AVX2 Haswell) from 3.0 to 3.6 tok/s against its published 3-5.
+# avx2 measured on this project's Zen 3 VM with llama.cpp (benchmarks/measured_vs_predicted.py): the mid benchmark
+# model (R1 UD-IQ1_S type mix, 5.2 GFLOP per token) decodes at 4.2-4.9 tok/s on one thread (from CPU time) and
+# 8.7 tok/s on two (llama-bench tg128, quiet box); 30 GFLOP/s x llama.cpp's 0.85 predict 4.5 and 9.0. It also
+# moves budget-2080ti (AVX2 Haswell) from 3.0 to 3.6 tok/s against its published 3-5.
 DECODE_GFLOPS_PER_CORE = {"generic": 5.0, "avx2": 30.0, "avx512": 29.0, "amx": 29.0}
-# Batched (prefill) throughput per core: GEMM amortises the unpacking; AMX tiles help only KTransformers >= 0.3.
-PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 36.0, "avx512": 55.0, "amx": 55.0}
+# Batched (prefill) throughput per core at a saturated batch: GEMM amortises the unpacking; AMX tiles help only
+# KTransformers >= 0.3. avx2 measured on the same VM, 2 threads, quiet box (benchmarks/measured_vs_predicted.py):
+# llama-bench pp512 on the mid model 23.2-26.2 (IQ1_S mix, three runs) and 22.9 tok/s (Q4_K_M mix) -> 84 with the
+# expert-batch term below and llama.cpp's 0.85. AVX-512 was not measured here: the same kernels run on an AVX-512
+# core at least as fast.
+PREFILL_GFLOPS_PER_CORE = {"generic": 8.0, "avx2": 84.0, "avx512": 84.0, "amx": 84.0}
+# Routed experts in a prefill batch each see only ubatch x used / count tokens, and a quantized GEMM over few rows
+# does not amortise its unpacking: expert FLOPs cost (1 + N0 / tokens-per-expert) times the saturated rate.
+# Measured on the mid model (llama-bench pp512, 2 threads, -ub 512 / 171 / 64 = 48 / 16 / 6 tokens per expert):
+# 23.2 / 18.2 / 12.2 tok/s fit 1/rate = a + b/n with b/(expert share of the time) = 12 tokens. R1 at ubatch 512
+# gets 16 tokens per expert (8 of 256), so its experts run at 57 % of the saturated rate, the mid model's at 80 %.
+PREFILL_EXPERT_BATCH_N0 = 12.0
 # Each hop of the hidden state between GPU and CPU (one MoE block with experts on the CPU = 2 hops).
 HOP_SECONDS = 25e-6
 # A remote (RPC) device: each run of consecutive layer parts computed there costs this many network round trips
@@ -69,6 +79,9 @@ class PredictionParams:
     prefill_cpu_scale: float = 1.0  # measured prefill speed-up of its CPU kernels over the base figures
     prefill_uploads_weights: bool = False  # with a GPU, streams CPU-resident weights to it per ubatch for prefill
     ubatch: int = 512
+    # Expert-batch term of CPU prefill (PREFILL_EXPERT_BATCH_N0, measured with llama.cpp's kernels); 0 where the
+    # engine's per-core prefill figure was fitted to R1 itself.
+    prefill_expert_batch_n0: float = PREFILL_EXPERT_BATCH_N0
     # A second NUMA node adds this fraction of its own bandwidth/compute (0 = none: one copy of the weights).
     numa_extra_node_gain: float = 0.0
     # CPU decode cost per FLOP by weight type, relative to DECODE_GFLOPS_PER_CORE ((type, factor) pairs; others 1.0),
@@ -113,6 +126,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     cpu_expert_b_active_per_block: dict[int, float] = {}
     cpu_b_all = 0.0
     cpu_prefill_flops = 0.0
+    per_expert = params.ubatch * model.expert_used_count / model.expert_count if model.expert_count else params.ubatch
+    expert_batch_cost = 1 + params.prefill_expert_batch_n0 / max(1.0, per_expert)
     attn_cpu_layers = attn_gpu_layers = 0
     hops = 0
     blocks_dev: dict[int, set[str]] = {}
@@ -132,7 +147,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
             cpu_b += t.nbytes * f
             cpu_flops += 2 * t.n_elements * f * type_cost.get(t.type, 1.0)
             cpu_b_all += t.nbytes
-            cpu_prefill_flops += 2 * t.n_elements * f
+            cpu_prefill_flops += 2 * t.n_elements * f * (expert_batch_cost if t.cls == "routed_experts" else 1.0)
             if t.cls == "routed_experts":
                 cpu_expert_b_active += t.nbytes * f
         else:

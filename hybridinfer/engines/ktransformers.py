@@ -89,7 +89,8 @@ class KTransformers(Engine):
                     "or use --engine kt-sglang")
     # It mirrors the CPU experts on every NUMA node and runs one thread pool per node: a second node adds 0.45 of
     # its own bandwidth/compute (fitted to its published 1- vs 2-socket R1 figures).
-    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0, numa_extra_node_gain=0.45)
+    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0, numa_extra_node_gain=0.45,
+                                         prefill_expert_batch_n0=0.0)
     plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
         "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
         "weights), the full checkpoint for kt-sglang (default: where `hybridinfer download` put it)")}),)
