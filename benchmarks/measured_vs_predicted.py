@@ -4,9 +4,10 @@
 
 Per variant: writes the model if the cache lacks it (`hybridinfer demo --size mid`); plans it for this box with the
 bandwidth `probe --measure-bandwidth` measures; runs llama-bench pp512/tg128 with the plan's threads and
-placement; serves it through `hybridinfer serve` and a raw llama-server with the same argv in one run, and
-streams the same requests to both with `hybridinfer bench` (decode tok/s = 1 / median TPOT, TTFT); reads the
-engine's RSS after load. Prints and writes benchmarks/results/measured_vs_predicted.json: predicted / measured
+placement; serves it through `hybridinfer serve` and streams requests alternately through serve and straight to
+the llama-server serve started (its Unix socket, its argv), so box drift cancels (decode tok/s = 1 / median time per
+output token, TTFT), then measures serve with `hybridinfer bench`; reads the engine's RSS after load and after the
+requests (compared with the plan's CPU memory without the prompt cache, which fills with use up to its cap). Prints and writes benchmarks/results/measured_vs_predicted.json: predicted / measured
 for decode, prefill and CPU memory (targets 0.8-1.25 and +-5 %), served / raw, and decode's fraction of the
 bandwidth roofline (bytes read per token x tok/s / measured bandwidth).
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,9 +153,12 @@ def _stop(p: subprocess.Popen | None) -> None:
 
 def engine_rss(cmd: list[str]) -> int:
     """RSS of the engine started with cmd, after load and one short request."""
-    cmd = list(cmd)
-    port = free_port()
-    cmd[cmd.index("--port") + 1] = str(port)
+    cmd, port = list(cmd), free_port()
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"  # serve's argv binds a Unix socket; this copy a TCP port of its own
+    if "--port" in cmd:
+        cmd[cmd.index("--port") + 1] = str(port)
+    else:
+        cmd += ["--port", str(port)]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -163,13 +169,48 @@ def engine_rss(cmd: list[str]) -> int:
         _stop(p)
 
 
+WORDS = ("the of and to in is that for it as with was on be by at this are from or an have not which but one all "
+         "were when there can more if no out so said what up its about than into them only other time some could new "
+         "these two may then first any like now my such make over our even most after also did many before must "
+         "through back years where much your way well down should because each just those people how too little").split()
+
+
+def _prompts(n: int, tokens: int, seed: int) -> list[str]:
+    """Distinct random-word prompts of about `tokens` tokens each, so no request reuses another's cached prefix."""
+    import random
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(tokens)) for _ in range(n)]
+
+
+def _stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat request -> TTFT and time per output token as the client sees them."""
+    # Sampling as serve sets it for a reasoning model (R1's advice), so both ways run the same sampler chain.
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "temperature": 0.6, "top_p": 0.95, "min_p": 0.05, "seed": 1}
+    t0, stamps = time.perf_counter(), []
+    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for ch in json.loads(line[6:]).get("choices") or []:
+                d = ch.get("delta") or {}
+                if d.get("content") or d.get("reasoning_content"):
+                    stamps.append(time.perf_counter())
+    if len(stamps) < 2:
+        raise SystemExit(f"{url}: fewer than two streamed tokens")
+    return {"ttft_ms": (stamps[0] - t0) * 1000, "tpot_ms": (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1)}
+
+
 def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int) -> dict:
-    """`hybridinfer serve`, then a raw llama-server with the argv serve ran, each measured by `hybridinfer bench`.
-    One after the other: two engines at once would double the memory (and share the cores)."""
+    """The same engine process reached two ways, request by request: through `hybridinfer serve`, and directly on
+    the Unix socket serve started it on (its argv, untouched). Alternating served/raw/raw/served... cancels the
+    drift of a shared box that two sequential runs (or two engine loads) cannot: over ~15 minutes this VM's decode
+    drifted by +-6 % between identical runs. -> medians of TTFT and decode (1 / time per output token) for each;
+    `assess` turns the per-request pairs into the ratio."""
     hp = free_port()
-    hi = subprocess.Popen([EXE, "serve", "--gguf", path, "--port", str(hp), "--alias", "m"],
+    hi = subprocess.Popen([EXE, "serve", "--gguf", path, "--engine", LLAMA_CPP.name, "--port", str(hp), "--alias", "m"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    raw = None
     try:
         banner = ""
         while "engine:" not in banner:
@@ -177,28 +218,45 @@ def served_vs_raw(path: str, requests: int, max_tokens: int, prompt_tokens: int)
             if not banner and hi.poll() is not None:
                 raise SystemExit("hybridinfer serve exited before printing its engine command")
         cmd = banner.split("engine:", 1)[1].split()
-        cmd[cmd.index("--host") + 1] = "127.0.0.1"  # the same arguments on a TCP port of its own
+        sock = cmd[cmd.index("--host") + 1]
         hurl = f"http://127.0.0.1:{hp}"
-        load_h = wait_health(hurl, hi)
-        idle0 = wait_quiet()
-        served = _bench(hurl, requests, max_tokens, prompt_tokens)
-        _stop(hi)
-        rp = free_port()
-        cmd[cmd.index("--port") + 1] = str(rp)
-        raw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        rurl = f"http://127.0.0.1:{rp}"
-        load_r = wait_health(rurl, raw)
-        rss_loaded = psutil.Process(raw.pid).memory_info().rss
-        raw_res = _bench(rurl, requests, max_tokens, prompt_tokens)
-        rss_after = psutil.Process(raw.pid).memory_info().rss
+        load = wait_health(hurl, hi)
+        engine = next(c for c in psutil.Process(hi.pid).children(recursive=True) if "--host" in c.cmdline())
+        rss_loaded = engine.memory_info().rss
+        served_c = httpx.Client()
+        raw_url = "http://engine"
+
+        def raw_call(prompt):  # a fresh connection per request, as the proxy opens
+            with httpx.Client(transport=httpx.HTTPTransport(uds=sock)) as c:
+                return _stream(c, raw_url, prompt, max_tokens)
+        prompts = _prompts(2 * requests + 2, prompt_tokens, seed=7)
+        _stream(served_c, hurl, prompts[-1], 8), raw_call(prompts[-2])  # warm-up, not counted
+        wait_quiet()
+        served, raw = [], []
+        proxy = psutil.Process(hi.pid)
+        cpu0 = sum(proxy.cpu_times()[:2])
+        for i in range(requests):
+            pair = [("served", lambda p: _stream(served_c, hurl, p, max_tokens)), ("raw", raw_call)]
+            for kind, call in (pair if i % 2 == 0 else pair[::-1]):
+                (served if kind == "served" else raw).append(call(prompts[2 * i + (kind == "raw")]))
+        proxy_cpu_s = sum(proxy.cpu_times()[:2]) - cpu0  # what relaying cost the cores the engine computes on
+        rss_after = engine.memory_info().rss
+        bench = _bench(hurl, requests, max_tokens, prompt_tokens)  # what `hybridinfer bench` reports for serve
     finally:
-        _stop(raw)
         _stop(hi)
-    return {"engine_command": cmd, "idle_before": idle0, "served": served, "raw": raw_res,
-            "served_over_raw_decode": served["decode_tps"] / raw_res["decode_tps"],
-            "added_ttft_ms": served["ttft_ms"] - raw_res["ttft_ms"],
-            "load_s": {"served": round(load_h, 1), "raw": round(load_r, 1)},
-            "engine_rss_loaded": rss_loaded, "engine_rss_after_bench": rss_after}
+
+    def summary(rows):
+        tpot = statistics.median(r["tpot_ms"] for r in rows)
+        return {"decode_tps": 1000 / tpot, "ttft_ms": statistics.median(r["ttft_ms"] for r in rows), "completed": len(rows)}
+    s, r = summary(served), summary(raw)
+    print(f"    served {s['decode_tps']:.2f} tok/s (TTFT {s['ttft_ms']:.0f} ms), raw {r['decode_tps']:.2f} "
+          f"({r['ttft_ms']:.0f} ms), {requests} requests each, interleaved; serve used "
+          f"{proxy_cpu_s * 1000 / (requests * max_tokens):.2f} ms CPU per token", flush=True)
+    return {"engine_command": cmd, "method": "one engine, requests alternating through serve and on its socket",
+            "served": s, "raw": r, "hybridinfer_bench": bench, "served_requests": served, "raw_requests": raw,
+            "served_over_raw_decode": s["decode_tps"] / r["decode_tps"], "added_ttft_ms": s["ttft_ms"] - r["ttft_ms"],
+            "proxy_cpu_ms_per_token": round(proxy_cpu_s * 1000 / (requests * max_tokens), 3),
+            "load_s": round(load, 1), "engine_rss_loaded": rss_loaded, "engine_rss_after_bench": rss_after}
 
 
 def run_variant(variant: str, hw, args) -> dict:
@@ -231,23 +289,38 @@ def assess(r: dict, hw) -> dict:
     pr, pr1 = plan.prediction, plan1.prediction
     cpu = next(d for d in plan.devices if d.device == "cpu")
     bench, served, st = r["llama_bench"], r["serve"], r["single_thread"]
+    if served.get("served_requests"):
+        # Paired: each served request against the raw one next to it, so slow drift cancels; geometric mean and a
+        # 95 % interval of the per-pair decode ratios.
+        logs = [math.log(rw["tpot_ms"] / sv["tpot_ms"]) for sv, rw in zip(served["served_requests"], served["raw_requests"])]
+        mu = statistics.mean(logs)
+        half = 2.0 * statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else 0.0
+        served["served_over_raw_decode"] = math.exp(mu)
+        served["served_over_raw_decode_ci95"] = [round(math.exp(mu - half), 3), round(math.exp(mu + half), 3)]
     # Bytes read per decoded token: the plan's weights touched per token plus the KV cache at the quoted context.
     bytes_per_token = pr.cpu_bytes_per_token + pr.gpu_bytes_per_token + model.kv.bytes_per_token[plan.kv_type] * CONTEXT_FOR_DECODE
     r["plan"] = {"threads": plan.threads, "ctx": plan.ctx, "kv_type": plan.kv_type, "rules": plan.rules,
                  "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
-                 "predicted_cpu_bytes": cpu.total, "bound": pr.bound, "breakdown_ms": pr.breakdown_ms,
+                 "predicted_cpu_bytes": cpu.total - (plan.cache_ram or 0), "predicted_prompt_cache_bytes": plan.cache_ram or 0,
+                 "bound": pr.bound, "breakdown_ms": pr.breakdown_ms,
                  "predicted_decode_tps_1_thread": pr1.decode_tps, "predicted_prefill_tps_1_thread": pr1.prefill_tps}
     r["bytes_per_token"] = bytes_per_token
     r["ratios"] = {
         "decode_predicted_over_measured": pr.decode_tps / bench["tg"],
         "prefill_predicted_over_measured": pr.prefill_tps / bench["pp"],
-        "memory_predicted_over_measured": cpu.total / served["engine_rss_after_bench"],
+        # RSS once loaded: the prompt cache then grows with distinct prompts up to its planned cap (not counted)
+        "memory_predicted_over_measured": (cpu.total - (plan.cache_ram or 0)) / served["engine_rss_loaded"],
         "served_over_raw_decode": served["served_over_raw_decode"],
         "decode_fraction_of_roofline": bytes_per_token * bench["tg"] / (hw.memory_bandwidth_gbs * 1e9),
         "decode_1_thread_predicted_over_measured": pr1.decode_tps / st["decode_tps"],
         "decode_1_thread_fraction_of_roofline": bytes_per_token * st["decode_tps"] / (hw.memory_bandwidth_gbs * 1e9),
         "prefill_1_thread_predicted_over_measured": pr1.prefill_tps / st["prefill_tps"]}
     return r
+
+
+def ci(serve: dict) -> str:
+    lo_hi = serve.get("served_over_raw_decode_ci95")
+    return f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if lo_hi else ""
 
 
 def table(out: dict) -> str:
@@ -259,8 +332,8 @@ def table(out: dict) -> str:
         lines.append(
             f"| {r['variant']} | {p['predicted_decode_tps']:.2f} / {b['tg']:.2f} = {q['decode_predicted_over_measured']:.2f} "
             f"| {p['predicted_prefill_tps']:.1f} / {b['pp']:.1f} = {q['prefill_predicted_over_measured']:.2f} "
-            f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_after_bench'] / 2**30:.2f} GiB = "
-            f"{q['memory_predicted_over_measured']:.3f} | {q['served_over_raw_decode']:.3f} "
+            f"| {p['predicted_cpu_bytes'] / 2**30:.2f} / {s['engine_rss_loaded'] / 2**30:.2f} GiB = "
+            f"{q['memory_predicted_over_measured']:.3f} | {q['served_over_raw_decode']:.3f}{ci(s)} "
             f"| {q['decode_fraction_of_roofline']:.0%} | {b['cpu_share']:.2f} "
             f"| {p['predicted_decode_tps_1_thread']:.2f} / {st['decode_tps']:.2f} = {q['decode_1_thread_predicted_over_measured']:.2f} "
             f"| {p['predicted_prefill_tps_1_thread']:.1f} / {st['prefill_tps']:.1f} = {q['prefill_1_thread_predicted_over_measured']:.2f} |")
@@ -270,7 +343,7 @@ def table(out: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variant", default="iq1_s,q4_k_m")
-    ap.add_argument("--requests", type=int, default=4, help="streamed requests per server (default: 4)")
+    ap.add_argument("--requests", type=int, default=8, help="streamed requests each way, interleaved (default: 8)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128, help="served requests' prompt length (default: 128)")
     ap.add_argument("--reps", type=int, default=2, help="llama-bench repetitions (default: 2)")
@@ -285,13 +358,15 @@ def main() -> None:
                     help="measure nothing: recompute predictions and ratios for the measurements in the results file")
     ap.add_argument("--remeasure-single-thread", action="store_true",
                     help="measure only the one-thread CPU-time rates again, into the results file")
+    ap.add_argument("--remeasure-served", action="store_true",
+                    help="measure only served vs raw again (and the engine's RSS with it), into the results file")
     ap.add_argument("--remeasure-memory", action="store_true",
                     help="measure only the engine's RSS again (the stored command, one engine at a time)")
     args = ap.parse_args()
     global QUIET_WAIT
     QUIET_WAIT = args.quiet_wait
     path = RESULTS / "measured_vs_predicted.json"
-    if args.recompute or args.remeasure_single_thread or args.remeasure_memory:
+    if args.recompute or args.remeasure_single_thread or args.remeasure_memory or args.remeasure_served:
         out = json.loads(path.read_text())
         now = probe(engines=False)  # the box as it was measured: its bandwidth figure and free RAM
         hw = replace(now, memory_bandwidth_gbs=out["bandwidth_gbs"], bandwidth_method=out["bandwidth_method"],
@@ -302,6 +377,11 @@ def main() -> None:
                 r["single_thread"] = single_thread_rates(make_plan(hw, model, PlanOptions(engine=LLAMA_CPP.name, threads=1)))
                 print(f"{r['variant']}: one thread, from CPU time: decode {r['single_thread']['decode_tps']:.2f} tok/s, "
                       f"prefill {r['single_thread']['prefill_tps']:.1f} tok/s", flush=True)
+            if args.remeasure_served:
+                rss = r["serve"]["engine_rss_after_bench"]
+                print(f"{r['variant']}: served vs raw", flush=True)
+                r["serve"] = served_vs_raw(r["path"], args.requests, args.max_tokens, args.prompt_tokens)
+                r["serve"]["engine_rss_after_bench"] = r["serve"]["engine_rss_after_bench"] or rss
             if args.remeasure_memory:
                 r["serve"]["engine_rss_after_bench"] = engine_rss(r["serve"]["engine_command"])
                 print(f"{r['variant']}: engine RSS {r['serve']['engine_rss_after_bench'] / 2**30:.2f} GiB", flush=True)
