@@ -103,3 +103,24 @@ def test_cpu_memory_counts_llamacpp_repacked_weights_twice_when_mapped(tmp_path)
     assert mapped.devices[0].total - ram.devices[0].total == repacked - embd
     assert any("repacks" in r for r in mapped.reasons) and not any("repacks" in r for r in ram.reasons)
     assert mapped.devices[0].runtime < 0.2 * 2**30  # llama-server's own memory beyond its buffers
+
+
+def test_cpu_prefill_pays_for_few_tokens_per_expert(models):
+    # Routed experts see ubatch x used / count tokens each; a quantized GEMM over few rows does not amortise its
+    # unpacking (measured on the mid model at -ub 512 / 171 / 64), so R1's 256 experts prefill slower per FLOP
+    # than a dense layer, and a smaller --ubatch slows CPU prefill.
+    from hybridinfer.predict import PREFILL_EXPERT_BATCH_N0
+    hw = load_profile("epyc-cpu-only")
+    m = models["r1-ud-iq1_s"]
+    full = make_plan(hw, m, PlanOptions(engine="llama.cpp"))
+    small = make_plan(hw, m, PlanOptions(engine="llama.cpp", ubatch=128))
+    assert small.prediction.prefill_tps < full.prediction.prefill_tps * 0.8
+    assert small.prediction.decode_tps == full.prediction.decode_tps  # decode reads one token at a time
+    # Without the term (an engine whose figure was fitted to R1 itself), the same plan prefills faster.
+    from hybridinfer.engines import get
+    from hybridinfer.predict import predict
+    e = get("llama.cpp")
+    off = predict(m, hw, full.device_of, replace(e.prediction_params, prefill_expert_batch_n0=0.0), full.threads,
+                  full.kv_type)
+    on = predict(m, hw, full.device_of, e.prediction_params, full.threads, full.kv_type)
+    assert PREFILL_EXPERT_BATCH_N0 > 0 and off.prefill_tps > on.prefill_tps * 1.2
