@@ -6,8 +6,9 @@ Per variant: writes the model if the cache lacks it (`hybridinfer demo --size mi
 bandwidth `probe --measure-bandwidth` measures; runs llama-bench pp512/tg128 with the plan's threads and
 placement; serves it through `hybridinfer serve` and streams requests alternately through serve and straight to
 the llama-server serve started (its Unix socket, its argv), so box drift cancels (decode tok/s = 1 / median time per
-output token, TTFT), then measures serve with `hybridinfer bench`; reads the engine's RSS after load and after the
-requests (compared with the plan's CPU memory without the prompt cache, which fills with use up to its cap). Prints and writes benchmarks/results/measured_vs_predicted.json: predicted / measured
+output token, TTFT), then measures serve with `hybridinfer bench`; reads the engine's RSS once loaded (compared with the plan's CPU
+memory without the prompt cache, which fills with use up to its cap) and after the requests. Prints and writes
+benchmarks/results/measured_vs_predicted.json: predicted / measured
 for decode, prefill and CPU memory (targets 0.8-1.25 and +-5 %), served / raw, and decode's fraction of the
 bandwidth roofline (bytes read per token x tok/s / measured bandwidth).
 """
@@ -176,7 +177,7 @@ WORDS = ("the of and to in is that for it as with was on be by at this are from 
 
 
 def _prompts(n: int, tokens: int, seed: int) -> list[str]:
-    """Distinct random-word prompts of about `tokens` tokens each, so no request reuses another's cached prefix."""
+    """Distinct prompts of `tokens` random words each, so no request reuses another's cached prefix."""
     import random
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(tokens)) for _ in range(n)]
