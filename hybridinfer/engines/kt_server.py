@@ -30,7 +30,7 @@ import orjson
 
 from ..errors import HybridError
 from .base import EngineFailed, EngineRejected
-from .supervisor import Supervisor, free_port
+from .supervisor import Supervisor, free_port, rejected, sse_payloads
 
 RUNTIME_FLAGS = {"--host": True, "--port": True, "--model_name": True, "--served-model-name": True}
 
@@ -141,7 +141,7 @@ class KtServer(Supervisor):
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         if r.status_code >= 400:
-            raise _rejected(r)
+            raise rejected(r)
         data = r.json()
         data["object"] = "text_completion" if path == "/v1/completions" else "chat.completion"
         if self.dialect.usage != "real" or not data.get("usage"):
@@ -180,8 +180,8 @@ class KtServer(Supervisor):
             r = await self._client.send(self._client.build_request("POST", self.base_url + path, json=req), stream=True)
             if r.status_code >= 400:
                 await r.aread()
-                raise _rejected(r)
-            async for payload in _aiter_payloads(r.aiter_lines()):
+                raise rejected(r)
+            async for payload in sse_payloads(r.aiter_lines()):
                 if payload == "[DONE]":
                     break
                 try:
@@ -262,25 +262,7 @@ class KtServer(Supervisor):
         return ""  # its server exports none (balance_serve's scheduler metrics are on private ports)
 
 
-async def _aiter_payloads(lines):
-    async for line in lines:
-        if line.startswith("data:"):
-            yield line[5:].strip()
-
-
 def _finish_chunk(prev: dict, chat: bool, reason: str) -> dict:
     ch = {"index": 0, "delta": {}, "finish_reason": reason} if chat else {"index": 0, "text": "", "finish_reason": reason}
     return {"id": prev.get("id", ""), "object": "chat.completion.chunk" if chat else "text_completion",
             "created": prev.get("created", int(time.time())), "model": prev.get("model", ""), "choices": [ch]}
-
-
-def _rejected(r: httpx.Response) -> EngineRejected:
-    try:
-        data = r.json()
-    except ValueError:
-        return EngineRejected(r.status_code, r.text or f"engine returned HTTP {r.status_code}")
-    if isinstance(data, dict):
-        e = data.get("error") if isinstance(data.get("error"), dict) else data
-        msg = e.get("message") or e.get("detail") or r.text
-        return EngineRejected(r.status_code, msg if isinstance(msg, str) else orjson.dumps(msg).decode())
-    return EngineRejected(r.status_code, r.text)

@@ -372,11 +372,8 @@ class Supervisor(Running):
             r = await self._client.send(self._client.build_request("POST", self.base_url + path, json=body), stream=True)
             if r.status_code >= 400:
                 await r.aread()
-                raise _rejected(r)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[6:].strip()
+                raise rejected(r)
+            async for payload in sse_payloads(r.aiter_lines()):
                 if payload == "[DONE]":
                     return
                 chunk = orjson.loads(payload)
@@ -406,7 +403,7 @@ class Supervisor(Running):
         except httpx.HTTPError as e:
             raise EngineFailed(e.__class__.__name__) from None
         if r.status_code >= 400:
-            raise _rejected(r)
+            raise rejected(r)
         return r.json().get("tokens", [])
 
     async def metrics_text(self) -> str:
@@ -476,9 +473,22 @@ def _timeout(e: httpx.TimeoutException) -> EngineFailed:
     return EngineFailed(e.__class__.__name__) if isinstance(e, httpx.ConnectTimeout) else EngineTimeout(e.__class__.__name__)
 
 
-def _rejected(r: httpx.Response) -> EngineRejected:
+def rejected(r: httpx.Response) -> EngineRejected:
+    """An engine's 4xx/5xx as EngineRejected: llama.cpp's {"error": {message, type}}, FastAPI's {"detail": ...}
+    (KTransformers), or plain text."""
     try:
-        e = r.json().get("error", {})
-        return EngineRejected(r.status_code, e.get("message") or r.text, e.get("type"))
-    except (ValueError, AttributeError):
+        data = r.json()
+    except ValueError:
         return EngineRejected(r.status_code, r.text or f"engine returned HTTP {r.status_code}")
+    if not isinstance(data, dict):
+        return EngineRejected(r.status_code, r.text)
+    e = data.get("error") if isinstance(data.get("error"), dict) else data
+    msg = e.get("message") or e.get("detail") or r.text
+    return EngineRejected(r.status_code, msg if isinstance(msg, str) else orjson.dumps(msg).decode(), e.get("type"))
+
+
+async def sse_payloads(lines):
+    """The payloads of an SSE stream's `data:` lines (with or without the space older servers omit)."""
+    async for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()
