@@ -56,6 +56,27 @@ class Served:
                              capture_output=True, text=True).stdout.split()
         return int(out[0])
 
+    def kill_engine_mid_stream(self, body: dict) -> list[dict]:
+        """Stream a long chat answer, SIGKILL the engine once the first chunk has arrived (a crash before it is an
+        HTTP error instead, by design), -> the error events the client received."""
+        import json
+        import os
+        errors, streaming = [], threading.Event()
+
+        def stream():
+            with httpx.stream("POST", self.url + "/v1/chat/completions", timeout=30,
+                              json={**body, "stream": True, "max_tokens": 3000, "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    streaming.set()
+                    if '"error"' in line:
+                        errors.append(json.loads(line[6:]))
+        t = threading.Thread(target=stream)
+        t.start()
+        assert streaming.wait(20)
+        os.kill(self.engine_pid(), signal.SIGKILL)
+        t.join(20)
+        return errors
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

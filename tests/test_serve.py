@@ -1,7 +1,6 @@
 """`hybridinfer serve` end to end: the real llama-server, real HTTP on loopback, the official openai client."""
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -179,22 +178,7 @@ def test_placement_honoured_in_engine_log(tmp_path, tiny_model):
 def test_engine_crash_restart_and_shutdown(tmp_path, tiny_model):
     s = Served(["--gguf", tiny_model, "--parallel", "2"], tmp_path)
     try:
-        got_error = []
-        streaming = threading.Event()
-
-        def stream():
-            with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
-                              json={"messages": MSG, "stream": True, "max_tokens": 3000, "ignore_eos": True}) as r:
-                for line in r.iter_lines():
-                    streaming.set()
-                    if '"error"' in line:
-                        got_error.append(json.loads(line[6:]))
-        t = threading.Thread(target=stream)
-        t.start()
-        # Mid-stream: a crash before the first chunk is answered with an HTTP error instead (first-chunk peek).
-        assert streaming.wait(20)
-        os.kill(s.engine_pid(), signal.SIGKILL)
-        t.join(20)
+        got_error = s.kill_engine_mid_stream({"messages": MSG})
         assert got_error and "engine stopped" in got_error[0]["error"]["message"]
         h = httpx.get(s.url + "/health")
         assert h.status_code == 503 and h.json()["status"] in ("engine_down", "loading")

@@ -1,11 +1,8 @@
 """`hybridinfer serve --engine ik_llama.cpp`: the real ik_llama.cpp server behind the same API (real HTTP on loopback,
 the official openai client), with what its server lacks adapted and said."""
 
-import json
 import os
 import re
-import signal
-import threading
 import time
 
 import httpx
@@ -119,23 +116,7 @@ def test_disconnect_cancels_generation(server):
 def test_engine_crash_restart(tmp_path, tiny_model):
     s = Served(["--engine", "ik_llama.cpp", "--gguf", tiny_model, "--threads", "2"], tmp_path)
     try:
-        errors = []
-        streaming = threading.Event()
-
-        def stream():
-            with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30,
-                              json={"messages": MSG, "stream": True, "max_tokens": 3000, "ignore_eos": True,
-                                    "grammar": ASCII}) as r:
-                for ln in r.iter_lines():
-                    streaming.set()
-                    if '"error"' in ln:
-                        errors.append(json.loads(ln[6:]))
-        t = threading.Thread(target=stream)
-        t.start()
-        # Mid-stream: a crash before the first chunk is answered with an HTTP error instead (first-chunk peek).
-        assert streaming.wait(20)
-        os.kill(s.engine_pid(), signal.SIGKILL)
-        t.join(20)
+        errors = s.kill_engine_mid_stream({"messages": MSG, "grammar": ASCII})
         assert errors and "engine stopped" in errors[0]["error"]["message"]
         deadline = time.time() + 30
         while time.time() < deadline and httpx.get(s.url + "/health").status_code != 200:
