@@ -10,8 +10,8 @@ the largest the project generates (`hybridinfer demo --size mid` when that exist
 deepseek2 Q4_0 written by demo/tiny.py's generator, and the results say which). Engines alternate per model so
 drift on a shared box hits both alike.
 
-Writes benchmarks/results/engines.json and, from it, hybridinfer/engines/measured.json: the per-box, per-model-class
-table `--engine auto` reads (engines/measured.py).
+Writes benchmarks/results/engines.json: figures of the box it ran on, for the README. The program itself never
+reads them: `--engine auto` decides from the calibration of the box it runs on (`hybridinfer calibrate`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ EXE = str(Path(sys.executable).parent / "hybridinfer")
 sys.path.insert(0, str(HERE.parent))
 
 from hybridinfer import engines  # noqa: E402
-from hybridinfer.engines import measured  # noqa: E402
 from hybridinfer.engines.llamacpp import parse_bench  # noqa: E402
 from hybridinfer.inspect_gguf import inspect  # noqa: E402
 from hybridinfer.probe import probe  # noqa: E402
@@ -124,7 +123,6 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8, help="served requests per engine (default: 8)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(HERE / "results" / "engines.json"))
-    ap.add_argument("--no-table", action="store_true", help="do not update hybridinfer/engines/measured.json")
     a = ap.parse_args()
 
     hw = probe()
@@ -158,8 +156,6 @@ def main() -> int:
 
     report = write(a, hw, results)
     print(table(report))
-    if not a.no_table:
-        print(f"wrote {measured.update_table(report)}")
     return 0
 
 

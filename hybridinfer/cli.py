@@ -15,6 +15,7 @@ from .errors import HybridError
 EPILOG = """\
 examples:
   hybridinfer probe                         what this box has (CPU, NUMA, ISA, RAM, GPUs, engines)
+  hybridinfer calibrate                     measure this box's engines once (~2-3 min): what plan predicts from
   hybridinfer download unsloth/DeepSeek-R1-GGUF --quant UD-IQ1_S   fetch a quant (checked, resumable, verified)
   hybridinfer inspect --gguf DeepSeek-R1-UD-IQ1_S-00001-of-00003.gguf
   hybridinfer plan --gguf R1.gguf --hardware desktop-4090 --compare layer-split
@@ -41,9 +42,21 @@ def cmd_probe(args) -> int:
 
     if args.measure_bandwidth and not args.json:
         print("measuring memory read bandwidth on all cores (a few seconds)...", file=sys.stderr)
+    from . import calibration
+    from .calibrate import current, with_calibration
+
     hw = probe_box(measure=args.measure_bandwidth)
+    cal = current(calibration.load(calibration.box_key(hw)), hw)
+    if cal and not args.measure_bandwidth:
+        hw = with_calibration(hw, cal)
+    elif cal:
+        from dataclasses import replace
+
+        hw = replace(hw, calibration=cal)
     if args.json:
-        print(hw.to_json())
+        d = json.loads(hw.to_json())
+        d["calibration_age_days"] = round(cal.age_days(), 2) if cal else None
+        _print_json(d)
     else:
         render_probe(hw)
     return 0
@@ -182,12 +195,13 @@ def _extra_commands():
     except ImportError:
         pass
     from .bench.cli import register as bench_register
+    from .calibrate import register as calibrate_register
     from .demo.cli import register as demo_register
     from .download.cli import register as download_register
     from .engines.ktransformers_patch import register as patch_register
     from .tune import register as tune_register
     from .worker import register as worker_register
-    out += [download_register, bench_register, patch_register, _register_openwebui, worker_register, demo_register,
+    out += [calibrate_register, download_register, bench_register, patch_register, _register_openwebui, worker_register, demo_register,
             tune_register]
     return out
 

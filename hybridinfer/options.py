@@ -6,6 +6,7 @@ import it and never each other.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from . import engines
@@ -41,6 +42,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--load-mode", default="auto", choices=list(LOAD_MODES),
                    help="weights mapped (mmap) or read into RAM (default: auto = RAM when experts stay on the CPU beside a GPU)")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
+    p.add_argument("--no-calibrate", action="store_true", help="do not measure this box on first use: predict its "
+                   "speed from the published-figure model instead (the plan says so)")
     p.add_argument("--rpc", metavar="HOST:PORT,...", help="also use these RPC workers' devices "
                    "(`hybridinfer worker` on each machine): planned with the memory each reports, served with --rpc")
     if saved_plan:
@@ -60,8 +63,19 @@ def probe_box(measure: bool = False) -> HardwareProfile:
     return probe(measure=measure, engines=engines.probe_all())
 
 
+def calibrated_box(auto: bool = True) -> HardwareProfile:
+    """This box with its calibration (measured now on first use unless `auto` is off or HYBRIDINFER_NO_CALIBRATE)."""
+    from .calibrate import ensure, with_calibration
+
+    hw = probe_box()
+    return with_calibration(hw, ensure(hw, auto=auto))
+
+
 def load_hardware(args) -> HardwareProfile:
-    hw = load_profile(args.hardware) if args.hardware else probe_box()
+    if args.hardware:
+        hw = load_profile(args.hardware)
+    else:
+        hw = calibrated_box(auto=not getattr(args, "no_calibrate", False))
     if getattr(args, "rpc", None):
         from .engines import rpc
 
@@ -105,4 +119,15 @@ def plan_from_args(args, serving: bool = False) -> tuple[Plan, ModelInfo]:
         plan = load_plan(saved)
         return plan, inspect(plan.model_path)
     model = load_model(args)
-    return make_plan(load_hardware(args), model, plan_options(args, serving=serving)), model
+    hw = load_hardware(args)
+    if serving and not args.hardware and all(getattr(args, k, v) == v for k, v in PLAN_DEFAULTS.items() if k != "gguf"):
+        from . import calibration
+        from .tuned import tuned_plan
+
+        found = tuned_plan(model.paths[0], calibration.box_key(hw))
+        if found:  # `hybridinfer tune` measured this model on this box: its winner, unless options say otherwise
+            plan, rep = found
+            why = (f"plan: the one `hybridinfer tune` measured fastest on this box {rep.get('created', '')[:10]} "
+                   f"({rep.get('gain', 1):.2f}x the static plan; any plan option plans afresh)")
+            return replace(plan, reasons=[why, *plan.reasons]), model
+    return make_plan(hw, model, plan_options(args, serving=serving)), model

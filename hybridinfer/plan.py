@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from dataclasses import replace
 
 from . import engines, rules
-from .engines import measured
 from .engines.base import Engine, maps_weights
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
@@ -263,21 +262,13 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
         if first_error:
             raise first_error
         raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
-    # Fastest decode wins; on a tie an installed engine, then the registry's order. An engine measured on this CPU
-    # for this model class (benchmarks/engines.py -> engines/measured.json) competes with its measured speed, any
-    # other with its prediction.
-    found = {e.name: measured.lookup(hw, model, p.device_of) for e, p in planned}
-    tps, basis = {}, {}
-    for e, p in planned:
-        m = None if requested or len(planned) == 1 else (found[e.name] or {}).get("decode_tok_s", {}).get(e.name)
-        tps[e.name], basis[e.name] = (m, "measured") if m else (p.prediction.decode_tps, "predicted")
+    # Fastest decode wins; on a tie an installed engine, then the registry's order. Each engine's figure is measured
+    # (this box's calibration of it) or predicted; the reasons say which.
+    tps = {e.name: p.prediction.decode_tps for e, p in planned}
+    basis = {e.name: _basis(p.prediction, hw) for e, p in planned}
     best_e, best = max(planned, key=lambda ep: (tps[ep[0].name], bool(ep[0].installed(hw)), -cands.index(ep[0])))
-    where = ""
-    if basis[best_e.name] == "measured":
-        m = found[best_e.name]
-        where = f" on this CPU for {m['class']} ({m['model']}; {m['source']})"
     head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
-            f"{basis[best_e.name]} {tps[best_e.name]:g} tok/s decode{where}"]
+            f"{tps[best_e.name]:g} tok/s decode ({basis[best_e.name]})"]
     if not best_e.installed(hw):
         head.append(f"note: {best_e.name} is not installed on {hw.id}; the command is what it would run "
                     f"({best_e.install_hint})")
@@ -289,6 +280,19 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
     best = replace(best, reasons=head + best.reasons)
     best = replace(best, compiled=best_e.compile(best))
     return replace(best, command=best_e.command(best))
+
+
+def _basis(pred: Prediction, hw: HardwareProfile) -> str:
+    """Where a plan's speed figure comes from, for its "Why" line."""
+    cal = hw.calibration
+    if pred.source != "predicted" and cal:
+        what = "calibrated on this box" if pred.source == "calibrated" else "CPU calibrated on this box, GPU predicted"
+        return f"{what} {cal.created[:10]}: {pred.source_detail}" + ("; measured on a busy CPU" if cal.busy else "")
+    if hw.source != "probe":
+        return f"predicted for {hw.id} from published figures"
+    if cal:
+        return "predicted: the calibration has no figures for this engine"
+    return "predicted: no calibration of this box used (`hybridinfer calibrate` measures it; --no-calibrate skips it)"
 
 
 def _plan_for(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet, engine: Engine) -> Plan:
@@ -455,8 +459,10 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     params = engine.prediction_params
     if opts.ubatch:  # the experts' share of a prefill batch shrinks with it
         params = replace(params, ubatch=min(opts.ubatch, opts.batch or opts.ubatch))
+    rates = hw.calibration.rates(engine.calibration_key(dev_of, streaming, opts.load_mode)) if hw.calibration else None
     pred = predict(model, hw, dev_of, params, threads, kv_type, resident,
-                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok, parallel=opts.parallel)
+                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok, parallel=opts.parallel,
+                   rates=rates)
     reasons = list(memory_notes)
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from .layers import layer_devices
 
-if TYPE_CHECKING:  # annotations only: engines import this module, and inspect asks the engines
+if TYPE_CHECKING:
+    from .calibration import EngineRates  # annotations only: engines import this module, and inspect asks the engines
     from .inspect_gguf import ModelInfo
     from .probe import HardwareProfile
 
@@ -103,9 +104,13 @@ class Prediction:
     notes: list[str]
     parallel: int = 1  # slots decoding at once for the aggregate figure
     aggregate_decode_tps: float = 0.0  # tokens/s summed over `parallel` busy slots (one weight read per step)
+    # Where the figures come from: "calibrated" (this box's measured per-type costs), "calibrated CPU, predicted
+    # GPU", or "predicted" (the published-figure model: a profile of another box, or an uncalibrated one).
+    source: str = "predicted"
+    source_detail: str = ""  # e.g. "measured on this box 2026-12-04 (ik_llama.cpp -rtr, 2 threads)"
 
 
-def _frac(model: ModelInfo, cls: str) -> float:
+def frac(model: ModelInfo, cls: str) -> float:
     if cls == "routed_experts" and model.expert_count:
         return model.expert_used_count / model.expert_count
     if cls == "token_embd":
@@ -113,10 +118,41 @@ def _frac(model: ModelInfo, cls: str) -> float:
     return 1.0
 
 
+def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRates, cores: int,
+                   ubatch: int) -> tuple[float, float, float] | None:
+    """Seconds per token of the CPU-resident weights from this box's calibration: (decode, of which routed
+    experts, prefill per prompt token). None when a type on the CPU has no figure at all."""
+    per_expert = ubatch * model.expert_used_count / model.expert_count if model.expert_count else ubatch
+    batch_cost = 1 + PREFILL_EXPERT_BATCH_N0 / max(1.0, per_expert)
+    dec = dec_exp = pre = 0.0
+    blocks = set()
+    for t in model.tensors:
+        if device_of[t.name] != "cpu":
+            continue
+        if t.block is not None:
+            blocks.add(t.block)
+        if len(t.shape) < 2 or t.type == "F32":  # norms and F32 routers: in the per-block cost, as calibrated
+            continue
+        d, p = rates.decode_cost(t.type), rates.prefill_cost(t.type)
+        if d is None or p is None:
+            return None
+        w = t.n_elements * frac(model, t.cls)
+        dec += w * d
+        if t.cls == "routed_experts":
+            dec_exp += w * d
+        pre += w * p * (batch_cost if t.cls == "routed_experts" else 1.0)
+    # Fewer threads than calibrated: the kernels are compute-bound on these boxes, time grows with fewer cores.
+    scale = max(1.0, rates.threads / max(1, cores))
+    dec = (dec * 1e-9 + len(blocks) * rates.block_decode_us * 1e-6) * scale
+    pre = (pre * 1e-9 + len(blocks) * rates.block_prefill_us * 1e-6) * scale
+    return dec, dec_exp * 1e-9 * scale, pre
+
+
 def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], params: PredictionParams, threads: int,
             kv_type: str, resident_fraction: float = 1.0, gpu_cost=None, kv_bytes_per_token: int | None = None,
-            parallel: int = 1) -> Prediction:
-    """`params`: the engine's (engine.prediction_params); `gpu_cost(t)`: bytes it reads for t on a GPU."""
+            parallel: int = 1, rates: EngineRates | None = None) -> Prediction:
+    """`params`: the engine's (engine.prediction_params); `gpu_cost(t)`: bytes it reads for t on a GPU; `rates`:
+    this box's calibration of the engine (hw.calibration), which replaces the CPU side's modelled costs."""
     gpu_cost = gpu_cost or (lambda t: t.nbytes)
     cpu_b = cpu_flops = 0.0
     cpu_expert_b_active = 0.0
@@ -135,7 +171,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     type_cost = dict(params.cpu_type_cost) if cpu_only else {}  # measured for CPU-only plans only
     for t in model.tensors:
         dev = device_of[t.name]
-        f = _frac(model, t.cls)
+        f = frac(model, t.cls)
         if t.block is not None:
             blocks_dev.setdefault(t.block, set()).add("cpu" if dev == "cpu" else "gpu")
             if t.name.endswith("attn_norm.weight"):
@@ -196,6 +232,10 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     eff = params.cpu_eff
     t_cpu_bw = (cpu_b + kv_read_cpu) / (bw * CPU_BW_EFF * numa_scale) if cpu_b else 0.0
     t_cpu_compute = cpu_flops / (cores * DECODE_GFLOPS_PER_CORE[isa] * 1e9 * numa_scale * eff) if cpu_flops else 0.0
+    cal = calibrated_cpu(model, device_of, rates, cores, params.ubatch) if rates and cpu_b else None
+    if cal:  # measured per-type costs include the weights' reads: only the KV cache is left to bandwidth
+        t_cpu_compute, t_cal_exp, t_cal_pre = cal
+        t_cpu_bw = kv_read_cpu / (bw * CPU_BW_EFF) if cpu_b else 0.0
 
     gpus = {f"gpu:{g.index}": g for g in hw.gpus}
     t_gpu = 0.0
@@ -206,6 +246,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     t_hops = hops * HOP_SECONDS if gpu_b else 0.0
     t_fixed = TOKEN_OVERHEAD_S["gpu" if gpu_b else "cpu"] + (
         attn_gpu_layers * GPU_BLOCK_S + len(gpu_moe_blocks) * GPU_MOE_BLOCK_S if gpu_b else 0.0)
+    if cal and not gpu_b:  # the calibration's per-block and per-token costs replace the modelled fixed cost
+        t_fixed = rates.token_us * 1e-6
 
     notes = []
     t_disk = 0.0
@@ -220,7 +262,7 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     if remote:
         parts["network"] = t_net
     total = sum(parts.values())
-    if params.overlap_cpu_reads and cpu_only:
+    if params.overlap_cpu_reads and cpu_only and not cal:
         total -= min(t_cpu_bw, t_cpu_compute)
     decode = 1 / total
     bound = max(parts, key=parts.get)
@@ -240,6 +282,8 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     else:
         pre_core = PREFILL_GFLOPS_PER_CORE[isa] * params.prefill_cpu_scale
     t_pre_cpu = cpu_prefill_flops / (cores * pre_core * 1e9 * numa_scale * eff) if cpu_prefill_flops else 0.0
+    if cal:
+        t_pre_cpu = t_cal_pre
     local = [g for g in hw.gpus if not g.remote]  # ggml-rpc offers no op offload (offload_op = NULL)
     if params.prefill_uploads_weights and gpu_b and local:
         t_upload = cpu_b_all / (local[0].pcie_gbs * 0.8e9) / params.ubatch
@@ -262,7 +306,11 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
         t_bw_n = ((cpu_dense_b + cpu_expert_b_active * union + kv_read_cpu * parallel)
                   / (bw * CPU_BW_EFF * numa_scale)) if cpu_b else 0.0
         growth = parallel - 1
-        t_step = (t_bw_n + t_cpu_compute * (1 + BATCH_COMPUTE_GROWTH * growth) + t_gpu * (1 + 0.02 * growth)
+        t_cpu_n = t_cpu_compute * (1 + BATCH_COMPUTE_GROWTH * growth)
+        if cal:  # measured costs hold the reads: the experts' part grows with the union they touch
+            t_bw_n = kv_read_cpu * parallel / (bw * CPU_BW_EFF) if cpu_b else 0.0
+            t_cpu_n = (t_cpu_compute - t_cal_exp) * (1 + BATCH_COMPUTE_GROWTH * growth) + t_cal_exp * union
+        t_step = (t_bw_n + t_cpu_n + t_gpu * (1 + 0.02 * growth)
                   + t_hops + t_disk * union + t_fixed + TOKEN_OVERHEAD_S["cpu"] * 0.1 * growth)
         aggregate = parallel / t_step
         notes.append(f"{parallel} busy slots: ~{aggregate:.1f} tok/s in total, ~{aggregate / parallel:.1f} each")
@@ -273,4 +321,6 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
         breakdown_ms={k: round(v * 1e3, 3) for k, v in parts.items()},
         cpu_bytes_per_token=int(cpu_b), gpu_bytes_per_token=int(sum(gpu_b.values())), notes=notes,
         parallel=parallel, aggregate_decode_tps=round(aggregate, 2),
+        source=("calibrated" if not gpu_b else "calibrated CPU, predicted GPU") if cal else "predicted",
+        source_detail=f"{rates.key}, {rates.threads} threads" if cal else "",
     )

@@ -17,14 +17,25 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .calibration import Calibration
 from .errors import HybridError
 from .util import from_dict, to_dict
 
-# The ISA flags KTransformers looks at (/proc/cpuinfo names), in its fallback order.
+# The ISA flags KTransformers and kt-kernel look at, spelled as they ask for them. /proc/cpuinfo spells most the
+# same; avx512_vbmi it writes `avx512vbmi`, which kt-kernel accepts too (a flag counts without its underscores).
 ISA_FLAGS = (
     "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_vbmi",
     "amx_tile", "amx_int8", "amx_bf16",
 )
+
+
+def isa_flags(words) -> list[str]:
+    """The ISA_FLAGS among the words of a /proc/cpuinfo `flags` line, in ISA_FLAGS' order and spelling; a flag
+    counts as written or without its underscores, as in kt-kernel's detection (engines/kt_probe.py)."""
+    have = {w.lower() for w in words}
+    return [f for f in ISA_FLAGS if f in have or f.replace("_", "") in have]
+
+
 @dataclass(frozen=True)
 class NumaNode:
     id: int
@@ -117,6 +128,9 @@ class HardwareProfile:
     disk_read_gbs: float = 2.0  # sequential read of the model's disk, for planning weight streaming
     source: str = "probe"  # "probe" (this box) or "profile" (a file describing another box)
     bandwidth_method: str = ""  # how a measured bandwidth was measured (kernel, threads, passes)
+    # This box's calibration (`hybridinfer calibrate`): measured per-engine, per-type costs the planner predicts
+    # from. None for a profile of another box, or where it was skipped (--no-calibrate).
+    calibration: Calibration | None = None
 
     def engine(self, name: str) -> EngineInfo | None:
         return next((e for e in self.engines if e.name == name and e.installed), None)
@@ -181,6 +195,8 @@ def _parse_cpulist(text: str) -> list[int]:
 
 
 def probe_cpu(cpuinfo: str | None = None) -> CpuInfo:
+    """This box's CPU from /proc/cpuinfo, or from `cpuinfo` text: a whole file, or a recorded excerpt without
+    `processor` lines (`model name` and `flags`, as in tests/fixtures/cpu-flags/), read as one logical CPU."""
     text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
     model = ""
     flags: set[str] = set()
@@ -188,9 +204,8 @@ def probe_cpu(cpuinfo: str | None = None) -> CpuInfo:
     sockets: set[str] = set()
     logical = 0
     phys = core = "0"
-    for block in text.split("\n\n"):
-        if "processor" not in block:
-            continue
+    blocks = [b for b in text.split("\n\n") if re.search(r"^processor\s*:", b, re.M)]
+    for block in blocks or ([text] if re.search(r"^(flags|Features)\s*:", text, re.M) else []):
         logical += 1
         for line in block.splitlines():
             key, _, val = line.partition(":")
@@ -209,7 +224,7 @@ def probe_cpu(cpuinfo: str | None = None) -> CpuInfo:
     physical = len(cores) or logical
     return CpuInfo(model=model or platform.processor() or "unknown", logical_cores=logical,
                    physical_cores=physical, sockets=max(1, len(sockets)),
-                   flags=[f for f in ISA_FLAGS if f in flags])
+                   flags=isa_flags(flags))
 
 
 def probe_numa(sysfs: str = "/sys/devices/system/node") -> list[NumaNode]:

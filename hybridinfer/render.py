@@ -28,6 +28,13 @@ def render_probe(hw) -> None:
     console.print(f"Memory bandwidth  {hw.memory_bandwidth_gbs:g} GB/s ({hw.bandwidth_source}"
                   + (", run with --measure-bandwidth to measure" if hw.bandwidth_source == "estimate" else "")
                   + (f": {hw.bandwidth_method}" if hw.bandwidth_method else "") + ")")
+    cal = hw.calibration
+    if cal:
+        age = cal.age_days()
+        console.print(f"Calibration  {cal.created} ({age:.1f} days ago), engines: "
+                      + (", ".join(r.key for r in cal.engines) or "none") + (f"; [yellow]{cal.busy}[/]" if cal.busy else ""))
+    elif hw.source == "probe":
+        console.print("Calibration  none yet: `hybridinfer calibrate` (plan/serve/bench run it on first use)")
     if not hw.gpus:
         console.print("GPU     none (CPU-only plans)")
     for g in hw.gpus:
@@ -39,6 +46,25 @@ def render_probe(hw) -> None:
         t.add_row(e.name, "[green]installed[/]" if e.installed else "[dim]not installed[/]", e.version or "-",
                   (e.path + (" (CUDA)" if e.gpu else " (CPU build)") if e.path and e.installed else e.detail))
     console.print(t)
+
+
+def render_calibration(cal) -> None:
+    """The per-engine, per-type costs a calibration holds, as tok/s-independent ns per weight."""
+    console.print(f"[bold]calibration[/] of {cal.cpu}  {cal.created}  ({cal.seconds:g} s)")
+    console.print(f"memory bandwidth {cal.bandwidth_gbs:g} GB/s ({cal.bandwidth_method})")
+    if cal.busy:
+        console.print(f"[yellow]{cal.busy}[/]")
+    types = sorted({t for r in cal.engines for t in r.decode_ns}, key=lambda t: (len(t), t))
+    t = Table("engine", "threads", "block µs", *types, box=None, pad_edge=False,
+              title="decode / prefill, ns per weight touched per token")
+    for r in cal.engines:
+        t.add_row(r.key, str(r.threads), f"{r.block_decode_us:g}",
+                  *(f"{r.decode_ns[x]:.3g} / {r.prefill_ns.get(x, float('nan')):.2g}" if x in r.decode_ns
+                    else ("failed" if x in r.failed else "-") for x in types))
+    console.print(t)
+    for r in cal.engines:
+        for typ, why in r.failed.items():
+            console.print(f"  {r.key} {typ}: {why}")
 
 
 def render_model(m, tensors: bool = False) -> None:

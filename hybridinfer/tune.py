@@ -11,6 +11,7 @@ of decode, from the benchmark's pp and tg rates.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -270,7 +271,7 @@ def cmd_tune(args) -> int:
 
     from rich.console import Console
 
-    from .options import load_model, plan_options, probe_box
+    from .options import calibrated_box, load_model, plan_options
     from .util import atomic_write, cache_dir
 
     budget = parse_budget(args.budget)
@@ -282,8 +283,7 @@ def cmd_tune(args) -> int:
         raise HybridError("tune measures this box alone; --rpc adds other machines", "drop --rpc")
     model = load_model(args)
     console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
-    console.print("measuring memory bandwidth for the predictions…")
-    hw = probe_box(measure=True)
+    hw = calibrated_box(auto=not args.no_calibrate)
     if not bench_engines(hw, model):
         raise HybridError("tune needs an engine's benchmark tool (llama-bench), which is not installed", "run ./install.sh")
     tuner = Tuner(hw, model, plan_options(args), budget, prompt=args.prompt_tokens, gen=args.gen_tokens)
@@ -298,10 +298,19 @@ def cmd_tune(args) -> int:
               "static": base.row(prompt), "winner": best.row(prompt), "gain": round(gain, 3),
               "rows": [c.row(prompt) for c in tuner.rows], "bandwidth_gbs": hw.memory_bandwidth_gbs,
               "load_average_after": os.getloadavg()[0]}
+    from . import calibration
+
+    report["box"] = calibration.box_key(hw)
+    report["model"] = model_identity(best.plan.model_path)
+    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc = plan_document(best.plan, report)
-    out = args.output or str(cache_dir() / "plans" / f"{Path(best.plan.model_path).stem}-tuned.json")
+    from .tuned import model_identity, tuned_path
+
+    out = args.output or str(tuned_path(best.plan.model_path))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(doc, indent=2) + "\n")
+    if args.output:  # serve finds the tuned plan in the cache; a copy elsewhere is the user's
+        atomic_write(str(tuned_path(best.plan.model_path)), json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     console.print(f"winner: {best.label} — {gain:.2f}x the static plan's request time "

@@ -1,13 +1,12 @@
 """ik_llama.cpp as a planned engine: its blockers (incompatible DeepSeek MLA dims, types), flags, KV form, and
-`--engine auto` choosing by the measured table where this box was measured. No binary needed."""
+`--engine auto` between it and mainline (tests/test_calibration.py: by this box's calibration). No binary needed."""
 
-import json
 from dataclasses import replace
 
 import pytest
 
 from conftest import run_cli
-from hybridinfer.engines import REGISTRY, get, measured
+from hybridinfer.engines import REGISTRY, get
 from hybridinfer.inspect_gguf import Group, inspect
 from hybridinfer.plan import PlanOptions, make_plan
 from hybridinfer.probe import EngineInfo, load_profile, probe
@@ -85,31 +84,6 @@ def test_legacy_gguf_gets_the_mla_cache(tmp_path):
     assert get(IK).kv_form(leg) == "mla" and get(MAIN).kv_form(leg) == "legacy-mha"
     assert get(IK).kv_bytes_per_token(leg, "f16") == 576 * 2 * leg.block_count
     assert get(MAIN).kv_bytes_per_token(leg, "f16") == 4 * (192 + 128) * 2 * leg.block_count
-
-
-def test_auto_rests_on_the_measured_table(tiny_model, hw, tmp_path, monkeypatch):
-    m = inspect(tiny_model)
-    table = tmp_path / "measured.json"
-    monkeypatch.setattr(measured, "TABLE", table)
-    monkeypatch.delenv("HYBRIDINFER_ENGINE_MEASUREMENTS")
-    cls = measured.model_class(m, {})
-
-    def write(ik, main):
-        table.write_text(json.dumps({"schema": measured.SCHEMA, "entries": [
-            {"cpu": hw.cpu.model, "isa": hw.cpu.isa, "class": cls, "threads": 2, "model": "test",
-             "decode_tok_s": {IK: ik, MAIN: main}, "prefill_tok_s": {IK: 2 * ik, MAIN: main}, "source": "test"}]}))
-    write(60.0, 45.0)
-    p = make_plan(hw, m, PlanOptions(engine="auto"))
-    assert p.engine == IK and "measured" in p.reasons[0] and "60" in p.reasons[0]
-    # each engine competes with its best figure: measured where the table has it, predicted otherwise
-    assert any(r.startswith(f"engine {MAIN}: slower: 45 tok/s") and r.endswith("(measured)") for r in p.reasons)
-    assert all(r.endswith("(predicted)") for r in p.reasons[1:] if r.startswith("engine ") and ": slower" in r
-               and IK not in r and MAIN not in r)
-    write(40.0, 45.0)
-    assert make_plan(hw, m, PlanOptions(engine="auto")).engine == MAIN
-    # another CPU: nothing measured there, the prediction decides and says so
-    other = replace(hw, cpu=replace(hw.cpu, model="Some Other CPU"))
-    assert "predicted" in make_plan(other, m, PlanOptions(engine="auto")).reasons[0]
 
 
 def test_bench_output_with_fork_load_messages():

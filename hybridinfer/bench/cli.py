@@ -180,7 +180,7 @@ def _plan_file(args, parallel: int, console) -> str:
     """The plan `serve` and the engine bench share: --plan as given, or planned here for this box and saved."""
     import tempfile
 
-    from ..options import load_model, load_plan, probe_box
+    from ..options import calibrated_box, load_model, load_plan
     from ..plan import PlanOptions, make_plan
 
     if args.plan:
@@ -188,7 +188,7 @@ def _plan_file(args, parallel: int, console) -> str:
             raise HybridError("--plan fixes the model; --gguf cannot change it", "drop --gguf, or drop --plan")
         load_plan(args.plan)  # a bad file is one line here, not a failed serve later
         return args.plan
-    plan = make_plan(probe_box(), load_model(args), PlanOptions(parallel=min(parallel, 8), serving=True))
+    plan = make_plan(calibrated_box(), load_model(args), PlanOptions(parallel=min(parallel, 8), serving=True))
     fd, path = tempfile.mkstemp(prefix="hybridinfer-plan-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         f.write(dump_json(plan))

@@ -53,6 +53,7 @@ class Shape:
     ff_dense: int = 11008
     vocab: int = 102400
     ctx: int = 32768
+    q_lora: int = 0  # 0: attn_q as V2-Lite (llama.cpp reads it only at 27 blocks); else R1's attn_q_a/_b LoRA form
 
 
 # Type mixes, by tensor role. UD-IQ1_S: routed gate/up IQ1_S, routed down IQ1_S except the first ~10 % of MoE
@@ -78,9 +79,9 @@ class TensorSpec:
         return int(np.prod(self.shape)) // bs * ts
 
 
-def tensors(variant: str = "iq1_s", s: Shape = Shape()) -> list[TensorSpec]:
-    """Every tensor of the model, in file order."""
-    m = MIXES[variant]
+def tensors(variant: str | dict = "iq1_s", s: Shape = Shape()) -> list[TensorSpec]:
+    """Every tensor of the model, in file order (`variant`: a name in MIXES, or a mix of the same form)."""
+    m = MIXES[variant] if isinstance(variant, str) else variant
     n_moe = s.blocks - s.n_dense
     hi_down = max(1, round(n_moe * m["hi_down_frac"]))
     ff_sh = s.ff_exp * s.n_shared
@@ -90,7 +91,10 @@ def tensors(variant: str = "iq1_s", s: Shape = Shape()) -> list[TensorSpec]:
         out += [
             TensorSpec(p + "attn_norm.weight", (s.n_embd,), Q.F32),
             TensorSpec(p + "attn_kv_a_norm.weight", (s.kv_lora,), Q.F32),
-            TensorSpec(p + "attn_q.weight", (s.n_embd, s.n_head * (s.nope + s.rope)), m["attn"]),
+            *([TensorSpec(p + "attn_q_a_norm.weight", (s.q_lora,), Q.F32),
+               TensorSpec(p + "attn_q_a.weight", (s.n_embd, s.q_lora), m["attn"]),
+               TensorSpec(p + "attn_q_b.weight", (s.q_lora, s.n_head * (s.nope + s.rope)), m["attn"])] if s.q_lora else
+              [TensorSpec(p + "attn_q.weight", (s.n_embd, s.n_head * (s.nope + s.rope)), m["attn"])]),
             TensorSpec(p + "attn_kv_a_mqa.weight", (s.n_embd, s.kv_lora + s.rope), m["attn_hi"]),
             TensorSpec(p + "attn_k_b.weight", (s.nope, s.kv_lora, s.n_head), m["mla"]),
             TensorSpec(p + "attn_v_b.weight", (s.kv_lora, s.v_dim, s.n_head), m["mla"]),
@@ -131,17 +135,25 @@ _FP16_FIELDS = {
     Q.Q6_K: [(208, 1e-4)],  # d * int8 scale * (6-bit q - 32); scales narrowed below
     Q.IQ2_XXS: [(0, 4e-4)],  # d * (0.5 + 4-bit) / 4 * grid (8..43) * sign
     Q.IQ1_S: [(0, 3e-3)],  # d * (2 * 3-bit + 1) * (grid in -1..1 +- 1/8)
+    Q.Q4_0: [(0, 4e-3)],  # d * (4-bit q - 8)
+    Q.Q2_K: [(80, 1e-3), (82, 1e-3)],  # d * 4-bit scale * 2-bit q - dmin * 4-bit min
+    Q.MXFP4: [],  # an E8M0 byte, not fp16: set in _pool
 }
 _POOL_BLOCKS = 262_139  # a prime: the pool repeats out of step with every row and expert size
 
 
 def _pool(qtype: Q, rng: np.random.Generator) -> bytes:
     """A few MB of random blocks of one type with its scale fields set; tensors are cut from it."""
+    if qtype in (Q.F16, Q.BF16):  # plain floats: every value finite
+        v = (rng.standard_normal(_POOL_BLOCKS, dtype=np.float32) * 0.03)
+        return v.astype(np.float16).tobytes() if qtype == Q.F16 else (v.view(np.uint32) >> 16).astype(np.uint16).tobytes()
     _, ts = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(_POOL_BLOCKS, ts), dtype=np.uint8)
     for off, base in _FP16_FIELDS[qtype]:
         d = (base * rng.uniform(0.5, 1.5, _POOL_BLOCKS)).astype(np.float16)
         raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == Q.MXFP4:  # E8M0 block scale 2^(e-127): e near 121 keeps the 4-bit values (up to 6) below ~0.1
+        raw[:, 0] = rng.integers(119, 123, size=_POOL_BLOCKS, dtype=np.uint8)
     if qtype == Q.Q6_K:  # int8 sub-block scales in -32..31 rather than the full byte
         raw[:, 192:208] = rng.integers(-32, 32, size=(_POOL_BLOCKS, 16), dtype=np.int8).view(np.uint8)
     return raw.tobytes()
@@ -166,10 +178,10 @@ def _vocab(n: int) -> tuple[list[str], list[int], list[str]]:
     return vocab, types, merges
 
 
-def _header(path: str, variant: str, s: Shape, specs: list[TensorSpec]) -> None:
+def _header(path: str, name: str, s: Shape, specs: list[TensorSpec]) -> None:
     vocab, types, merges = _vocab(s.vocab)
     w = GGUFWriter(path, ARCH)
-    w.add_name(f"hybridinfer mid DeepSeek-V2-Lite-shaped benchmark model, {variant} mix (random weights)")
+    w.add_name(name)
     u = lambda k, v: w.add_uint32(f"{ARCH}.{k}", v)  # noqa: E731
     u("context_length", s.ctx)
     u("embedding_length", s.n_embd)
@@ -182,6 +194,8 @@ def _header(path: str, variant: str, s: Shape, specs: list[TensorSpec]) -> None:
     u("rope.dimension_count", s.rope)
     u("leading_dense_block_count", s.n_dense)
     u("attention.kv_lora_rank", s.kv_lora)
+    if s.q_lora:
+        u("attention.q_lora_rank", s.q_lora)
     u("attention.key_length", s.kv_lora + s.rope)
     u("attention.value_length", s.kv_lora)
     u("attention.key_length_mla", s.nope + s.rope)
@@ -212,24 +226,26 @@ def _header(path: str, variant: str, s: Shape, specs: list[TensorSpec]) -> None:
     w.close()
 
 
-def write_mid(path: str | os.PathLike, variant: str = "iq1_s", seed: int = 0, shape: Shape = Shape(),
-              data: bool = True) -> str:
+def write_mid(path: str | os.PathLike, variant: str | dict = "iq1_s", seed: int = 0, shape: Shape = Shape(),
+              data: bool = True, name: str | None = None) -> str:
     """Write the model to `path` (atomically: a temporary file renamed into place). `data=False` writes the
-    header and leaves the data region sparse (reads as zeros) — the full file layout without the GBs."""
-    if variant not in VARIANTS:
+    header and leaves the data region sparse (reads as zeros) — the full file layout without the GBs.
+    `variant`: a name in VARIANTS, or a mix dict of MIXES' form (calibration models)."""
+    if isinstance(variant, str) and variant not in VARIANTS:
         raise HybridError(f"unknown mid model variant '{variant}'", f"use one of {', '.join(VARIANTS)}")
     specs = tensors(variant, shape)
+    name = name or f"hybridinfer mid DeepSeek-V2-Lite-shaped benchmark model, {variant} mix (random weights)"
     path = str(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     need = sum(-(-t.nbytes // ALIGN) * ALIGN for t in specs)
     free = shutil.disk_usage(Path(path).parent).free
     if data and free < need + (1 << 28):
-        raise HybridError(f"not enough disk space for the mid model: it needs {need / 1e9:.1f} GB, "
+        raise HybridError(f"not enough disk space for {Path(path).name}: it needs {need / 1e9:.1f} GB, "
                           f"{Path(path).parent} has {free / 1e9:.1f} GB free",
                           "free some space or point HYBRIDINFER_CACHE at a bigger disk")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        _header(tmp, variant, shape, specs)
+        _header(tmp, name, shape, specs)
         rng = np.random.default_rng(seed)
         with open(tmp, "r+b") as f:
             f.seek(0, os.SEEK_END)
@@ -262,6 +278,30 @@ def _write_cut(f, pool: memoryview, nbytes: int, block: int, rng: np.random.Gene
         f.write(pool[pos:pos + n])
         nbytes -= n
         pos = 0
+
+
+# Models of other shapes and types, for checking predictions beyond R1's two mixes
+# (benchmarks/calibrated_vs_measured.py): few experts used per token, all Q4_0; and a dense-FFN-heavy one, all Q8_0.
+def _all(q: Q) -> dict:
+    return dict(experts=q, experts_down_hi=q, hi_down_frac=0.0, embd=q, attn=q, attn_hi=q, ffn=q, ffn_down=q, out=q,
+                mla=Q.Q8_0)
+
+
+OTHERS = {
+    "q4_0_few": (_all(Q.Q4_0), Shape(n_expert=32, n_used=2, n_shared=1)),  # ~4.8 GB, 2 of 32 experts per token
+    "q8_0_dense": (_all(Q.Q8_0), Shape(n_dense=13, n_expert=16, n_used=4, n_shared=1)),  # ~4.2 GB, 13 dense blocks
+}
+
+
+def ensure_other(name: str, force: bool = False) -> str:
+    """Path of one of OTHERS, writing it on first use."""
+    if name not in OTHERS:
+        raise HybridError(f"unknown benchmark model '{name}'", f"use one of {', '.join(OTHERS)}")
+    mix, shape = OTHERS[name]
+    path = cache_dir() / "models" / f"other-deepseek2-v{VERSION}-{name}.gguf"
+    if force or not path.exists():
+        write_mid(path, mix, shape=shape, name=f"hybridinfer {name} deepseek2 benchmark model (random weights)")
+    return str(path)
 
 
 def mid_path(variant: str = "iq1_s") -> Path:

@@ -235,6 +235,19 @@ class Engine:
         """Its benchmark tool on this box (None: it has none, or it is not installed)."""
         return None
 
+    # --- calibration (calibrate.py measures, predict.py uses) ----------------------------------------------
+    # Another engine whose calibrated figures apply to this one (the same kernels, e.g. an in-process wheel of the
+    # same tree); None: its own, if it has a benchmark tool.
+    calibrate_as: str | None = None
+
+    def calibration_variants(self) -> dict[str, dict]:
+        """The ways of running it that `calibrate` measures: key -> PlanOptions fields that select that way."""
+        return {self.name: {}}
+
+    def calibration_key(self, device_of: dict[str, str], streaming: bool, load_mode: str) -> str:
+        """The calibrated variant a placement runs as."""
+        return self.calibrate_as or self.name
+
     def parse_bench(self, stdout: str) -> list[dict]:
         """Its benchmark's output -> [{"test": "pp512"|"tg128", "tokens_per_s": ..., "stddev": ...}, ...]."""
         raise NotImplementedError

@@ -125,6 +125,13 @@ class IkLlamaCpp(LlamaCpp):
             cmd += ["--log-disable"]
         return cmd
 
+    def calibration_variants(self) -> dict[str, dict]:
+        # Both ways it runs: -rtr for CPU-only plans, mapped weights beside a GPU (repacked types have no CUDA kernels).
+        return {self.name: {"load_mode": "mmap"}, f"{self.name} -rtr": {}}
+
+    def calibration_key(self, device_of: dict[str, str], streaming: bool, load_mode: str) -> str:
+        return f"{self.name} -rtr" if _repacks(device_of, streaming, load_mode) else self.name
+
     def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
         if repacks(plan) and self.has_flag(binary, "-rtr"):
             return ["-rtr"]  # also turns mmap off (common.cpp), so the mmap flags below are not needed
@@ -152,9 +159,13 @@ class IkLlamaCpp(LlamaCpp):
 
 
 def repacks(plan: "Plan") -> bool:
+    return _repacks(plan.device_of, plan.streaming, plan.load_mode)
+
+
+def _repacks(device_of: dict[str, str], streaming: bool, load_mode: str) -> bool:
     """Run-time repacking applies when no tensor is on a GPU (repacked types have no CUDA kernels) and the weights
-    are read into RAM (repacking needs them there; a streaming plan relies on mmap)."""
-    return all(d == "cpu" for d in plan.device_of.values()) and not plan.streaming
+    are read into RAM (repacking needs them there; a streaming plan, or one asked to map them, relies on mmap)."""
+    return all(d == "cpu" for d in device_of.values()) and not streaming and load_mode != "mmap"
 
 
 def incompatible_mla(model: "ModelInfo") -> str:

@@ -43,6 +43,7 @@ class LlamaCppPython(Engine):
     distribution = "llama_cpp_python"
     install_hint = "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time)"
     prediction_params = LlamaCpp.prediction_params
+    calibrate_as = LlamaCpp.name  # the same tree and build flags: llama-bench's figures are its kernels'
     gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
     full_cpu_compute_buffer = LlamaCpp.full_cpu_compute_buffer
     compile = LlamaCpp.compile
