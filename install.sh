@@ -62,7 +62,8 @@ fi
 # ISA flags), with our patches from patches/<engine>/ applied (their contents are part of the key too).
 
 cpu_isa() {  # the instruction-set flags -march=native looks at, so a cache never serves another CPU's build
-  grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -E '^(avx|fma|f16c|bmi|sse4|amx|vnni)' | sort | tr '\n' ' '
+  # $1: a cpuinfo file other than this box's (tests/test_cpu_flags.py runs it on recorded CPUs)
+  grep -m1 '^flags' "${1:-/proc/cpuinfo}" 2>/dev/null | tr ' ' '\n' | grep -E '^(avx|fma|f16c|bmi|sse4|amx|vnni)' | sort | tr '\n' ' '
 }
 
 fetch_sdist() {  # $1 package, $2 version -> path of the cached sdist

@@ -98,7 +98,8 @@ def probe_legacy() -> EngineInfo:
 
 
 # --- kt-kernel -------------------------------------------------------------------------------------------
-# kt_kernel/_cpu_detect.py (kt-kernel 0.7.2): the first variant whose flags the CPU has all of, in this order.
+# kt_kernel/_cpu_detect.py (kt-kernel 0.7.2), detect_cpu_features: the first variant whose flags the CPU has all
+# of, in this order; none -> avx2.
 KT_KERNEL_VARIANTS = (
     ("amx", ("amx_tile", "amx_int8", "amx_bf16", "avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16")),
     ("avx512_bf16", ("avx512f", "avx512bw", "avx512_vnni", "avx512_vbmi", "avx512_bf16")),
@@ -110,8 +111,14 @@ KT_KERNEL_VARIANTS = (
 
 
 def kt_kernel_variant(flags) -> str:
-    """The CPU variant kt-kernel loads for these /proc/cpuinfo flags (its own detection, for profiles)."""
-    have = {f.lower() for f in flags} | {f.lower().replace("_", "") for f in flags}
+    """The CPU variant kt-kernel loads for these flags: the words of a /proc/cpuinfo `flags` line, or a profile's list.
+
+    The same test as its own detect_cpu_features (read from /proc/cpuinfo, not cpuid): the flags lower-cased, and a
+    flag it requires counts when the CPU lists it as written or with its underscores removed — the kernel writes
+    `avx512vbmi` where kt-kernel asks for `avx512_vbmi`, but `avx512_vnni`, `avx512_bf16` as asked. Its
+    KT_KERNEL_CPU_VARIANT override concerns the box it runs on; `probe` runs its own code there.
+    """
+    have = {f.lower() for f in flags}
     for name, need in KT_KERNEL_VARIANTS:
         if all(f in have or f.replace("_", "") in have for f in need):
             return name
