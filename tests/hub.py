@@ -5,9 +5,9 @@ ModelScope `GET /api/v1/models/{repo}/repo/files` (listing) and `GET /api/v1/mod
 (file, with Range); Hugging Face `GET /api/models/{repo}/revision/main`, `GET /api/models/{repo}/tree/{sha}`,
 `HEAD /{repo}/resolve/{sha}/{path}` (302 to storage with X-Linked-Size, like an LFS file) and the storage GET
 (with Range). Errors use each hub's shapes (ModelScope JSON `Code`/`Message`, Hugging Face `X-Error-Code`).
-Faults for the tests: a throttle, a connection dropped once mid-file, a listed file that 404s, a size that
-differs from the listing, a replica that serves damaged bytes to downloads only. Every request is logged with
-the bytes it was sent.
+Faults for the tests: a throttle, a download held mid-body until the test releases it, a connection dropped once
+mid-file, a listed file that 404s, a size that differs from the listing, a replica that serves damaged bytes to
+downloads only. Every request is logged with the bytes it was sent.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ class Hub:
         self.missing: set[str] = set()  # listed, but downloading it answers 404
         self.size_lie: dict[str, int] = {}  # path -> size the listing claims
         self.drop_once: dict[str, int] = {}  # path -> close the connection after this many body bytes, once
+        # path -> hold a download's body after this many bytes (once) until release(): an interruption then lands
+        # mid-file however fast this machine is; `held` is set once those bytes are sent
+        self.hold_once: dict[str, int] = {}
+        self.held = threading.Event()
+        self._release = threading.Event()
         self.no_sha: set[str] = set()
         self.flaky: set[str] = set()  # header reads get the true bytes, downloads a damaged copy (a bad replica)
         self._sha: dict[Path, str] = {}
@@ -45,7 +50,12 @@ class Hub:
         """Serve every file under root as repository `repo` (paths relative to root)."""
         self.repos[repo] = {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
 
+    def release(self) -> None:
+        """Let a held download go on (to a client still reading it)."""
+        self._release.set()
+
     def close(self):
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 
@@ -195,7 +205,9 @@ def _handler(hub: Hub):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            drop = hub.drop_once.pop(rel, None) if not m or not m.group(2) else None  # downloads, not header reads
+            download = not m or not m.group(2)  # whole file or resume (`bytes=N-`), not a header read
+            drop = hub.drop_once.pop(rel, None) if download else None
+            hold = hub.hold_once.pop(rel, None) if download else None
             with open(p, "rb") as f:
                 f.seek(start)
                 left = end - start + 1
@@ -205,6 +217,8 @@ def _handler(hub: Hub):
                     n = min(chunk, left)
                     if drop is not None and entry["sent"] + n > drop:
                         n = drop - entry["sent"]
+                    if hold is not None and entry["sent"] + n > hold:
+                        n = hold - entry["sent"]
                     data = f.read(n)
                     if rel in hub.flaky and not (m and m.group(2)) and entry["sent"] == 0 and start == 0:
                         data = b"GGUX" + data[4:]
@@ -219,6 +233,11 @@ def _handler(hub: Hub):
                         self.wfile.flush()
                         self.connection.shutdown(2)  # a lost connection mid-body
                         return
+                    if hold is not None and entry["sent"] >= hold:
+                        hold = None
+                        hub.held.set()
+                        hub._release.wait(600)  # the client may leave meanwhile: the next write then fails
+                        t0 = time.monotonic() - entry["sent"] / hub.rate if hub.rate else t0
                     if hub.rate:
                         wait = t0 + entry["sent"] / hub.rate - time.monotonic()
                         if wait > 0:
