@@ -25,14 +25,18 @@ from .calibration import Calibration, EngineRates
 from .demo import calib as calib_models
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, inspect
-from .predict import PREFILL_EXPERT_BATCH_N0, frac
+from .predict import PREFILL_EXPERT_BATCH_N0, frac, in_prefill
 from .probe import HardwareProfile
 
-N_PROMPT = 256  # one ubatch (llama-bench's default -ub 512): 24 tokens per expert in the calibration models
-N_GEN = 32
-REPS = 2
+N_PROMPT = 256  # one ubatch (llama-bench default -ub 512): 64 tokens per expert in the calibration models
+N_GEN = 64
+REPS = 3
 BUSY_SHARE = 0.15  # other processes' CPU share above which a calibration is reported as made on a busy box
 RUN_TIMEOUT_S = 180
+# The expert-batch term of prefill (predict.PREFILL_EXPERT_BATCH_N0) is fitted per engine from one type's model
+# prompted at two batch sizes: 64 and 16 tokens per expert.
+N0_TYPE = "Q4_K"
+SMALL_UB = 64
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,14 @@ class BusyMeter:
         self.other_share = max(0.0, other / max(1e-9, self.wall * (os.cpu_count() or 1)))
 
 
-def _bench(engine, hw: HardwareProfile, model_path: str, variant: dict, threads: int) -> tuple[float | None, float | None, str]:
+def _bench(engine, hw: HardwareProfile, model_path: str, variant: dict, threads: int, n_gen: int = N_GEN,
+           extra: tuple = ()) -> tuple[float | None, float | None, str]:
     from .plan import PlanOptions, make_plan
 
     model = inspect(model_path)
     opts = PlanOptions(engine=engine.name, rules="cpu-only", threads=threads, ctx=4096, **variant)
     plan = make_plan(hw, model, opts)
-    argv = engine.bench_command(plan, n_prompt=N_PROMPT, n_gen=N_GEN, repetitions=REPS)
+    argv = engine.bench_command(plan, n_prompt=N_PROMPT, n_gen=n_gen, repetitions=REPS) + list(extra)
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -94,72 +99,108 @@ def _bench(engine, hw: HardwareProfile, model_path: str, variant: dict, threads:
         rows = engine.parse_bench(out.stdout)
     except (ValueError, KeyError) as e:
         return None, None, f"unreadable benchmark output ({e})"
-    pp = next((r["tokens_per_s"] for r in rows if r["test"].startswith("pp")), None)
-    tg = next((r["tokens_per_s"] for r in rows if r["test"].startswith("tg")), None)
+    # Best of the repetitions, as the bandwidth kernel keeps its best pass: a shared box only ever slows a run down.
+    pp = next((r.get("best_tokens_per_s", r["tokens_per_s"]) for r in rows if r["test"].startswith("pp")), None)
+    tg = next((r.get("best_tokens_per_s", r["tokens_per_s"]) for r in rows if r["test"].startswith("tg")), None)
     return pp, tg, ""
 
 
-def _weights(model: ModelInfo) -> tuple[int, dict[str, float], dict[str, float]]:
-    """(blocks, weights touched per token by type: dense part, routed-expert part)."""
+def _weights(model: ModelInfo, prefill: bool = False) -> tuple[int, dict[str, float], dict[str, float]]:
+    """(blocks, weights touched per token by type: dense part, routed-expert part), per generated token or, with
+    `prefill`, per prompt token (predict.in_prefill)."""
     dense: dict[str, float] = {}
     experts: dict[str, float] = {}
     for t in model.tensors:
         if len(t.shape) < 2 or t.type == "F32":  # norms and the F32 router: part of the per-block cost
+            continue
+        if prefill and not in_prefill(model, t):
             continue
         d = experts if t.cls == "routed_experts" else dense
         d[t.type] = d.get(t.type, 0.0) + t.n_elements * frac(model, t.cls)
     return model.block_count, dense, experts
 
 
-def solve(runs: dict[str, Run], models: dict[str, ModelInfo], per_expert: float) -> tuple[dict, dict, float, float, dict]:
-    """Per-type costs from the runs: (decode_ns, prefill_ns, block_decode_us, block_prefill_us, failed).
+def solve(runs: dict[str, Run], models: dict[str, ModelInfo], per_expert: float,
+          n0: float = PREFILL_EXPERT_BATCH_N0) -> dict:
+    """Per-type costs from the runs -> {"decode_ns", "prefill_ns", "block_decode_us", "block_prefill_us",
+    "dense_decode", "dense_prefill", "failed"}.
 
-    Every calibration model is B blocks of per-block work plus its weights: t = B * blk + sum_type W_type * c_type.
-    The base and Q8_0 models (all Q8_0, different expert widths) fix blk and c_Q8_0; each other type's model then
-    has one unknown. Prefill the same, with routed-expert weights weighted by the expert-batch term of the batch
-    they were measured at (predict.PREFILL_EXPERT_BATCH_N0), so the stored figure is the saturated one."""
-    g = 1 + PREFILL_EXPERT_BATCH_N0 / max(1.0, per_expert)
-    failed = {k: r.error for k, r in runs.items() if r.error}
-    decode, prefill = {}, {}
-    blk = {"decode": 0.0, "prefill": 0.0}
-    for kind, out in (("decode", decode), ("prefill", prefill)):
+    Every calibration model is B blocks of per-block work plus its weights: t = B * blk + sum over its weights of
+    their cost, a routed-expert weight of type T costing c_T and any other (attention, shared expert, dense FFN,
+    output) c_T * f: engines run dense matrix products (mul_mat) and expert ones (mul_mat_id) with different
+    efficiency. The three all-Q8_0 models — base (tiny experts), Q8_0 (large experts), dense (large dense FFN) —
+    fix blk, c_Q8_0 and f; each other type's model then has one unknown. Prefill the same, routed-expert weights
+    weighted by the expert-batch term of the batch they were measured at, so the stored figure is the saturated one."""
+    import numpy as np
+
+    g = 1 + n0 / max(1.0, per_expert)
+    out = {"decode_ns": {}, "prefill_ns": {}, "block_decode_us": 0.0, "block_prefill_us": 0.0, "dense_decode": 1.0,
+           "dense_prefill": 1.0, "failed": {k: r.error for k, r in runs.items() if r.error}}
+    for kind in ("decode", "prefill"):
+        costs = out[f"{kind}_ns"]
+
         def t_of(name):
             r = runs.get(name)
             v = r and (r.decode_tps if kind == "decode" else r.prefill_tps)
             return 1 / v if v else None
 
-        def w_of(name):
-            B, dense, exp = _weights(models[name])
+        def parts(name):  # (blocks, dense weights by type, expert weights by type, batch-weighted for prefill)
+            B, dense, exp = _weights(models[name], prefill=kind == "prefill")
             scale = 1.0 if kind == "decode" else g
-            w = dict(dense)
-            for t, x in exp.items():
-                w[t] = w.get(t, 0.0) + x * scale
-            return B, w
+            return B, dense, {t: x * scale for t, x in exp.items()}
 
-        tb, t8 = t_of("base"), t_of("Q8_0")
+        tb, t8, td = t_of("base"), t_of("Q8_0"), t_of("dense")
         if tb is None or t8 is None:
             continue
-        Bb, wb = w_of("base")
-        B8, w8 = w_of("Q8_0")
-        # Two equations: tb = Bb*x + wb8*c8 and t8 = B8*x + w88*c8.
-        a, b, c, d = Bb, wb.get("Q8_0", 0.0), B8, w8.get("Q8_0", 0.0)
-        det = a * d - b * c
-        x = (tb * d - b * t8) / det if det else 0.0
-        c8 = (t8 - B8 * x) / d if d else 0.0
-        if x < 0 or c8 <= 0:  # noise the two runs cannot separate: all of it to the weights
-            x, c8 = 0.0, t8 / d
-        out["Q8_0"] = c8 * 1e9
-        blk[kind] = x * 1e6
+        rows, ts = [], []
+        for name, t in (("base", tb), ("Q8_0", t8), ("dense", td)):
+            if t is None or name not in models:
+                continue
+            B, dense, exp = parts(name)
+            rows.append([B, exp.get("Q8_0", 0.0), dense.get("Q8_0", 0.0)])
+            ts.append(t)
+        x = c8 = u = None
+        if len(rows) == 3:
+            try:
+                x, c8, u = np.linalg.solve(np.array(rows), np.array(ts))
+            except np.linalg.LinAlgError:
+                x = None
+        if x is None or x < 0 or c8 <= 0 or u <= 0:  # no dense run, or noise it cannot separate: f = 1
+            a, b = rows[0][0], rows[0][1] + rows[0][2]
+            c, d = rows[1][0], rows[1][1] + rows[1][2]
+            det = a * d - b * c
+            x = (ts[0] * d - b * ts[1]) / det if det else 0.0
+            c8 = (ts[1] - c * x) / d if d else 0.0
+            if x < 0 or c8 <= 0:  # all of it to the weights
+                x, c8 = 0.0, ts[1] / d
+            u = c8
+        f = u / c8
+        costs["Q8_0"] = c8 * 1e9
+        out[f"block_{kind}_us"] = x * 1e6
+        out[f"dense_{kind}"] = f
         for name in runs:
-            if name in ("base", "Q8_0"):
+            if name in ("base", "Q8_0", "dense") or t_of(name) is None:
                 continue
-            tt = t_of(name)
-            if tt is None:
-                continue
-            B, w = w_of(name)
-            rest = tt - B * x - w.get("Q8_0", 0.0) * c8
-            out[name] = max(rest, 0.05 * tt) / w[name] * 1e9  # a floor: noise must not make a type free
-    return decode, prefill, blk["decode"], blk["prefill"], failed
+            B, dense, exp = parts(name)
+            rest = t_of(name) - B * x - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8
+            w = exp.get(name, 0.0) + dense.get(name, 0.0) * f
+            costs[name] = max(rest, 0.05 * t_of(name)) / w * 1e9  # a floor: noise must not make a type free
+    return out
+
+
+def fit_n0(pp_big: float, pp_small: float, model: ModelInfo, sol: dict, n_big: float, n_small: float) -> float:
+    """N0 of `expert cost x (1 + N0 / tokens per expert)` from one model prompted at two batch sizes: the part of a
+    prompt token's time that is not the routed experts (blocks, dense weights: `sol`'s figures) is taken as equal in
+    both, the experts' part grows by (1 + N0/n_small) / (1 + N0/n_big)."""
+    B, dense, _ = _weights(model, prefill=True)
+    fixed = B * sol["block_prefill_us"] * 1e-6 + sum(
+        w * sol["prefill_ns"].get(t, 0.0) * 1e-9 * sol["dense_prefill"] for t, w in dense.items())
+    e_big, e_small = 1 / pp_big - fixed, 1 / pp_small - fixed
+    if e_big <= 0 or e_small <= e_big:
+        return 0.0
+    r = e_small / e_big
+    den = 1 / n_small - r / n_big
+    return max(0.0, min(200.0, (r - 1) / den)) if den > 0 else 200.0
 
 
 def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, progress=None) -> Calibration:
@@ -179,8 +220,8 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
     if engine_names and not todo:
         raise HybridError(f"no installed engine with a benchmark tool among {', '.join(engine_names)}",
                           "run ./install.sh, or drop --engine")
-    names = ["base", "Q8_0", *[t for t in types if t != "Q8_0"]]
-    total = 1 + len(names) + len(todo) * len(names)
+    names = ["base", "dense", "Q8_0", *[t for t in types if t != "Q8_0"]]
+    total = 1 + len(names) + len(todo) * (len(names) + (N0_TYPE in names))
     done = 0
 
     def step(what):
@@ -190,33 +231,47 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
             progress(done, total, what)
 
     t0 = time.monotonic()
-    with BusyMeter() as meter:
-        bw = bandwidth.measure(threads)
-        step(f"memory bandwidth {bw.gbs:g} GB/s")
-        paths, models = {}, {}
+    bw = bandwidth.measure(threads)
+    step(f"memory bandwidth {bw.gbs:g} GB/s")
+    paths, models = {}, {}
+    for n in names:
+        paths[n] = calib_models.ensure(n)
+        models[n] = inspect(paths[n])
+        step(f"model {n}")
+    os.sync()  # the kernel's write-back of those files must not compete with the measurements
+    out, other, wall = [], 0.0, 0.0
+    for e, key, variant in todo:
+        runs = {}
         for n in names:
-            paths[n] = calib_models.ensure(n)
-            models[n] = inspect(paths[n])
-            step(f"model {n}")
-        out = []
-        for e, key, variant in todo:
-            runs = {}
-            for n in names:
+            with BusyMeter() as meter:
                 pp, tg, err = _bench(e, cpu_hw, paths[n], variant, threads)
-                runs[n] = Run(n, pp, tg, err)
-                step(f"{key} {n}: " + (err or f"pp {pp:.1f} / tg {tg:.1f} tok/s"))
-            m = models["base"]
-            per_expert = N_PROMPT * m.expert_used_count / m.expert_count
-            dec, pre, blk, blk_pre, failed = solve(runs, models, per_expert)
-            if not dec:
-                failed = failed or {"base": "no run succeeded"}
-            out.append(EngineRates(key=key, engine=e.name, build=calibration.build_fingerprint(e.bench_binary_path()),
-                                   threads=threads, decode_ns=_r(dec), prefill_ns=_r(pre), block_decode_us=round(blk, 2),
-                                   block_prefill_us=round(blk_pre, 3),
-                                   failed=failed))
+            other, wall = other + meter.other_share * meter.wall, wall + meter.wall
+            runs[n] = Run(n, pp, tg, err)
+            step(f"{key} {n}: " + (err or f"pp {pp:.1f} / tg {tg:.1f} tok/s"))
+        m = models["base"]
+        per_expert = N_PROMPT * m.expert_used_count / m.expert_count
+        sol = solve(runs, models, per_expert)
+        n0 = PREFILL_EXPERT_BATCH_N0
+        if N0_TYPE in names and runs[N0_TYPE].prefill_tps and sol["prefill_ns"]:
+            small, _, err = _bench(e, cpu_hw, paths[N0_TYPE], variant, threads, n_gen=0, extra=("-ub", str(SMALL_UB)))
+            step(f"{key} {N0_TYPE} at ubatch {SMALL_UB}: " + (err or f"pp {small:.1f} tok/s"))
+            if small:
+                n0 = fit_n0(runs[N0_TYPE].prefill_tps, small, models[N0_TYPE], sol, per_expert,
+                            per_expert * SMALL_UB / N_PROMPT)
+                sol = solve(runs, models, per_expert, n0)
+        failed = sol["failed"] if sol["decode_ns"] else (sol["failed"] or {"base": "no run succeeded"})
+        out.append(EngineRates(key=key, engine=e.name, build=calibration.build_fingerprint(e.bench_binary_path()),
+                               threads=threads, decode_ns=_r(sol["decode_ns"]), prefill_ns=_r(sol["prefill_ns"]),
+                               block_decode_us=round(sol["block_decode_us"], 2),
+                               block_prefill_us=round(sol["block_prefill_us"], 3),
+                               dense_decode=round(sol["dense_decode"], 3), dense_prefill=round(sol["dense_prefill"], 3),
+                               prefill_n0=round(n0, 2), failed=failed))
+    for n in names:  # ~3.6 GB: written again in seconds when needed, so not kept beside the user's models
+        calib_models.path_for(n).unlink(missing_ok=True)
     busy = ""
-    if meter.other_share > BUSY_SHARE:
-        busy = (f"other processes used {meter.other_share:.0%} of the CPU during calibration: figures may be low; "
+    share = other / wall if wall else 0.0
+    if share > BUSY_SHARE:
+        busy = (f"other processes used {share:.0%} of the CPU during calibration: figures may be low; "
                 "run `hybridinfer calibrate --force` on a quiet box")
     per_expert = N_PROMPT * calib_models.SHAPE.n_used / calib_models.SHAPE.n_expert
     return Calibration(box=calibration.box_key(hw), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -302,11 +357,12 @@ def current(cal: Calibration | None, hw: HardwareProfile) -> Calibration | None:
 # --- the command ------------------------------------------------------------------------------------
 
 def cmd_calibrate(args) -> int:
-    """Measure this box once for the planner: memory bandwidth, and each installed engine's decode and prefill cost
-    per weight type (its own benchmark on generated calibration models, ~2-3 min on 2 cores).
+    """Measure this box once for the planner: bandwidth and each engine's decode/prefill cost per weight type.
 
-    Stored in the cache per box and engine build; `plan`, `serve`, `bench` and `tune` run it on first use and
-    predict this box's speed and choose its engine from it. `--force` measures again.
+    Runs each installed engine's own benchmark on generated calibration models (one weight type each), at the
+    box's physical-core thread count, and the memory-bandwidth kernel: ~1.5 min on 2 cores. Stored in the cache
+    per box and engine build; `plan`, `serve`, `bench` and `tune` run it on first use and predict this box's speed
+    and choose its engine from it. `--force` measures again.
     """
     import json as _json
 

@@ -52,6 +52,13 @@ class EngineRates:
     prefill_ns: dict[str, float]  # weight type -> ns per weight per prompt token at a saturated batch
     block_decode_us: float  # per block per generated token, besides its weights (attention, routing, thread syncs)
     block_prefill_us: float = 0.0  # the same per prompt token
+    # A weight outside the routed experts (attention, shared expert, dense FFN, output: matrix products rather than
+    # the experts' indexed ones) costs its type's figure times this.
+    dense_decode: float = 1.0
+    dense_prefill: float = 1.0
+    # Routed experts prefill at their saturated cost x (1 + prefill_n0 / tokens each expert sees in a batch); the
+    # default is predict.PREFILL_EXPERT_BATCH_N0, fitted on an AVX2 EPYC, until this box fits its own.
+    prefill_n0: float = 12.0
     token_us: float = 0.0  # per generated token outside the blocks (sampling, serving), where measured
     failed: dict[str, str] = field(default_factory=dict)  # weight type -> why it could not be measured
 

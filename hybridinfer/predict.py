@@ -1,8 +1,9 @@
 """Throughput prediction for a placement: decode from bytes touched per token on each device divided by that
-device's bandwidth (plus compute, PCIe crossings and page-cache misses), prefill from compute.
+device's bandwidth (plus compute, PCIe crossings and page-cache misses), prefill from compute. On a calibrated box
+(calibration.py) the CPU side is instead the sum of its measured per-type costs.
 
-The constants are calibrated against published figures (README: "Prediction vs published"); every one is here,
-named, with the reason for its value.
+The constants are fitted to published figures (docs/planning.md: "Prediction vs published figures"); every one is
+here, named, with the reason for its value.
 """
 
 from __future__ import annotations
@@ -118,12 +119,21 @@ def frac(model: ModelInfo, cls: str) -> float:
     return 1.0
 
 
+def in_prefill(model: ModelInfo, t) -> bool:
+    """Whether a tensor works on every prompt token. llama.cpp-family engines compute logits only for the tokens
+    that need them and cut the last block's rows to those before its FFN (`inp_out_ids`), so the output layer and the
+    last block's FFN see one token of a prompt."""
+    if t.cls == "output":
+        return False
+    return not (t.block == model.block_count - 1 and t.cls in ("dense_ffn", "shared_experts", "routed_experts", "router"))
+
+
 def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRates, cores: int,
                    ubatch: int) -> tuple[float, float, float] | None:
     """Seconds per token of the CPU-resident weights from this box's calibration: (decode, of which routed
     experts, prefill per prompt token). None when a type on the CPU has no figure at all."""
     per_expert = ubatch * model.expert_used_count / model.expert_count if model.expert_count else ubatch
-    batch_cost = 1 + PREFILL_EXPERT_BATCH_N0 / max(1.0, per_expert)
+    batch_cost = 1 + rates.prefill_n0 / max(1.0, per_expert)
     dec = dec_exp = pre = 0.0
     blocks = set()
     for t in model.tensors:
@@ -137,10 +147,15 @@ def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRat
         if d is None or p is None:
             return None
         w = t.n_elements * frac(model, t.cls)
-        dec += w * d
         if t.cls == "routed_experts":
+            dec += w * d
             dec_exp += w * d
-        pre += w * p * (batch_cost if t.cls == "routed_experts" else 1.0)
+            if in_prefill(model, t):
+                pre += w * p * batch_cost
+        else:
+            dec += w * d * rates.dense_decode
+            if in_prefill(model, t):
+                pre += w * p * rates.dense_prefill
     # Fewer threads than calibrated: the kernels are compute-bound on these boxes, time grows with fewer cores.
     scale = max(1.0, rates.threads / max(1, cores))
     dec = (dec * 1e-9 + len(blocks) * rates.block_decode_us * 1e-6) * scale

@@ -107,7 +107,9 @@ def render_plan(plan, compare=None) -> None:
         t.add_row(d.device, d.label[:24], _g(d.weights), _g(d.kv_cache), _g(d.compute), _g(d.runtime),
                   f"[bold]{_g(d.total)}[/]", _g(d.capacity), holds or "-")
     console.print(t)
-    console.print(f"[bold]Predicted[/]: decode [bold green]{p.decode_tps:g} tok/s[/] "
+    label = {"calibrated": "Predicted from this box's calibration",
+             "calibrated CPU, predicted GPU": "Predicted (CPU side from this box's calibration)"}.get(p.source, "Predicted")
+    console.print(f"[bold]{label}[/]: decode [bold green]{p.decode_tps:g} tok/s[/] "
                   f"({p.fraction_of_limit:.0%} of this placement's {p.decode_limit_tps:g} tok/s bandwidth limit; bound by {p.bound}), "
                   f"prefill ~{p.prefill_tps:g} tok/s")
     for n in p.notes:

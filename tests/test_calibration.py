@@ -29,17 +29,18 @@ def calib_models(tmp_path_factory):
     """The calibration models' headers (sparse files: the layout without the data)."""
     d = tmp_path_factory.mktemp("calib")
     out = {}
-    for name in ("base", *TYPES):
+    for name in ("base", "dense", *TYPES):
         shape = replace(calib.SHAPE, blocks=calib.BASE_BLOCKS, ff_exp=calib.BASE_FF) if name == "base" else \
-            replace(calib.SHAPE, blocks=calib.blocks_for(name))
-        q = "Q8_0" if name == "base" else name
+            replace(calib.SHAPE, blocks=4, n_dense=3, ff_dense=calib.DENSE_FF, ff_exp=calib.BASE_FF) if name == "dense" \
+            else replace(calib.SHAPE, blocks=calib.blocks_for(name))
+        q = "Q8_0" if name in ("base", "dense") else name
         out[name] = inspect(mid.write_mid(d / f"{name}.gguf", calib._mix(mid.Q[q]), shape=shape, data=False))
     return out
 
 
-def _time(model, blk, cost, g=1.0):
-    B, dense, exp = _weights(model)
-    return B * blk + sum(w * cost[t] for t, w in dense.items()) + sum(w * g * cost[t] for t, w in exp.items())
+def _time(model, blk, cost, g=1.0, prefill=False, f=1.0):
+    B, dense, exp = _weights(model, prefill)
+    return B * blk + sum(w * cost[t] * f for t, w in dense.items()) + sum(w * g * cost[t] for t, w in exp.items())
 
 
 def test_solve_recovers_the_costs_it_was_given(calib_models):
@@ -49,26 +50,33 @@ def test_solve_recovers_the_costs_it_was_given(calib_models):
     blk = 80e-6
     per_expert = 24.0
     g = 1 + 12.0 / per_expert
-    runs = {n: Run(n, 1 / _time(m, 7e-6, pre, g), 1 / _time(m, blk, dec)) for n, m in calib_models.items()}
-    d, p, b, bp, failed = solve(runs, calib_models, per_expert)
-    assert failed == {} and b == pytest.approx(80.0, rel=1e-6) and bp == pytest.approx(7.0, rel=1e-6)
+    runs = {n: Run(n, 1 / _time(m, 7e-6, pre, g, prefill=True, f=0.5), 1 / _time(m, blk, dec, f=0.8))
+            for n, m in calib_models.items()}
+    sol = solve(runs, calib_models, per_expert)
+    assert sol["failed"] == {} and sol["block_decode_us"] == pytest.approx(80.0, rel=1e-6)
+    assert sol["block_prefill_us"] == pytest.approx(7.0, rel=1e-6)
+    assert sol["dense_decode"] == pytest.approx(0.8, rel=1e-6) and sol["dense_prefill"] == pytest.approx(0.5, rel=1e-6)
     for t in TYPES:
-        assert d[t] == pytest.approx(dec[t] * 1e9, rel=1e-6)
-        assert p[t] == pytest.approx(pre[t] * 1e9, rel=1e-6)
+        assert sol["decode_ns"][t] == pytest.approx(dec[t] * 1e9, rel=1e-6)
+        assert sol["prefill_ns"][t] == pytest.approx(pre[t] * 1e9, rel=1e-6)
+    # without the dense model's run the split is not known: dense weights cost what experts do
+    del runs["dense"]
+    assert solve(runs, calib_models, per_expert)["dense_decode"] == 1.0
 
 
 def test_solve_keeps_what_failed_and_skips_it(calib_models):
     runs = {n: Run(n, 100.0, 10.0) for n in calib_models}
     runs["BF16"] = Run("BF16", None, None, "exit 1: unknown type")
-    d, p, _, _, failed = solve(runs, calib_models, 24.0)
-    assert failed == {"BF16": "exit 1: unknown type"} and "BF16" not in d and "IQ1_S" in d
+    sol = solve(runs, calib_models, 24.0)
+    assert sol["failed"] == {"BF16": "exit 1: unknown type"} and "BF16" not in sol["decode_ns"] and "IQ1_S" in sol["decode_ns"]
 
 
 def _rates(key, engine, decode_scale=1.0, build="b1"):
     return EngineRates(key=key, engine=engine, build=build, threads=2,
                        decode_ns={"Q8_0": 0.3 * decode_scale, "IQ1_S": 0.9 * decode_scale, "Q4_K": 0.25 * decode_scale,
                                   "Q6_K": 0.3 * decode_scale},
-                       prefill_ns={"Q8_0": 0.01, "IQ1_S": 0.03, "Q4_K": 0.012, "Q6_K": 0.015}, block_decode_us=50.0)
+                       prefill_ns={"Q8_0": 0.01, "IQ1_S": 0.03, "Q4_K": 0.012, "Q6_K": 0.015}, block_decode_us=50.0,
+                       dense_decode=0.9)
 
 
 def _cal(hw, *rates, busy=""):
@@ -90,7 +98,7 @@ def test_prediction_is_the_sum_of_measured_costs(tiny_model, box):
     pred = p.prediction
     assert pred.source == "calibrated" and pred.source_detail == f"{MAIN}, 2 threads"
     ns = sum(t.n_elements * (m.expert_used_count / m.expert_count if t.cls == "routed_experts" else
-                             1 / m.vocab_size if t.cls == "token_embd" else 1.0) * r.decode_cost(t.type)
+                             (1 / m.vocab_size if t.cls == "token_embd" else 1.0) * r.dense_decode) * r.decode_cost(t.type)
              for t in m.tensors if len(t.shape) >= 2 and t.type != "F32")
     blocks = len({t.block for t in m.tensors if t.block is not None})
     weights_s = ns * 1e-9 + blocks * 50e-6

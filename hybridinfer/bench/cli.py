@@ -289,7 +289,7 @@ def register(sub, add, plan_args) -> None:
     g.add_argument("--completions", action="store_true", help="use /v1/completions")
     p.add_argument("--api-key", metavar="K", help="Bearer key (env OPENAI_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout (default: 600)")
-    p.add_argument("--json", metavar="OUT", help="write every figure and raw sample as JSON (schema in the README)")
+    p.add_argument("--json", metavar="OUT", help="write every figure and raw sample as JSON (schema: docs/benchmarking.md)")
     p.add_argument("--plot", metavar="OUT.png", help="plot throughput and latency percentiles vs concurrency")
     p.add_argument("--engine-bench", action="store_true", help="also run the engine's own benchmark tool (llama-bench) with the plan's placement (pp/tg)")
     p.add_argument("--engine-bench-prompt", type=int, default=512, metavar="N", help="engine benchmark prompt length (default: 512)")

@@ -122,7 +122,7 @@ class Engine:
     # resident too (counted in the CPU memory figure when the file is mapped).
     repacked_types: frozenset[str] = frozenset()
     prediction_params: PredictionParams = PredictionParams()
-    install_hint: str = "see the README"
+    install_hint: str = "see docs/engines.md"
     plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions
     probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
 

@@ -282,5 +282,6 @@ def parse_bench(stdout: str) -> list[dict]:
     for r in rows:
         test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
         out.append({"test": test, "tokens_per_s": r["avg_ts"], "stddev": r.get("stddev_ts", 0.0),
+                    "best_tokens_per_s": max(r.get("samples_ts") or [r["avg_ts"]]),
                     "n_threads": r.get("n_threads"), "backends": r.get("backends")})
     return out

@@ -166,7 +166,7 @@ def passive_env(env: dict | None = None) -> dict:
     """The environment for an engine or worker sharing cores with the other: OpenMP threads that sleep instead of
     spinning between parallel regions (llama.cpp's build uses OpenMP). Measured on this project's 2-core box, tiny
     demo model, attention on a loopback worker and experts on the CPU: 70.6 tok/s with the engine spinning, 184.8
-    with both passive (benchmarks: README, Devices). A value already set is kept."""
+    with both passive (docs/devices.md). A value already set is kept."""
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_WAIT_POLICY", "passive")
     return env
