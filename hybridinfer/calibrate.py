@@ -318,13 +318,21 @@ def ensure(hw: HardwareProfile, force: bool = False, auto: bool = True, quiet: b
         print(f"hybridinfer: calibrating this box once (~2-3 min; `hybridinfer calibrate` refreshes it, "
               f"--no-calibrate skips it){': new engine builds ' + ', '.join(stale) if cal and stale else ''}",
               file=sys.stderr)
-    new = calibrate(hw, engine_names=stale if cal else None, progress=None if quiet else bar)
+    try:
+        new = calibrate(hw, engine_names=stale if cal else None, progress=None if quiet else bar)
+    except (HybridError, OSError, subprocess.SubprocessError, ValueError) as e:  # never a reason not to plan
+        print(f"\nhybridinfer: calibration failed ({e}); predicting without it — `hybridinfer calibrate` retries",
+              file=sys.stderr)
+        return current(cal, hw)
     if not quiet:
         sys.stderr.write("\n")
     if cal:  # engines not measured now keep their figures
         keep = [r for r in current(cal, hw).engines if r.key not in {x.key for x in new.engines}]
         new = replace(new, engines=keep + list(new.engines))
-    calibration.save(new)
+    try:
+        calibration.save(new)
+    except OSError as e:  # a full disk: use it this once, say why it is not kept
+        print(f"hybridinfer: could not store the calibration ({e}); it is measured again next time", file=sys.stderr)
     return new
 
 

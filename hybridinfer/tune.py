@@ -272,6 +272,7 @@ def cmd_tune(args) -> int:
     from rich.console import Console
 
     from .options import calibrated_box, load_model, plan_options
+    from .tuned import model_identity, tuned_path
     from .util import atomic_write, cache_dir
 
     budget = parse_budget(args.budget)
@@ -304,8 +305,6 @@ def cmd_tune(args) -> int:
     report["model"] = model_identity(best.plan.model_path)
     report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc = plan_document(best.plan, report)
-    from .tuned import model_identity, tuned_path
-
     out = args.output or str(tuned_path(best.plan.model_path))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(doc, indent=2) + "\n")

@@ -224,3 +224,15 @@ def test_serve_reuses_the_tuned_plan_for_this_model_on_this_box(tiny_model, tmp_
     os.utime(tiny_model, (1, 1))
     assert "measured fastest" not in plan_from_args(args, serving=True)[0].reasons[0]
     assert model.paths[0] == tiny_model
+
+
+def test_a_failed_calibration_never_stops_a_plan(box, monkeypatch, capsys):
+    import hybridinfer.calibrate as cal_mod
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.delenv("HYBRIDINFER_NO_CALIBRATE")
+    monkeypatch.setattr(cal_mod, "calibrate", boom)
+    monkeypatch.setattr(cal_mod, "stale_engines", lambda cal, hw: [MAIN])
+    assert ensure(box) is None
+    assert "calibration failed" in capsys.readouterr().err
