@@ -132,20 +132,6 @@ def numpy_sum(threads: int, mib_per_thread: int = 256, reps: int = 6) -> float:
     return best
 
 
-def numpy_copy_single(mib: int = 256, reps: int = 6) -> float:
-    """The naive measurement, for comparison: bytes read by one numpy copy per second."""
-    import numpy as np
-
-    src = np.ones((mib << 20) // 8)
-    dst = np.empty_like(src)
-    best = 0.0
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = max(best, src.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def measure(threads: int | None = None) -> Bandwidth:
     """Sustained read bandwidth over all cores (or `threads`), by the best available method."""
     # Many short passes, best kept: on a box shared with other work, some pass runs with the cores to itself.

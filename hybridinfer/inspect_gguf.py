@@ -16,7 +16,6 @@ from .util import from_dict, to_dict
 
 GROUPS = ("token_embd", "output", "attention", "norms", "dense_ffn", "shared_experts", "router", "routed_experts", "other")
 KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per cached value
-MOE_ARCHS = {"deepseek2", "qwen3moe", "qwen2moe", "llama", "mixtral", "llama4", "dbrx", "gpt-oss", "glm4moe"}
 
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _CLASSES = [  # first match wins

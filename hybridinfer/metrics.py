@@ -43,8 +43,6 @@ BY_NAME = {m.name: m for m in TABLE}
 TTFT, TPOT, ITL, E2E = "ttft_s", "tpot_s", "itl_s", "e2e_s"
 DECODE_TPS, PREFILL_TPS = "decode_tps", "prefill_tps"
 PROMPT_TOKENS, COMPLETION_TOKENS, CACHED_PROMPT_TOKENS = "prompt_tokens", "completion_tokens", "cached_prompt_tokens"
-REASONING_TOKENS = "reasoning_tokens"
-CACHE_RAM = "cache_ram_bytes"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

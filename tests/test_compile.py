@@ -5,6 +5,7 @@ import yaml
 
 from hybridinfer import rules
 from hybridinfer.engines import ktransformers_args as kt
+from kt_rules import select
 from hybridinfer.engines.llamacpp_args import CPU_MOE_RE, apply, compile_placement
 
 GIB = 1024**3
@@ -98,7 +99,7 @@ def test_ktransformers_rules_select_modules(models):
     mods.update({f"model.layers.{i}.mlp": V3 + "DeepseekV3MoE" for i in range(3, 61)})
     mods.update({f"model.layers.{i}.self_attn.q_a_proj": "torch.nn.Linear" for i in range(61)})
     mods["model.embed_tokens"] = "torch.nn.Embedding"
-    sel = kt.select(text, mods)
+    sel = select(text, mods)
     for i in range(3, 61):
         k = sel[f"model.layers.{i}.mlp.experts"]["kwargs"]
         if i in (3, 4):

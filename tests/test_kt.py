@@ -23,6 +23,7 @@ from conftest import ROOT, run_cli
 from hybridinfer.engines import kt_probe
 from hybridinfer.engines import kt_versions as kv
 from hybridinfer.engines import ktransformers_args as ka
+from kt_rules import rule_classes
 from hybridinfer.errors import HybridError
 from hybridinfer.plan import PlanOptions, make_plan
 from hybridinfer.probe import EngineInfo, load_profile
@@ -145,7 +146,7 @@ def test_command_per_version_parses(tag, backend, models, model_dir, trees):
     if backend == "balance_serve":
         assert argv[argv.index("--max_batch_size") + 1] == "2"
     rules = yaml.safe_load(Path(p.compiled["rules_path"]).read_text())
-    classes = ka.rule_classes(p.compiled["rules"])
+    classes = rule_classes(p.compiled["rules"])
     assert classes <= kv.classes(v), classes - kv.classes(v)
     if backend == "balance_serve":
         assert {"ktransformers.operators.experts.KTransformersExpertsV2", "ktransformers.operators.experts.KDeepseekV3MoEV2",
@@ -158,7 +159,10 @@ def test_command_per_version_parses(tag, backend, models, model_dir, trees):
             r = parsed(t, argv, trees)
             assert r["backend_type"] == backend
             assert r["args"]["model_path"] == str(model_dir)
-            assert r["force_think"] is (v.force_think != "") or v.force_think == ""
+            if v.force_think:  # 0.2.1 takes a value, 0.2.2+ a switch: either way the parser reads True
+                assert r["force_think"] is True
+            else:  # 0.2.0 has no such option
+                assert not r.get("force_think")
 
 
 def test_real_sdist_rejects_what_older_commands_got_wrong(trees, model_dir):
@@ -212,13 +216,13 @@ def test_class_table_is_the_real_tree(tag, trees):
     # hybridinfer's rules use the classes of the release's own DeepSeek-V3 rule files (plus the Marlin/Torch
     # expert and linear ops those files name in comments or other variants)
     v = kv.lookup(tag)
-    own = ka.rule_classes((root / "optimize/optimize_rules/DeepSeek-V3-Chat.yaml").read_text())
-    ours = ka.rule_classes(ka.optimize_rules({"blk.3.ffn_up_exps.weight": "cpu", "blk.0.attn_q_a.weight": "gpu:0"}, v))
+    own = rule_classes((root / "optimize/optimize_rules/DeepSeek-V3-Chat.yaml").read_text())
+    ours = rule_classes(ka.optimize_rules({"blk.3.ffn_up_exps.weight": "cpu", "blk.0.attn_q_a.weight": "gpu:0"}, v))
     # (v0.2.3post1+ ship KMoEGateDeepSeekV3 for the gate; KMoEGate, in every tree, is what the -serve files use)
     assert ours - own <= {"op:KExpertsMarlin", "op:KLinearTorch", "ktransformers.operators.gate.KMoEGate"}, ours - own
     if v.flashinfer_attn:
-        own = ka.rule_classes((root / "optimize/optimize_rules/DeepSeek-V3-Chat-serve.yaml").read_text())
-        ours = ka.rule_classes(ka.optimize_rules({"blk.3.ffn_up_exps.weight": "cpu", "blk.0.attn_q_a.weight": "gpu:0"},
+        own = rule_classes((root / "optimize/optimize_rules/DeepSeek-V3-Chat-serve.yaml").read_text())
+        ours = rule_classes(ka.optimize_rules({"blk.3.ffn_up_exps.weight": "cpu", "blk.0.attn_q_a.weight": "gpu:0"},
                                                  v, "balance_serve"))
         assert ours - own <= {"op:KLinearTorch"}, ours - own
 
@@ -264,7 +268,7 @@ def test_reference_profile_command_parses(profile, shapes_dir, model_dir, trees,
         plan = json.loads(r.stdout)
         argv = plan["command"]
         check_table(v, argv)
-        assert ka.rule_classes(plan["compiled"]["rules"]) <= kv.classes(v)
+        assert rule_classes(plan["compiled"]["rules"]) <= kv.classes(v)
         if available(v.tag):
             parsed(v.tag, argv, trees)
         assert "ktransformers --model_path" in run_cli(*args).stdout
@@ -310,7 +314,7 @@ def test_marlin_and_iq_gpu_experts(models, model_dir, tmp_path):
     # ... unless the profile says the patch is applied; then Marlin experts, and no CUDA graph (doc/en/FAQ.md)
     p = make_plan(with_kt(xeon, "0.3.2", detail="backends: ktransformers; IQ patch: applied"), m, opts)
     assert any(d != "cpu" for n, d in p.device_of.items() if "_exps." in n)
-    assert "op:KExpertsMarlin" in ka.rule_classes(p.compiled["rules"]) and "--no-use_cuda_graph" in p.command
+    assert "op:KExpertsMarlin" in rule_classes(p.compiled["rules"]) and "--no-use_cuda_graph" in p.command
     # explicit rules putting IQ experts on the GPU without the patch: refused with the fix
     rules = tmp_path / "experts-gpu.yaml"
     rules.write_text("name: experts-gpu\nrules:\n  - match: {class: token_embd}\n    device: cpu\n"
@@ -322,7 +326,7 @@ def test_marlin_and_iq_gpu_experts(models, model_dir, tmp_path):
     big = replace(xeon, gpus=[replace(g, name="Quadro RTX 8000", vram_total=48 * GIB, vram_free=0) for g in xeon.gpus])
     patched = "backends: ktransformers; IQ patch: applied"
     p = make_plan(with_kt(big, "0.3.2", detail=patched, cc="7.5"), m, opts)
-    assert "op:KLinearMarlin" not in ka.rule_classes(p.compiled["rules"])
+    assert "op:KLinearMarlin" not in rule_classes(p.compiled["rules"])
     assert not any(d != "cpu" for n, d in p.device_of.items() if "_exps." in n)
     assert "KLinearTorch" in p.reasons[0]
     with pytest.raises(HybridError, match="compute capability 8.0"):

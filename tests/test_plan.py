@@ -58,7 +58,8 @@ def test_r1_attention_on_gpu_experts_on_cpu(machine, models):
         if t.cls in ("attention", "shared_experts", "norms", "router", "dense_ffn", "output"):
             assert dev == "gpu:0", t.name
     gpu = next(d for d in p.devices if d.device == "gpu:0")
-    assert gpu.kv_cache == m.kv.bytes_per_token["f16"] * p.ctx // 61 * 61 or gpu.kv_cache > 0
+    # R1's MLA cache: 576 values of f16 per layer per token, all 61 layers' on the GPU that holds the attention
+    assert abs(gpu.kv_cache - 576 * 2 * 61 * p.ctx) <= 61
     moved = sorted({t.block for t in m.tensors if t.cls == "routed_experts" and p.device_of[t.name] != "cpu"})
     assert moved == list(range(3, 3 + len(moved)))  # early blocks first, contiguous
     cpu_experts = [t for t in m.tensors if t.cls == "routed_experts" and p.device_of[t.name] == "cpu"]

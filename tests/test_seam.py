@@ -1,6 +1,7 @@
 """The engine seam (issue 10): one registry, engines chosen by what they can run and how fast, never by names."""
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def test_plan_carries_command_and_compiled_placement(models):
     assert p.compiled["ngl"] == 999 and p.compiled["overrides"]
     back = Plan.from_json(dump_json(p.to_dict()))  # what `plan --json` writes, without the per-tensor placement
     assert back.command == p.command and back.compiled == p.compiled and not back.device_of
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.command = []  # frozen
 
 

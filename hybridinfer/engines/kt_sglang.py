@@ -2,7 +2,7 @@
 Hugging Face checkpoint (in that checkpoint's format: FP8 for DeepSeek V3/R1), kt-kernel runs the routed experts on
 the CPU straight from the GGUF folder (`--kt-method LLAMAFILE`; the AMX methods need weights converted from the HF
 checkpoint). The command follows kt-kernel's own launcher (kt_kernel/cli/commands/run.py, kt-kernel 0.7.2) and
-is checked against SGLang's real argument parser (tests/test_kt_sglang.py).
+is checked against SGLang's real argument parser (tests/test_kt.py, via tests/sglang_args.py).
 """
 
 from __future__ import annotations

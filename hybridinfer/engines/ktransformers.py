@@ -344,4 +344,3 @@ def _non_expert_types(model: "ModelInfo") -> set[str]:
 
 
 ENGINE = KTransformers()
-SUPPORTED_VERSIONS = SUPPORTED
