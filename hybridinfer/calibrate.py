@@ -129,12 +129,14 @@ def solve(runs: dict[str, Run], models: dict[str, ModelInfo], per_expert: float,
     their cost, a routed-expert weight of type T costing c_T and any other (attention, shared expert, dense FFN,
     output) c_T * f: engines run dense matrix products (mul_mat) and expert ones (mul_mat_id) with different
     efficiency. The three all-Q8_0 models — base (tiny experts), Q8_0 (large experts), dense (large dense FFN) —
-    fix blk, c_Q8_0 and f; each other type's model then has one unknown. Prefill the same, routed-expert weights
+    fix blk, c_Q8_0 and f; the base model with 4x the attention heads adds the per-head part of blk (attention
+    work grows with heads); each other type's model then has one unknown. Prefill the same, routed-expert weights
     weighted by the expert-batch term of the batch they were measured at, so the stored figure is the saturated one."""
     import numpy as np
 
     g = 1 + n0 / max(1.0, per_expert)
-    out = {"decode_ns": {}, "prefill_ns": {}, "block_decode_us": 0.0, "block_prefill_us": 0.0, "dense_decode": 1.0,
+    out = {"decode_ns": {}, "prefill_ns": {}, "block_decode_us": 0.0, "block_prefill_us": 0.0, "head_decode_us": 0.0,
+           "head_prefill_us": 0.0, "dense_decode": 1.0,
            "dense_prefill": 1.0, "failed": {k: r.error for k, r in runs.items() if r.error}}
     for kind in ("decode", "prefill"):
         costs = out[f"{kind}_ns"]
@@ -178,8 +180,14 @@ def solve(runs: dict[str, Run], models: dict[str, ModelInfo], per_expert: float,
         costs["Q8_0"] = c8 * 1e9
         out[f"block_{kind}_us"] = x * 1e6
         out[f"dense_{kind}"] = f
+        out[f"head_{kind}_us"] = 0.0
+        if t_of("heads") is not None and "heads" in models:  # the base model with more attention heads
+            B, dense, exp = parts("heads")
+            xh = (t_of("heads") - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8) / B
+            extra = models["heads"].head_count - models["base"].head_count
+            out[f"head_{kind}_us"] = max(0.0, (xh - x) / extra) * 1e6
         for name in runs:
-            if name in ("base", "Q8_0", "dense") or t_of(name) is None:
+            if name in ("base", "Q8_0", "dense", "heads") or t_of(name) is None:
                 continue
             B, dense, exp = parts(name)
             rest = t_of(name) - B * x - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8
@@ -220,7 +228,7 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
     if engine_names and not todo:
         raise HybridError(f"no installed engine with a benchmark tool among {', '.join(engine_names)}",
                           "run ./install.sh, or drop --engine")
-    names = ["base", "dense", "Q8_0", *[t for t in types if t != "Q8_0"]]
+    names = ["base", "heads", "dense", "Q8_0", *[t for t in types if t != "Q8_0"]]
     total = 1 + len(names) + len(todo) * (len(names) + (N0_TYPE in names))
     done = 0
 
@@ -264,6 +272,9 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
                                threads=threads, decode_ns=_r(sol["decode_ns"]), prefill_ns=_r(sol["prefill_ns"]),
                                block_decode_us=round(sol["block_decode_us"], 2),
                                block_prefill_us=round(sol["block_prefill_us"], 3),
+                               head_decode_us=round(sol["head_decode_us"], 3),
+                               head_prefill_us=round(sol["head_prefill_us"], 3), heads=calib_models.SHAPE.n_head,
+                               prompt_tokens=N_PROMPT,
                                dense_decode=round(sol["dense_decode"], 3), dense_prefill=round(sol["dense_prefill"], 3),
                                prefill_n0=round(n0, 2), failed=failed))
     for n in names:  # ~3.6 GB: written again in seconds when needed, so not kept beside the user's models
@@ -368,7 +379,7 @@ def cmd_calibrate(args) -> int:
     """Measure this box once for the planner: bandwidth and each engine's decode/prefill cost per weight type.
 
     Runs each installed engine's own benchmark on generated calibration models (one weight type each), at the
-    box's physical-core thread count, and the memory-bandwidth kernel: ~1.5 min on 2 cores. Stored in the cache
+    box's physical-core thread count, and the memory-bandwidth kernel: ~2 min on 2 cores. Stored in the cache
     per box and engine build; `plan`, `serve`, `bench` and `tune` run it on first use and predict this box's speed
     and choose its engine from it. `--force` measures again.
     """

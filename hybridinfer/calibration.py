@@ -52,6 +52,12 @@ class EngineRates:
     prefill_ns: dict[str, float]  # weight type -> ns per weight per prompt token at a saturated batch
     block_decode_us: float  # per block per generated token, besides its weights (attention, routing, thread syncs)
     block_prefill_us: float = 0.0  # the same per prompt token
+    # Per attention head beyond `heads` (the calibration models'), per block: attention work grows with the heads
+    # (and, in prefill, with the context: measured over a `prompt_tokens`-token prompt).
+    head_decode_us: float = 0.0
+    head_prefill_us: float = 0.0
+    heads: int = 4
+    prompt_tokens: int = 256
     # A weight outside the routed experts (attention, shared expert, dense FFN, output: matrix products rather than
     # the experts' indexed ones) costs its type's figure times this.
     dense_decode: float = 1.0

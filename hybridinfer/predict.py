@@ -158,8 +158,12 @@ def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRat
                 pre += w * p * rates.dense_prefill
     # Fewer threads than calibrated: the kernels are compute-bound on these boxes, time grows with fewer cores.
     scale = max(1.0, rates.threads / max(1, cores))
-    dec = (dec * 1e-9 + len(blocks) * rates.block_decode_us * 1e-6) * scale
-    pre = (pre * 1e-9 + len(blocks) * rates.block_prefill_us * 1e-6) * scale
+    heads = model.head_count - rates.heads
+    blk_dec = rates.block_decode_us + heads * rates.head_decode_us
+    # attention over the prompt: a prompt of one ubatch averages ubatch/2 tokens of context per token
+    blk_pre = rates.block_prefill_us + heads * rates.head_prefill_us * ubatch / rates.prompt_tokens
+    dec = (dec * 1e-9 + len(blocks) * max(0.0, blk_dec) * 1e-6) * scale
+    pre = (pre * 1e-9 + len(blocks) * max(0.0, blk_pre) * 1e-6) * scale
     return dec, dec_exp * 1e-9 * scale, pre
 
 

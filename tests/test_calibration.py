@@ -29,11 +29,12 @@ def calib_models(tmp_path_factory):
     """The calibration models' headers (sparse files: the layout without the data)."""
     d = tmp_path_factory.mktemp("calib")
     out = {}
-    for name in ("base", "dense", *TYPES):
+    for name in ("base", "heads", "dense", *TYPES):
         shape = replace(calib.SHAPE, blocks=calib.BASE_BLOCKS, ff_exp=calib.BASE_FF) if name == "base" else \
+            replace(calib.SHAPE, blocks=calib.BASE_BLOCKS, ff_exp=calib.BASE_FF, n_head=16) if name == "heads" else \
             replace(calib.SHAPE, blocks=4, n_dense=3, ff_dense=calib.DENSE_FF, ff_exp=calib.BASE_FF) if name == "dense" \
             else replace(calib.SHAPE, blocks=calib.blocks_for(name))
-        q = "Q8_0" if name in ("base", "dense") else name
+        q = "Q8_0" if name in ("base", "heads", "dense") else name
         out[name] = inspect(mid.write_mid(d / f"{name}.gguf", calib._mix(mid.Q[q]), shape=shape, data=False))
     return out
 
@@ -50,11 +51,12 @@ def test_solve_recovers_the_costs_it_was_given(calib_models):
     blk = 80e-6
     per_expert = 24.0
     g = 1 + 12.0 / per_expert
-    runs = {n: Run(n, 1 / _time(m, 7e-6, pre, g, prefill=True, f=0.5), 1 / _time(m, blk, dec, f=0.8))
-            for n, m in calib_models.items()}
+    runs = {n: Run(n, 1 / _time(m, 7e-6 + (m.head_count - 4) * 2e-6, pre, g, prefill=True, f=0.5),
+                   1 / _time(m, blk + (m.head_count - 4) * 3e-6, dec, f=0.8)) for n, m in calib_models.items()}
     sol = solve(runs, calib_models, per_expert)
     assert sol["failed"] == {} and sol["block_decode_us"] == pytest.approx(80.0, rel=1e-6)
     assert sol["block_prefill_us"] == pytest.approx(7.0, rel=1e-6)
+    assert sol["head_decode_us"] == pytest.approx(3.0, rel=1e-6) and sol["head_prefill_us"] == pytest.approx(2.0, rel=1e-6)
     assert sol["dense_decode"] == pytest.approx(0.8, rel=1e-6) and sol["dense_prefill"] == pytest.approx(0.5, rel=1e-6)
     for t in TYPES:
         assert sol["decode_ns"][t] == pytest.approx(dec[t] * 1e9, rel=1e-6)

@@ -54,6 +54,9 @@ def ensure(type_name: str) -> str:
         if type_name == "base":
             shape = mid.Shape(**{**SHAPE.__dict__, "blocks": BASE_BLOCKS, "ff_exp": BASE_FF})
             mix = _mix(Q.Q8_0)
+        elif type_name == "heads":  # the base model with 4x the attention heads
+            shape = mid.Shape(**{**SHAPE.__dict__, "blocks": BASE_BLOCKS, "ff_exp": BASE_FF, "n_head": 4 * SHAPE.n_head})
+            mix = _mix(Q.Q8_0)
         elif type_name == "dense":
             shape = mid.Shape(**{**SHAPE.__dict__, "blocks": 4, "n_dense": 3, "ff_dense": DENSE_FF, "ff_exp": BASE_FF})
             mix = _mix(Q.Q8_0)
