@@ -104,7 +104,7 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
     devs = ", ".join(f"{d.device} {d.total / 2**30:.2f} GiB" for d in plan.devices)
     kind = " (in-process)" if engine.kind == "in-process" else ""
     print(f"  plan: engine {plan.engine}{kind}, rules {plan.rules}, ctx {plan.ctx} over {plan.parallel} slot(s), "
-          f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s"
+          f"{plan.threads} threads; {devs}; predicted decode {p.decode_tps:g} tok/s ({p.source})"
           + (f" (saved plan {args.plan})" if args.plan else ""))
     print(f"  engine: {shell(running.command())}")
     for note in running.notes:
