@@ -143,7 +143,7 @@ def main() -> int:
         for name in order:
             pf = plan_file(name, path, a.threads, tmp)
             plan = json.loads(pf.read_text())
-            row["class"] = measured.model_class(m, plan.get("device_of") or {})
+            row["class"] = f"{m.arch}-{m.kv.form}"
             load = os.getloadavg()[0]  # a shared box: say how busy it was when each engine ran
             r = {"plan_command": plan["command"], **bench(pf, a.requests, a.max_tokens, tmp)}
             r["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
