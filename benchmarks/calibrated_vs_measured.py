@@ -28,8 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from hybridinfer import engines  # noqa: E402
-from hybridinfer.calibrate import BusyMeter, ensure, with_calibration  # noqa: E402
+from hybridinfer.calibrate import BusyMeter, ensure, measurable, with_calibration  # noqa: E402
 from hybridinfer.demo.mid import ensure_mid, ensure_other  # noqa: E402
 from hybridinfer.inspect_gguf import inspect  # noqa: E402
 from hybridinfer.options import probe_box  # noqa: E402
@@ -69,7 +68,7 @@ def main() -> int:
     before_hw = probe_box()
     cal = ensure(before_hw)
     hw = with_calibration(before_hw, cal)
-    runnable = [e for e in engines.REGISTRY.values() if not e.calibrate_as and e.bench_binary_path() and e.installed(hw)]
+    runnable = measurable(hw)
     results = []
     for name in a.models.split(","):
         path = MODELS[name]()

@@ -37,6 +37,7 @@ RUN_TIMEOUT_S = 180
 # prompted at two batch sizes: 64 and 16 tokens per expert.
 N0_TYPE = "Q4_K"
 SMALL_UB = 64
+PER_EXPERT = N_PROMPT * calib_models.SHAPE.n_used / calib_models.SHAPE.n_expert  # tokens per expert at N_PROMPT
 
 
 @dataclass(frozen=True)
@@ -47,24 +48,22 @@ class Run:
     error: str = ""
 
 
-def _cpu_jiffies() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole box so far, from /proc/stat."""
+def _busy_seconds() -> float:
+    """CPU seconds the whole box has spent busy (steal included), from /proc/stat."""
     try:
         with open("/proc/stat") as f:
             parts = [float(x) for x in f.readline().split()[1:]]
     except OSError:
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
+        return 0.0
     idle = parts[3] + (parts[4] if len(parts) > 4 else 0.0)
-    total = sum(parts[:8])
-    return (total - idle) / hz, total / hz
+    return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class BusyMeter:
     """CPU time used by other processes while we measure: box busy time minus our own and our children's."""
 
     def __enter__(self):
-        self.box0 = _cpu_jiffies()[0]
+        self.box0 = _busy_seconds()
         self.own0 = self._own()
         self.t0 = time.monotonic()
         return self
@@ -76,7 +75,7 @@ class BusyMeter:
 
     def __exit__(self, *exc):
         self.wall = time.monotonic() - self.t0
-        other = (_cpu_jiffies()[0] - self.box0) - (self._own() - self.own0)
+        other = (_busy_seconds() - self.box0) - (self._own() - self.own0)
         self.other_share = max(0.0, other / max(1e-9, self.wall * (os.cpu_count() or 1)))
 
 
@@ -211,20 +210,20 @@ def fit_n0(pp_big: float, pp_small: float, model: ModelInfo, sol: dict, n_big: f
     return max(0.0, min(200.0, (r - 1) / den)) if den > 0 else 200.0
 
 
+def measurable(hw: HardwareProfile) -> list:
+    """The engines calibrate measures on this box: installed, with a benchmark tool, and not borrowing another
+    engine's figures (Engine.calibrate_as)."""
+    return [e for e in engines.REGISTRY.values() if not e.calibrate_as and e.installed(hw) and e.bench_binary_path()]
+
+
 def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, progress=None) -> Calibration:
     """Measure this box (hw: its probe) -> Calibration. `progress(done, total, what)` is called as it goes."""
     from . import bandwidth
 
     cpu_hw = replace(hw, gpus=[])  # the CPU's kernels: a GPU's side is predicted, never measured here
     threads = hw.cpu.physical_cores
-    todo = []
-    for e in engines.REGISTRY.values():
-        if engine_names and e.name not in engine_names:
-            continue
-        if e.calibrate_as or not e.bench_binary_path() or not e.installed(hw):
-            continue
-        for key, variant in e.calibration_variants().items():
-            todo.append((e, key, variant))
+    todo = [(e, key, variant) for e in measurable(hw) if not engine_names or e.name in engine_names
+            for key, variant in e.calibration_variants().items()]
     if engine_names and not todo:
         raise HybridError(f"no installed engine with a benchmark tool among {', '.join(engine_names)}",
                           "run ./install.sh, or drop --engine")
@@ -241,6 +240,25 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
     t0 = time.monotonic()
     bw = bandwidth.measure(threads)
     step(f"memory bandwidth {bw.gbs:g} GB/s")
+    try:
+        out, other, wall = _measure(todo, names, cpu_hw, threads, step)
+    finally:  # ~4 GB: written again in seconds when needed, so never left beside the user's models
+        for n in names:
+            calib_models.path_for(n).unlink(missing_ok=True)
+    busy = ""
+    share = other / wall if wall else 0.0
+    if share > BUSY_SHARE:
+        busy = (f"other processes used {share:.0%} of the CPU during calibration: figures may be low; "
+                "run `hybridinfer calibrate --force` on a quiet box")
+    return Calibration(box=calibration.box_key(hw), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       cpu=hw.cpu.model, bandwidth_gbs=bw.gbs, bandwidth_method=bw.detail,
+                       seconds=round(time.monotonic() - t0, 1), engines=out, busy=busy,
+                       prefill_tokens_per_expert=PER_EXPERT)
+
+
+def _measure(todo, names, cpu_hw: HardwareProfile, threads: int, step) -> tuple[list[EngineRates], float, float]:
+    """Write the calibration models, run every engine variant on each, solve -> (rates, other processes' CPU
+    seconds, wall seconds of the runs)."""
     paths, models = {}, {}
     for n in names:
         paths[n] = calib_models.ensure(n)
@@ -256,17 +274,15 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
             other, wall = other + meter.other_share * meter.wall, wall + meter.wall
             runs[n] = Run(n, pp, tg, err)
             step(f"{key} {n}: " + (err or f"pp {pp:.1f} / tg {tg:.1f} tok/s"))
-        m = models["base"]
-        per_expert = N_PROMPT * m.expert_used_count / m.expert_count
-        sol = solve(runs, models, per_expert)
+        sol = solve(runs, models, PER_EXPERT)
         n0 = PREFILL_EXPERT_BATCH_N0
         if N0_TYPE in names and runs[N0_TYPE].prefill_tps and sol["prefill_ns"]:
             small, _, err = _bench(e, cpu_hw, paths[N0_TYPE], variant, threads, n_gen=0, extra=("-ub", str(SMALL_UB)))
             step(f"{key} {N0_TYPE} at ubatch {SMALL_UB}: " + (err or f"pp {small:.1f} tok/s"))
             if small:
-                n0 = fit_n0(runs[N0_TYPE].prefill_tps, small, models[N0_TYPE], sol, per_expert,
-                            per_expert * SMALL_UB / N_PROMPT)
-                sol = solve(runs, models, per_expert, n0)
+                n0 = fit_n0(runs[N0_TYPE].prefill_tps, small, models[N0_TYPE], sol, PER_EXPERT,
+                            PER_EXPERT * SMALL_UB / N_PROMPT)
+                sol = solve(runs, models, PER_EXPERT, n0)
         failed = sol["failed"] if sol["decode_ns"] else (sol["failed"] or {"base": "no run succeeded"})
         out.append(EngineRates(key=key, engine=e.name, build=calibration.build_fingerprint(e.bench_binary_path()),
                                threads=threads, decode_ns=_r(sol["decode_ns"]), prefill_ns=_r(sol["prefill_ns"]),
@@ -277,18 +293,7 @@ def calibrate(hw: HardwareProfile, types=calibration.TYPES, engine_names=None, p
                                prompt_tokens=N_PROMPT,
                                dense_decode=round(sol["dense_decode"], 3), dense_prefill=round(sol["dense_prefill"], 3),
                                prefill_n0=round(n0, 2), failed=failed))
-    for n in names:  # ~3.6 GB: written again in seconds when needed, so not kept beside the user's models
-        calib_models.path_for(n).unlink(missing_ok=True)
-    busy = ""
-    share = other / wall if wall else 0.0
-    if share > BUSY_SHARE:
-        busy = (f"other processes used {share:.0%} of the CPU during calibration: figures may be low; "
-                "run `hybridinfer calibrate --force` on a quiet box")
-    per_expert = N_PROMPT * calib_models.SHAPE.n_used / calib_models.SHAPE.n_expert
-    return Calibration(box=calibration.box_key(hw), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       cpu=hw.cpu.model, bandwidth_gbs=bw.gbs, bandwidth_method=bw.detail,
-                       seconds=round(time.monotonic() - t0, 1), engines=out, busy=busy,
-                       prefill_tokens_per_expert=per_expert)
+    return out, other, wall
 
 
 def _r(d: dict[str, float]) -> dict[str, float]:
@@ -298,13 +303,8 @@ def _r(d: dict[str, float]) -> dict[str, float]:
 def stale_engines(cal: Calibration | None, hw: HardwareProfile) -> list[str]:
     """Engines installed here with a benchmark tool whose build has no calibration (new, or rebuilt since)."""
     out = []
-    for e in engines.REGISTRY.values():
-        if e.calibrate_as or not e.installed(hw):
-            continue
-        path = e.bench_binary_path()
-        if not path:
-            continue
-        fp = calibration.build_fingerprint(path)
+    for e in measurable(hw):
+        fp = calibration.build_fingerprint(e.bench_binary_path())
         for key in e.calibration_variants():
             r = cal.rates(key) if cal else None
             if r is None or r.build != fp:
@@ -319,31 +319,36 @@ def ensure(hw: HardwareProfile, force: bool = False, auto: bool = True, quiet: b
     HYBRIDINFER_NO_CALIBRATE set: neither measured nor read."""
     if not force and (not auto or calibration.disabled()):
         return None  # --no-calibrate / HYBRIDINFER_NO_CALIBRATE: the published-figure model, and the plan says so
-    cal = calibration.load(calibration.box_key(hw))
-    stale = stale_engines(cal, hw)
-    if force:
-        cal, stale = None, []
+    cal = None if force else calibration.load(calibration.box_key(hw))
+    stale = stale_engines(cal, hw) if cal else []
     if cal and not stale:
         return cal
     if not quiet:
         print(f"hybridinfer: calibrating this box once (~2-3 min; `hybridinfer calibrate` refreshes it, "
               f"--no-calibrate skips it){': new engine builds ' + ', '.join(stale) if cal and stale else ''}",
               file=sys.stderr)
+    cal = current(cal, hw)
     try:
-        new = calibrate(hw, engine_names=stale if cal else None, progress=None if quiet else bar)
+        new = refresh(hw, cal, stale if cal else None, calibration.TYPES, progress=None if quiet else bar)
     except (HybridError, OSError, subprocess.SubprocessError, ValueError) as e:  # never a reason not to plan
         print(f"\nhybridinfer: calibration failed ({e}); predicting without it — `hybridinfer calibrate` retries",
               file=sys.stderr)
-        return current(cal, hw)
-    if not quiet:
-        sys.stderr.write("\n")
-    if cal:  # engines not measured now keep their figures
-        keep = [r for r in current(cal, hw).engines if r.key not in {x.key for x in new.engines}]
-        new = replace(new, engines=keep + list(new.engines))
+        return cal
     try:
         calibration.save(new)
     except OSError as e:  # a full disk: use it this once, say why it is not kept
         print(f"hybridinfer: could not store the calibration ({e}); it is measured again next time", file=sys.stderr)
+    return new
+
+
+def refresh(hw: HardwareProfile, old: Calibration | None, engine_names, types, progress=None) -> Calibration:
+    """Measure `engine_names` (None: every engine) now; engines of `old` not measured again keep their figures."""
+    new = calibrate(hw, types=types, engine_names=engine_names, progress=progress)
+    if progress:
+        sys.stderr.write("\n")
+    if old:
+        keep = [r for r in old.engines if r.key not in {x.key for x in new.engines}]
+        new = replace(new, engines=keep + list(new.engines))
     return new
 
 
@@ -366,10 +371,7 @@ def current(cal: Calibration | None, hw: HardwareProfile) -> Calibration | None:
     """The stored calibration without the figures of engines rebuilt since (never another build's figures)."""
     if cal is None:
         return None
-    builds = {}
-    for e in engines.REGISTRY.values():
-        if not e.calibrate_as and e.bench_binary_path():
-            builds[e.name] = calibration.build_fingerprint(e.bench_binary_path())
+    builds = {e.name: calibration.build_fingerprint(e.bench_binary_path()) for e in measurable(hw)}
     return replace(cal, engines=[r for r in cal.engines if builds.get(r.engine) == r.build])
 
 
@@ -402,12 +404,7 @@ def cmd_calibrate(args) -> int:
         todo = None  # every engine
     cal = old
     if todo is None or todo:
-        cal = calibrate(hw, types=types, engine_names=todo, progress=None if args.json else bar)
-        if not args.json:
-            sys.stderr.write("\n")
-        if old:  # engines not measured now keep their figures
-            keep = [r for r in old.engines if r.key not in {x.key for x in cal.engines}]
-            cal = replace(cal, engines=keep + list(cal.engines))
+        cal = refresh(hw, old, todo, types, progress=None if args.json else bar)
         calibration.save(cal)
     if args.json:
         d = _json.loads(cal.to_json())

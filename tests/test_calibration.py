@@ -3,6 +3,7 @@ by them with the source in every "Why" line, storage keyed by box and engine bui
 real (short) calibration with the installed llama-bench."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -148,7 +149,7 @@ def test_storage_is_per_box_and_per_build(box):
     cal = _cal(box, _rates(MAIN, MAIN, build="old"))
     calibration.save(cal)
     assert calibration.load(cal.box) == cal
-    other = replace(box, cpu=replace(box.cpu, flags=[f for f in box.cpu.flags if f != "avx2"]))
+    other = replace(box, cpu=replace(box.cpu, flags=[*box.cpu.flags, "amx_tile"]))
     assert calibration.load(calibration.box_key(other)) is None  # another CPU kind never reuses it
     # a rebuilt engine: its old figures are never used; with calibration off nothing is measured or read
     assert all(r.build != "old" for r in current(cal, box).engines)
@@ -177,7 +178,8 @@ def test_busy_cpu_is_detected():
     finally:
         spin.kill()
         spin.wait()
-    assert m.other_share > 0.2  # at least the spinner's core of the box's cores (more if the box is busy anyway)
+    # at least most of the spinner's one core, as a share of however many cores this box has
+    assert m.other_share > 0.5 / (os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(not get(MAIN).bench_binary_path(), reason="needs llama-bench (./install.sh)")
@@ -195,9 +197,9 @@ def test_calibrate_for_real_then_probe_and_plan_use_it(monkeypatch):
     assert p["bandwidth_source"] == "measured"
     plan = json.loads(run_cli("plan", "--engine", MAIN, "--json").stdout)
     assert plan["prediction"]["source"] == "calibrated" and "calibrated on this box" in plan["reasons"][0]
-    # a second run reuses it (no measuring), --force measures again
-    t0 = time.monotonic()
-    assert run_cli("calibrate", "--json").returncode == 0 and time.monotonic() - t0 < 20
+    # a second run reuses it: nothing measured again
+    again = run_cli("calibrate", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["created"] == cal["created"]
 
 
 def test_serve_reuses_the_tuned_plan_for_this_model_on_this_box(tiny_model, tmp_path):
