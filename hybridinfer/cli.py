@@ -201,8 +201,8 @@ def _extra_commands():
     from .engines.ktransformers_patch import register as patch_register
     from .tune import register as tune_register
     from .worker import register as worker_register
-    out += [calibrate_register, download_register, bench_register, patch_register, _register_openwebui, worker_register, demo_register,
-            tune_register]
+    out += [calibrate_register, download_register, bench_register, patch_register, _register_openwebui,
+            worker_register, demo_register, tune_register]
     return out
 
 
