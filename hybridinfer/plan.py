@@ -19,7 +19,7 @@ from .engines.base import Engine, maps_weights
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
 from .layers import layer_devices
-from .predict import Prediction, predict
+from .predict import Prediction, PredictInput, predict
 from .probe import HardwareProfile
 from .util import GIB, MIB, from_dict, ranges, to_dict
 
@@ -460,9 +460,9 @@ def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
     if opts.ubatch:  # the experts' share of a prefill batch shrinks with it
         params = replace(params, ubatch=min(opts.ubatch, opts.batch or opts.ubatch))
     rates = hw.calibration.rates(engine.calibration_key(dev_of, streaming, opts.load_mode)) if hw.calibration else None
-    pred = predict(model, hw, dev_of, params, threads, kv_type, resident,
-                   gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok, parallel=opts.parallel,
-                   rates=rates)
+    pred = predict(PredictInput(model, hw, dev_of, params, threads, kv_type, resident,
+                                gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok,
+                                parallel=opts.parallel, rates=rates))
     reasons = list(memory_notes)
     reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})

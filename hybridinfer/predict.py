@@ -8,8 +8,8 @@ here, named, with the reason for its value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from .layers import layer_devices
 
@@ -167,58 +167,74 @@ def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRat
     return dec, dec_exp * 1e-9 * scale, pre
 
 
-def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], params: PredictionParams, threads: int,
-            kv_type: str, resident_fraction: float = 1.0, gpu_cost=None, kv_bytes_per_token: int | None = None,
-            parallel: int = 1, rates: EngineRates | None = None) -> Prediction:
-    """`params`: the engine's (engine.prediction_params); `gpu_cost(t)`: bytes it reads for t on a GPU; `rates`:
-    this box's calibration of the engine (hw.calibration), which replaces the CPU side's modelled costs."""
-    gpu_cost = gpu_cost or (lambda t: t.nbytes)
-    cpu_b = cpu_flops = 0.0
-    cpu_expert_b_active = 0.0
-    gpu_b: dict[str, float] = {}
-    gpu_flops: dict[str, float] = {}
-    gpu_moe_blocks: set[int] = set()
-    cpu_expert_b_active_per_block: dict[int, float] = {}
-    cpu_b_all = 0.0
-    cpu_prefill_flops = 0.0
-    per_expert = params.ubatch * model.expert_used_count / model.expert_count if model.expert_count else params.ubatch
-    expert_batch_cost = 1 + params.prefill_expert_batch_n0 / max(1.0, per_expert)
-    attn_cpu_layers = attn_gpu_layers = 0
-    hops = 0
-    blocks_dev: dict[int, set[str]] = {}
-    cpu_only = set(device_of.values()) == {"cpu"}
-    type_cost = dict(params.cpu_type_cost) if cpu_only else {}  # measured for CPU-only plans only
+@dataclass(frozen=True)
+class PredictInput:
+    """Everything `predict` reads: a placement of a model on a box, run by an engine."""
+    model: ModelInfo
+    hw: HardwareProfile
+    device_of: dict[str, str]  # tensor name -> "cpu" | "gpu:N"
+    params: PredictionParams  # the engine's (engine.prediction_params)
+    threads: int
+    kv_type: str
+    resident_fraction: float = 1.0  # share of the CPU-side weights the page cache holds (streaming: < 1)
+    gpu_cost: Callable | None = None  # t -> bytes the engine reads for t on a GPU (None: the file's bytes)
+    kv_bytes_per_token: int | None = None  # None: the model's figure for kv_type
+    parallel: int = 1
+    rates: EngineRates | None = None  # this box's calibration of the engine: replaces the CPU side's modelled costs
+
+
+@dataclass
+class _Traffic:
+    """Bytes and FLOPs per token on each side of the placement (one pass over the tensors)."""
+    cpu_b: float = 0.0  # bytes read per token on the CPU (routed experts: the used share)
+    cpu_flops: float = 0.0
+    cpu_expert_b: float = 0.0  # of cpu_b, routed experts
+    cpu_b_all: float = 0.0  # every CPU-resident byte (what a prefill upload streams)
+    cpu_prefill_flops: float = 0.0
+    gpu_b: dict = field(default_factory=dict)  # device -> bytes per token
+    gpu_flops: dict = field(default_factory=dict)
+    gpu_moe_blocks: set = field(default_factory=set)
+    attn_cpu: int = 0  # layers whose attention runs on the CPU / a GPU
+    attn_gpu: int = 0
+    blocks_dev: dict = field(default_factory=dict)  # block -> {"cpu", "gpu"}
+
+
+def _traffic(inp: PredictInput) -> _Traffic:
+    model, p = inp.model, inp.params
+    gpu_cost = inp.gpu_cost or (lambda t: t.nbytes)
+    per_expert = p.ubatch * model.expert_used_count / model.expert_count if model.expert_count else p.ubatch
+    expert_batch_cost = 1 + p.prefill_expert_batch_n0 / max(1.0, per_expert)
+    cpu_only = set(inp.device_of.values()) == {"cpu"}
+    type_cost = dict(p.cpu_type_cost) if cpu_only else {}  # measured for CPU-only plans only
+    tr = _Traffic()
     for t in model.tensors:
-        dev = device_of[t.name]
+        dev = inp.device_of[t.name]
         f = frac(model, t.cls)
         if t.block is not None:
-            blocks_dev.setdefault(t.block, set()).add("cpu" if dev == "cpu" else "gpu")
+            tr.blocks_dev.setdefault(t.block, set()).add("cpu" if dev == "cpu" else "gpu")
             if t.name.endswith("attn_norm.weight"):
                 if dev == "cpu":
-                    attn_cpu_layers += 1
+                    tr.attn_cpu += 1
                 else:
-                    attn_gpu_layers += 1
+                    tr.attn_gpu += 1
         if dev == "cpu":
-            cpu_b += t.nbytes * f
-            cpu_flops += 2 * t.n_elements * f * type_cost.get(t.type, 1.0)
-            cpu_b_all += t.nbytes
-            cpu_prefill_flops += 2 * t.n_elements * f * (expert_batch_cost if t.cls == "routed_experts" else 1.0)
+            tr.cpu_b += t.nbytes * f
+            tr.cpu_flops += 2 * t.n_elements * f * type_cost.get(t.type, 1.0)
+            tr.cpu_b_all += t.nbytes
+            tr.cpu_prefill_flops += 2 * t.n_elements * f * (expert_batch_cost if t.cls == "routed_experts" else 1.0)
             if t.cls == "routed_experts":
-                cpu_expert_b_active += t.nbytes * f
+                tr.cpu_expert_b += t.nbytes * f
         else:
-            gpu_b[dev] = gpu_b.get(dev, 0.0) + gpu_cost(t) * f
-            gpu_flops[dev] = gpu_flops.get(dev, 0.0) + 2 * t.n_elements * f
+            tr.gpu_b[dev] = tr.gpu_b.get(dev, 0.0) + gpu_cost(t) * f
+            tr.gpu_flops[dev] = tr.gpu_flops.get(dev, 0.0) + 2 * t.n_elements * f
             if t.cls == "routed_experts":
-                gpu_moe_blocks.add(t.block)
-    for b, devs in blocks_dev.items():
-        if len(devs) > 1:
-            hops += 2
-    # A layer split crosses once each way at the CPU/GPU boundary.
-    if hops == 0 and len({d for s in blocks_dev.values() for d in s}) > 1:
-        hops = 2
-    # The token's path through the devices, in compute order: each block's attention (its layer's device), then
-    # its routed experts, then the output layer. GPU-to-GPU changes are extra hops; runs on remote devices cost
-    # network round trips.
+                tr.gpu_moe_blocks.add(t.block)
+    return tr
+
+
+def _token_path(model: ModelInfo, device_of: dict[str, str]) -> list[str]:
+    """The token's path through the devices, in compute order: each block's attention (its layer's device), then
+    its routed experts, then the output layer."""
     layer_dev = layer_devices(device_of, model.block_count)
     exp_dev: dict[int, str] = {}
     for t in model.tensors:
@@ -228,118 +244,173 @@ def predict(model: ModelInfo, hw: HardwareProfile, device_of: dict[str, str], pa
     for b in range(model.block_count):
         path += [layer_dev[b]] + ([exp_dev[b]] if b in exp_dev else [])
     path.append(layer_dev[-1])
-    changes = [(a, b) for a, b in zip(path, path[1:]) if a != b]
-    hops += sum(1 for a, b in changes if a != "cpu" and b != "cpu")
-    remote = {f"gpu:{g.index}": g for g in hw.gpus if g.remote}
+    return path
+
+
+def _hops_and_network(inp: PredictInput, tr: _Traffic) -> tuple[int, float, dict]:
+    """PCIe crossings per token, seconds per token on the network to remote devices, and the remote devices."""
+    hops = sum(2 for devs in tr.blocks_dev.values() if len(devs) > 1)
+    # A layer split crosses once each way at the CPU/GPU boundary.
+    if hops == 0 and len({d for s in tr.blocks_dev.values() for d in s}) > 1:
+        hops = 2
+    # GPU-to-GPU changes are extra hops; runs on remote devices cost network round trips.
+    path = _token_path(inp.model, inp.device_of)
+    hops += sum(1 for a, b in zip(path, path[1:]) if a != b and a != "cpu" and b != "cpu")
+    remote = {f"gpu:{g.index}": g for g in inp.hw.gpus if g.remote}
     t_net = 0.0
     for i, d in enumerate(path):
         if d in remote and (i == 0 or path[i - 1] != d):
             g = remote[d]
             t_net += RPC_ROUNDTRIPS_PER_SEGMENT * g.network_rtt_ms / 1e3 + RPC_SEGMENT_SECONDS
-            t_net += 2 * model.embedding_length * 4 / ((g.network_gbs or 1.25) * 1e9)
+            t_net += 2 * inp.model.embedding_length * 4 / ((g.network_gbs or 1.25) * 1e9)
+    return hops, t_net, remote
 
-    kv_tok = kv_bytes_per_token or model.kv.bytes_per_token.get(kv_type, model.kv.bytes_per_token["f16"])
-    n_layers = max(1, attn_cpu_layers + attn_gpu_layers)
-    kv_read_cpu = kv_tok * CONTEXT_FOR_DECODE * attn_cpu_layers / n_layers
-    kv_read_gpu = kv_tok * CONTEXT_FOR_DECODE * attn_gpu_layers / n_layers
 
+@dataclass(frozen=True)
+class _Box:
+    """The box's side of the model: bandwidth, cores, NUMA share."""
+    bw: float  # bytes/s, whole box
+    cores: int
+    numa_scale: float  # fraction of the sum over nodes the engine reaches
+    kv_read_cpu: float  # KV cache bytes read per token at CONTEXT_FOR_DECODE, CPU and GPU layers
+    kv_read_gpu: float
+
+
+def _box(inp: PredictInput, tr: _Traffic) -> _Box:
+    model, hw = inp.model, inp.hw
+    kv_tok = inp.kv_bytes_per_token or model.kv.bytes_per_token.get(inp.kv_type, model.kv.bytes_per_token["f16"])
+    n_layers = max(1, tr.attn_cpu + tr.attn_gpu)
     nodes = max(1, len(hw.numa_nodes))
-    numa_scale = (1 + params.numa_extra_node_gain * (nodes - 1)) / nodes  # fraction of the sum over nodes
-    bw = hw.memory_bandwidth_gbs * 1e9
-    cores = min(threads, hw.cpu.physical_cores)
-    isa = hw.cpu.isa
-    eff = params.cpu_eff
-    t_cpu_bw = (cpu_b + kv_read_cpu) / (bw * CPU_BW_EFF * numa_scale) if cpu_b else 0.0
-    t_cpu_compute = cpu_flops / (cores * DECODE_GFLOPS_PER_CORE[isa] * 1e9 * numa_scale * eff) if cpu_flops else 0.0
-    cal = calibrated_cpu(model, device_of, rates, cores, params.ubatch) if rates and cpu_b else None
+    return _Box(bw=hw.memory_bandwidth_gbs * 1e9, cores=min(inp.threads, hw.cpu.physical_cores),
+                numa_scale=(1 + inp.params.numa_extra_node_gain * (nodes - 1)) / nodes,
+                kv_read_cpu=kv_tok * CONTEXT_FOR_DECODE * tr.attn_cpu / n_layers,
+                kv_read_gpu=kv_tok * CONTEXT_FOR_DECODE * tr.attn_gpu / n_layers)
+
+
+def _gpu_bw(hw: HardwareProfile, dev: str) -> float:
+    g = next((g for g in hw.gpus if f"gpu:{g.index}" == dev), None)
+    return (g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9
+
+
+def _decode_parts(inp: PredictInput, tr: _Traffic, box: _Box, cal, hops: int) -> dict[str, float]:
+    """Seconds per token by part (before disk and network)."""
+    eff, isa = inp.params.cpu_eff, inp.hw.cpu.isa
+    t_cpu_bw = (tr.cpu_b + box.kv_read_cpu) / (box.bw * CPU_BW_EFF * box.numa_scale) if tr.cpu_b else 0.0
+    t_cpu_compute = (tr.cpu_flops / (box.cores * DECODE_GFLOPS_PER_CORE[isa] * 1e9 * box.numa_scale * eff)
+                     if tr.cpu_flops else 0.0)
     if cal:  # measured per-type costs include the weights' reads: only the KV cache is left to bandwidth
-        t_cpu_compute, t_cal_exp, t_cal_pre = cal
-        t_cpu_bw = kv_read_cpu / (bw * CPU_BW_EFF) if cpu_b else 0.0
-
-    gpus = {f"gpu:{g.index}": g for g in hw.gpus}
+        t_cpu_compute = cal[0]
+        t_cpu_bw = box.kv_read_cpu / (box.bw * CPU_BW_EFF) if tr.cpu_b else 0.0
     t_gpu = 0.0
-    for dev, b in gpu_b.items():
-        g = gpus.get(dev)
-        gbw = (g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9
-        t_gpu += (b + kv_read_gpu * b / max(1.0, sum(gpu_b.values()))) / (gbw * GPU_BW_EFF)
-    t_hops = hops * HOP_SECONDS if gpu_b else 0.0
-    t_fixed = TOKEN_OVERHEAD_S["gpu" if gpu_b else "cpu"] + (
-        attn_gpu_layers * GPU_BLOCK_S + len(gpu_moe_blocks) * GPU_MOE_BLOCK_S if gpu_b else 0.0)
-    if cal and not gpu_b:  # the calibration's per-block and per-token costs replace the modelled fixed cost
-        t_fixed = rates.token_us * 1e-6
+    for dev, b in tr.gpu_b.items():
+        t_gpu += (b + box.kv_read_gpu * b / max(1.0, sum(tr.gpu_b.values()))) / (_gpu_bw(inp.hw, dev) * GPU_BW_EFF)
+    t_hops = hops * HOP_SECONDS if tr.gpu_b else 0.0
+    t_fixed = TOKEN_OVERHEAD_S["gpu" if tr.gpu_b else "cpu"] + (
+        tr.attn_gpu * GPU_BLOCK_S + len(tr.gpu_moe_blocks) * GPU_MOE_BLOCK_S if tr.gpu_b else 0.0)
+    if cal and not tr.gpu_b:  # the calibration's per-block and per-token costs replace the modelled fixed cost
+        t_fixed = inp.rates.token_us * 1e-6
+    return {"cpu_memory": t_cpu_bw, "cpu_compute": t_cpu_compute, "gpu": t_gpu, "pcie_hops": t_hops, "fixed": t_fixed}
 
-    notes = []
-    t_disk = 0.0
-    if resident_fraction < 1.0:
-        hit = resident_fraction ** PAGE_CACHE_LOCALITY_EXP
-        miss_bytes = cpu_expert_b_active * (1 - hit)
-        t_disk = miss_bytes / (hw.disk_read_gbs * 1e9)
-        notes.append(f"{resident_fraction:.0%} of CPU-side weights stay in the page cache; ~{1 - hit:.0%} of expert "
-                     f"reads ({miss_bytes / 1e9:.2f} GB/token) come from disk at {hw.disk_read_gbs:g} GB/s")
-    parts = {"cpu_memory": t_cpu_bw, "cpu_compute": t_cpu_compute, "gpu": t_gpu, "pcie_hops": t_hops,
-             "disk": t_disk, "fixed": t_fixed}
+
+def _disk(inp: PredictInput, tr: _Traffic, notes: list[str]) -> float:
+    """Seconds per token reading expert pages the page cache does not hold (streaming)."""
+    if inp.resident_fraction >= 1.0:
+        return 0.0
+    hit = inp.resident_fraction ** PAGE_CACHE_LOCALITY_EXP
+    miss_bytes = tr.cpu_expert_b * (1 - hit)
+    notes.append(f"{inp.resident_fraction:.0%} of CPU-side weights stay in the page cache; ~{1 - hit:.0%} of expert "
+                 f"reads ({miss_bytes / 1e9:.2f} GB/token) come from disk at {inp.hw.disk_read_gbs:g} GB/s")
+    return miss_bytes / (inp.hw.disk_read_gbs * 1e9)
+
+
+def _limit(inp: PredictInput, tr: _Traffic, box: _Box, decode: float) -> float:
+    """The bandwidth roof of this placement on this box: bytes / spec bandwidth, nothing else."""
+    limit_t = (tr.cpu_b + box.kv_read_cpu) / box.bw if tr.cpu_b else 0.0
+    for dev, b in tr.gpu_b.items():
+        limit_t += b / _gpu_bw(inp.hw, dev)
+    if inp.resident_fraction < 1.0:
+        limit_t += (tr.cpu_expert_b * (1 - inp.resident_fraction ** PAGE_CACHE_LOCALITY_EXP)
+                    / (inp.hw.disk_read_gbs * 1e9))
+    return 1 / limit_t if limit_t else decode
+
+
+def _prefill(inp: PredictInput, tr: _Traffic, box: _Box, cal, t_disk: float, notes: list[str]) -> float:
+    """Prefill tok/s: compute-bound. Some engines with a GPU upload CPU-resident weights over PCIe for big batches
+    (one ubatch) when that beats computing them on the CPU."""
+    p, hw = inp.params, inp.hw
+    if p.prefill_gflops_per_core_amx and hw.cpu.isa == "amx":
+        pre_core = p.prefill_gflops_per_core_amx
+    else:
+        pre_core = PREFILL_GFLOPS_PER_CORE[hw.cpu.isa] * p.prefill_cpu_scale
+    t_pre_cpu = (tr.cpu_prefill_flops / (box.cores * pre_core * 1e9 * box.numa_scale * p.cpu_eff)
+                 if tr.cpu_prefill_flops else 0.0)
+    if cal:
+        t_pre_cpu = cal[2]
+    local = [g for g in hw.gpus if not g.remote]  # ggml-rpc offers no op offload (offload_op = NULL)
+    if p.prefill_uploads_weights and tr.gpu_b and local:
+        t_upload = tr.cpu_b_all / (local[0].pcie_gbs * 0.8e9) / p.ubatch
+        if t_upload < t_pre_cpu:
+            t_pre_cpu = t_upload
+            notes.append(f"prefill: the engine streams CPU-resident weights to the GPU per {p.ubatch}-token batch")
+    # A layer split runs its GPUs one after the other: each computes its own layers, the times add up.
+    gpus = {f"gpu:{g.index}": g for g in hw.gpus}
+    t_pre_gpu = sum(f / ((gpus[d].fp16_tflops if d in gpus and gpus[d].fp16_tflops else GPU_FP16_TFLOPS_DEFAULT)
+                         * 1e12 * 0.35) for d, f in tr.gpu_flops.items())
+    return 1 / max(1e-9, t_pre_cpu + t_pre_gpu + (t_disk if inp.resident_fraction < 1 else 0.0) / 8)
+
+
+def _aggregate(inp: PredictInput, tr: _Traffic, box: _Box, cal, parts: dict[str, float], decode: float,
+               notes: list[str]) -> float:
+    """N busy slots decode as one batch per step: the dense weights are read once for all N; each MoE block reads
+    the union of the experts its N tokens chose (1 - (1 - k/E)^N of them); compute and KV reads scale with N;
+    per-layer fixed costs are paid once per step."""
+    n, model = inp.parallel, inp.model
+    if n <= 1:
+        return decode
+    k_e = model.expert_used_count / model.expert_count if model.expert_count else 1.0
+    union = (1 - (1 - k_e) ** n) / k_e if model.expert_count else 1.0
+    cpu_dense_b = tr.cpu_b - tr.cpu_expert_b
+    t_bw_n = ((cpu_dense_b + tr.cpu_expert_b * union + box.kv_read_cpu * n)
+              / (box.bw * CPU_BW_EFF * box.numa_scale)) if tr.cpu_b else 0.0
+    growth = n - 1
+    t_cpu_n = parts["cpu_compute"] * (1 + BATCH_COMPUTE_GROWTH * growth)
+    if cal:  # measured costs hold the reads: the experts' part grows with the union they touch
+        t_bw_n = box.kv_read_cpu * n / (box.bw * CPU_BW_EFF) if tr.cpu_b else 0.0
+        t_cpu_n = (parts["cpu_compute"] - cal[1]) * (1 + BATCH_COMPUTE_GROWTH * growth) + cal[1] * union
+    t_step = (t_bw_n + t_cpu_n + parts["gpu"] * (1 + 0.02 * growth)
+              + parts["pcie_hops"] + parts["disk"] * union + parts["fixed"] + TOKEN_OVERHEAD_S["cpu"] * 0.1 * growth)
+    aggregate = n / t_step
+    notes.append(f"{n} busy slots: ~{aggregate:.1f} tok/s in total, ~{aggregate / n:.1f} each")
+    return aggregate
+
+
+def predict(inp: PredictInput) -> Prediction:
+    """Decode, prefill and aggregate speed of one placement; on a calibrated box (`inp.rates`) the CPU side is the
+    sum of its measured costs."""
+    tr = _traffic(inp)
+    box = _box(inp, tr)
+    hops, t_net, remote = _hops_and_network(inp, tr)
+    rates = inp.rates
+    cal = calibrated_cpu(inp.model, inp.device_of, rates, box.cores, inp.params.ubatch) if rates and tr.cpu_b else None
+    notes: list[str] = []
+    parts = _decode_parts(inp, tr, box, cal, hops)
+    parts = {**{k: parts[k] for k in ("cpu_memory", "cpu_compute", "gpu", "pcie_hops")},
+             "disk": _disk(inp, tr, notes), "fixed": parts["fixed"]}
     if remote:
         parts["network"] = t_net
     total = sum(parts.values())
-    if params.overlap_cpu_reads and cpu_only and not cal:
-        total -= min(t_cpu_bw, t_cpu_compute)
+    if inp.params.overlap_cpu_reads and set(inp.device_of.values()) == {"cpu"} and not cal:
+        total -= min(parts["cpu_memory"], parts["cpu_compute"])
     decode = 1 / total
-    bound = max(parts, key=parts.get)
-
-    limit_t = (cpu_b + kv_read_cpu) / bw if cpu_b else 0.0
-    for dev, b in gpu_b.items():
-        g = gpus.get(dev)
-        limit_t += b / ((g.memory_bandwidth_gbs if g and g.memory_bandwidth_gbs else 500.0) * 1e9)
-    if resident_fraction < 1.0:
-        limit_t += cpu_expert_b_active * (1 - resident_fraction ** PAGE_CACHE_LOCALITY_EXP) / (hw.disk_read_gbs * 1e9)
-    limit = 1 / limit_t if limit_t else decode
-
-    # Prefill: compute-bound. Some engines with a GPU upload CPU-resident weights over PCIe for big batches
-    # (one ubatch) when that beats computing them on the CPU.
-    if params.prefill_gflops_per_core_amx and isa == "amx":
-        pre_core = params.prefill_gflops_per_core_amx
-    else:
-        pre_core = PREFILL_GFLOPS_PER_CORE[isa] * params.prefill_cpu_scale
-    t_pre_cpu = cpu_prefill_flops / (cores * pre_core * 1e9 * numa_scale * eff) if cpu_prefill_flops else 0.0
-    if cal:
-        t_pre_cpu = t_cal_pre
-    local = [g for g in hw.gpus if not g.remote]  # ggml-rpc offers no op offload (offload_op = NULL)
-    if params.prefill_uploads_weights and gpu_b and local:
-        t_upload = cpu_b_all / (local[0].pcie_gbs * 0.8e9) / params.ubatch
-        if t_upload < t_pre_cpu:
-            t_pre_cpu = t_upload
-            notes.append(f"prefill: the engine streams CPU-resident weights to the GPU per {params.ubatch}-token batch")
-    # A layer split runs its GPUs one after the other: each computes its own layers, the times add up.
-    t_pre_gpu = sum(f / ((gpus[d].fp16_tflops if d in gpus and gpus[d].fp16_tflops else GPU_FP16_TFLOPS_DEFAULT)
-                         * 1e12 * 0.35) for d, f in gpu_flops.items())
-    prefill = 1 / max(1e-9, t_pre_cpu + t_pre_gpu + (t_disk if resident_fraction < 1 else 0.0) / 8)
-
-    # N busy slots decode as one batch per step: the dense weights are read once for all N; each MoE block
-    # reads the union of the experts its N tokens chose (1 - (1 - k/E)^N of them); compute and KV reads scale
-    # with N; per-layer fixed costs are paid once per step.
-    aggregate = decode
-    if parallel > 1:
-        k_e = model.expert_used_count / model.expert_count if model.expert_count else 1.0
-        union = (1 - (1 - k_e) ** parallel) / k_e if model.expert_count else 1.0
-        cpu_dense_b = cpu_b - cpu_expert_b_active
-        t_bw_n = ((cpu_dense_b + cpu_expert_b_active * union + kv_read_cpu * parallel)
-                  / (bw * CPU_BW_EFF * numa_scale)) if cpu_b else 0.0
-        growth = parallel - 1
-        t_cpu_n = t_cpu_compute * (1 + BATCH_COMPUTE_GROWTH * growth)
-        if cal:  # measured costs hold the reads: the experts' part grows with the union they touch
-            t_bw_n = kv_read_cpu * parallel / (bw * CPU_BW_EFF) if cpu_b else 0.0
-            t_cpu_n = (t_cpu_compute - t_cal_exp) * (1 + BATCH_COMPUTE_GROWTH * growth) + t_cal_exp * union
-        t_step = (t_bw_n + t_cpu_n + t_gpu * (1 + 0.02 * growth)
-                  + t_hops + t_disk * union + t_fixed + TOKEN_OVERHEAD_S["cpu"] * 0.1 * growth)
-        aggregate = parallel / t_step
-        notes.append(f"{parallel} busy slots: ~{aggregate:.1f} tok/s in total, ~{aggregate / parallel:.1f} each")
-
+    limit = _limit(inp, tr, box, decode)
+    prefill = _prefill(inp, tr, box, cal, parts["disk"], notes)
+    aggregate = _aggregate(inp, tr, box, cal, parts, decode, notes)
     return Prediction(
         decode_tps=round(decode, 2), prefill_tps=round(prefill, 1), decode_limit_tps=round(limit, 2),
-        fraction_of_limit=round(decode / limit, 3) if limit else 1.0, bound=bound,
+        fraction_of_limit=round(decode / limit, 3) if limit else 1.0, bound=max(parts, key=parts.get),
         breakdown_ms={k: round(v * 1e3, 3) for k, v in parts.items()},
-        cpu_bytes_per_token=int(cpu_b), gpu_bytes_per_token=int(sum(gpu_b.values())), notes=notes,
-        parallel=parallel, aggregate_decode_tps=round(aggregate, 2),
-        source=("calibrated" if not gpu_b else "calibrated CPU, predicted GPU") if cal else "predicted",
+        cpu_bytes_per_token=int(tr.cpu_b), gpu_bytes_per_token=int(sum(tr.gpu_b.values())), notes=notes,
+        parallel=inp.parallel, aggregate_decode_tps=round(aggregate, 2),
+        source=("calibrated" if not tr.gpu_b else "calibrated CPU, predicted GPU") if cal else "predicted",
         source_detail=f"{rates.key}, {rates.threads} threads" if cal else "",
     )

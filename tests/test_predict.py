@@ -118,9 +118,9 @@ def test_cpu_prefill_pays_for_few_tokens_per_expert(models):
     assert small.prediction.decode_tps == full.prediction.decode_tps  # decode reads one token at a time
     # Without the term (an engine whose figure was fitted to R1 itself), the same plan prefills faster.
     from hybridinfer.engines import get
-    from hybridinfer.predict import predict
+    from hybridinfer.predict import PredictInput, predict
     e = get("llama.cpp")
-    off = predict(m, hw, full.device_of, replace(e.prediction_params, prefill_expert_batch_n0=0.0), full.threads,
-                  full.kv_type)
-    on = predict(m, hw, full.device_of, e.prediction_params, full.threads, full.kv_type)
+    on_in = PredictInput(m, hw, full.device_of, e.prediction_params, full.threads, full.kv_type)
+    off = predict(replace(on_in, params=replace(e.prediction_params, prefill_expert_batch_n0=0.0)))
+    on = predict(on_in)
     assert PREFILL_EXPERT_BATCH_N0 > 0 and off.prefill_tps > on.prefill_tps * 1.2
