@@ -33,6 +33,7 @@ from hybridinfer.demo.mid import ensure_mid, ensure_other  # noqa: E402
 from hybridinfer.inspect_gguf import inspect  # noqa: E402
 from hybridinfer.options import probe_box  # noqa: E402
 from hybridinfer.plan import PlanOptions, make_plan  # noqa: E402
+from hybridinfer.render import why  # noqa: E402
 
 MODELS = {"mid-iq1_s": lambda: ensure_mid("iq1_s"), "mid-q4_k_m": lambda: ensure_mid("q4_k_m"),
           "q4_0_few": lambda: ensure_other("q4_0_few"), "q8_0_dense": lambda: ensure_other("q8_0_dense")}
@@ -80,7 +81,7 @@ def main() -> int:
                           "prefill_tps": before.prediction.prefill_tps,
                           "bandwidth_gbs": before_hw.memory_bandwidth_gbs,
                           "bandwidth_source": before_hw.bandwidth_source},
-               "auto": {"engine": auto.engine, "why": auto.reasons[0]}, "engines": {}}
+               "auto": {"engine": auto.engine, "why": why(auto)[0]}, "engines": {}}
         for e in runnable:
             plan = make_plan(hw, model, PlanOptions(engine=e.name))
             m = bench(e, plan, a)

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import engines
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, inspect
-from .plan import KV_TYPES, LOAD_MODES, Plan, PlanOptions, make_plan
+from .plan import KV_TYPES, LOAD_MODES, Plan, PlanOptions, Reason, make_plan
 from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
@@ -129,5 +129,5 @@ def plan_from_args(args, serving: bool = False) -> tuple[Plan, ModelInfo]:
             plan, rep = found
             why = (f"plan: the one `hybridinfer tune` measured fastest on this box {rep.get('created', '')[:10]} "
                    f"({rep.get('gain', 1):.2f}x the static plan; any plan option plans afresh)")
-            return replace(plan, reasons=[why, *plan.reasons]), model
+            return replace(plan, reasons=[Reason("tuned", why), *plan.reasons]), model
     return make_plan(hw, model, plan_options(args, serving=serving)), model

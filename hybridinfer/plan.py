@@ -10,9 +10,7 @@ eligible engine is planned and the fastest unblocked one wins, each engine's ver
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from . import engines, rules
 from .engines.base import Engine, maps_weights
@@ -62,6 +60,42 @@ class DeviceUse:
 
 
 @dataclass(frozen=True)
+class Reason:
+    """One line of the plan's "Why": what it is about, the sentence shown, and its figure where it has one."""
+    topic: str  # rules-choice | tuned | memory | rules | auto-fill | rpc | threads | numa | kv | context | prompt-cache
+    text: str
+    figure: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One engine's outcome for this plan (rendered to prose by render.why)."""
+    engine: str
+    verdict: str  # chosen | requested | slower | not faster | blocked | not installed
+    decode_tps: float | None = None  # its predicted or calibrated decode for this plan
+    source: str = ""  # where decode_tps comes from
+    reason: str = ""  # chosen/requested: what makes it eligible; blocked: the first blocker
+    also: list[str] = field(default_factory=list)  # blocked: the further blockers
+    installed: bool = True  # on the planned box (a chosen engine may not be: the command is what it would run)
+    install_hint: str = ""
+
+    def text(self, hardware: str) -> list[str]:
+        """As prose, for the "Why" and error messages: one line, two for a chosen engine that is not installed."""
+        e, v = self.engine, self.verdict
+        if v in ("chosen", "requested"):
+            out = [f"engine {e}: {v} — {self.reason}; {self.decode_tps:g} tok/s decode ({self.source})"]
+            if not self.installed:
+                out.append(f"note: {e} is not installed on {hardware}; the command is what it would run "
+                           f"({self.install_hint})")
+            return out
+        if v == "blocked":
+            return [f"engine {e}: blocked because {self.reason}" + "".join(f"; also {b}" for b in self.also[:2])]
+        if v == "not installed":
+            return [f"engine {e}: not installed on {hardware}"]
+        return [f"engine {e}: {v}: {self.decode_tps:g} tok/s decode ({self.source})"]
+
+
+@dataclass(frozen=True)
 class Plan:
     model_name: str
     model_path: str
@@ -80,7 +114,7 @@ class Plan:
     resident_fraction: float
     devices: list[DeviceUse]
     prediction: Prediction
-    reasons: list[str]
+    reasons: list[Reason]  # after the engine verdicts in the "Why", except the topics render.LEAD shows first
     warnings: list[str]
     n_layer: int
     n_expert: int
@@ -98,6 +132,7 @@ class Plan:
     batch: int = 0  # 0 = the engine's default
     ubatch: int = 0
     load_mode: str = "auto"
+    verdicts: list[Verdict] = field(default_factory=list)  # every engine's, the chosen one first
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -160,17 +195,17 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
             plan = _make_plan(hw, model, opts, rules.load("layer-split"))
         except HybridError:
             raise first from None  # the layer split cannot run either: the first problem is the one to fix
-        plan.reasons.insert(0, f"rules layer-split chosen because {default_rules(hw, model)} does not fit: {first.problem}")
-        return plan
+        why = f"rules layer-split chosen because {default_rules(hw, model)} does not fit: {first.problem}"
+        return replace(plan, reasons=[Reason("rules-choice", why), *plan.reasons])
 
 
-def _candidates(hw: HardwareProfile, opts: PlanOptions, model: ModelInfo) -> tuple[list[Engine], list[str]]:
+def _candidates(hw: HardwareProfile, opts: PlanOptions, model: ModelInfo) -> tuple[list[Engine], list[Verdict]]:
     """Each engine bound to this box, options and model (Engine.for_box), via _registered."""
     cands, skipped = _registered(hw, opts)
     return [e.for_box(hw, opts, model) for e in cands], skipped
 
 
-def _registered(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[str]]:
+def _registered(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], list[Verdict]]:
     """Engines to plan: the requested one, or every engine installed on the box (listed in a profile from another
     box), plus the default engine, which runs any GGUF anywhere — for serving only when nothing servable is
     installed (its runner then says how to install it). -> (engines, verdicts for the rest)."""
@@ -181,11 +216,11 @@ def _registered(hw: HardwareProfile, opts: PlanOptions) -> tuple[list[Engine], l
         if e.installed(hw):
             out.append(e)
         else:
-            skipped.append(f"engine {e.name}: not installed on {hw.id}")
+            skipped.append(Verdict(e.name, "not installed"))
     default = engines.get(engines.DEFAULT)
     if default not in out and not (opts.serving and any(e.serves for e in out)):  # serving: one that is here, if any
         out.insert(0, default)
-        skipped.remove(f"engine {default.name}: not installed on {hw.id}")
+        skipped = [v for v in skipped if v.engine != default.name]
     return out, skipped
 
 
@@ -200,8 +235,8 @@ def _static_blockers(e: Engine, hw: HardwareProfile, model: ModelInfo, opts: Pla
     return out + e.blockers(model, None, hw)
 
 
-def _blocked(e: Engine, why: list[str]) -> str:
-    return f"engine {e.name}: blocked because {why[0]}" + "".join(f"; also {b}" for b in why[1:3])
+def _blocked(e: Engine, why: list[str]) -> Verdict:
+    return Verdict(e.name, "blocked", reason=why[0], also=list(why[1:]))
 
 
 def _best_multi_gpu(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions) -> Plan:
@@ -227,59 +262,68 @@ def _best_multi_gpu(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions) ->
                f"{o.prediction.decode_tps:g} tok/s")
     else:
         why = f"rules {best.rules} chosen: {failed[0]}"
-    return replace(best, reasons=[why] + best.reasons)
+    return replace(best, reasons=[Reason("rules-choice", why), *best.reasons])
 
 
 def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet) -> Plan:
     """Plan every candidate engine; the fastest unblocked one wins. A placement an engine cannot run is a blocker
-    (its verdict in the reasons), never an exception — unless that engine was asked for by name."""
+    (its verdict in the plan), never an exception — unless that engine was asked for by name."""
     requested = opts.engine != engines.AUTO
-    cands, verdicts = _candidates(hw, opts, model)
+    cands, skipped = _candidates(hw, opts, model)
     planned: list[tuple[Engine, Plan]] = []
-    blocked: list[tuple[Engine, str]] = []
+    blocked: list[Verdict] = []
     first_error: HybridError | None = None
     for e in cands:
-        why = _static_blockers(e, hw, model, opts)
-        if not why:
-            try:
-                p = _plan_for(hw, model, opts, rs, e)
-            except _Blocked as b:
-                why = b.reasons
-            except HybridError as err:
-                if requested:
-                    raise
-                first_error = first_error or err
-                why = [f"it does not fit: {err.problem}"]
-            else:
-                why = e.blockers(model, p.device_of, hw)
+        p, why, err = _try_engine(hw, model, opts, rs, e)
+        first_error = first_error or err
         if why and requested:
             raise HybridError(f"{e.name} cannot run this plan: {why[0]}", "use --engine auto (or another engine)")
         if why:
-            blocked.append((e, _blocked(e, why)))
+            blocked.append(_blocked(e, why))
         else:
             planned.append((e, p))
     if not planned:
         if first_error:
             raise first_error
-        raise HybridError("no engine can run this plan: " + "; ".join(b for _, b in blocked), "see each engine's reason")
-    # Fastest decode wins; on a tie an installed engine, then the registry's order. Each engine's figure is measured
-    # (this box's calibration of it) or predicted; the reasons say which.
-    tps = {e.name: p.prediction.decode_tps for e, p in planned}
-    basis = {e.name: _basis(p.prediction, hw) for e, p in planned}
-    best_e, best = max(planned, key=lambda ep: (tps[ep[0].name], bool(ep[0].installed(hw)), -cands.index(ep[0])))
-    head = [f"engine {best_e.name}: {'requested' if requested else 'chosen'} — {best_e.chosen_because(model, hw)}; "
-            f"{tps[best_e.name]:g} tok/s decode ({basis[best_e.name]})"]
-    if not best_e.installed(hw):
-        head.append(f"note: {best_e.name} is not installed on {hw.id}; the command is what it would run "
-                    f"({best_e.install_hint})")
-    for e, p in planned:
-        if e is not best_e:
-            d = tps[e.name]
-            head.append(f"engine {e.name}: {'slower' if d < tps[best_e.name] else 'not faster'}: {d:g} tok/s decode ({basis[e.name]})")
-    head += [b for _, b in blocked] + verdicts
-    best = replace(best, reasons=head + best.reasons)
+        raise HybridError("no engine can run this plan: " + "; ".join(v.text(hw.id)[0] for v in blocked),
+                          "see each engine's reason")
+    # Fastest decode wins; on a tie an installed engine, then the registry's order.
+    best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, bool(ep[0].installed(hw)),
+                                                -cands.index(ep[0])))
+    verdicts = _verdicts(hw, model, best_e, planned, requested) + blocked + skipped
+    best = replace(best, verdicts=verdicts)
     best = replace(best, compiled=best_e.compile(best))
     return replace(best, command=best_e.command(best))
+
+
+def _try_engine(hw, model, opts, rs, e: Engine) -> tuple[Plan | None, list[str], HybridError | None]:
+    """One engine's plan, or why it cannot run it (and the fit error, for when no engine can)."""
+    why = _static_blockers(e, hw, model, opts)
+    if why:
+        return None, why, None
+    try:
+        p = _plan_for(hw, model, opts, rs, e)
+    except _Blocked as b:
+        return None, b.reasons, None
+    except HybridError as err:
+        if opts.engine != engines.AUTO:
+            raise
+        return None, [f"it does not fit: {err.problem}"], err
+    return p, e.blockers(model, p.device_of, hw), None
+
+
+def _verdicts(hw, model, best_e: Engine, planned: list[tuple[Engine, Plan]], requested: bool) -> list[Verdict]:
+    """The planned engines' verdicts, the chosen one first. Each figure is this box's calibration of the engine or
+    a prediction; `source` says which."""
+    best_tps = next(p.prediction.decode_tps for e, p in planned if e is best_e)
+    out = [Verdict(best_e.name, "requested" if requested else "chosen", best_tps,
+                   _basis(next(p for e, p in planned if e is best_e).prediction, hw), best_e.chosen_because(model, hw),
+                   installed=bool(best_e.installed(hw)), install_hint=best_e.install_hint)]
+    for e, p in planned:
+        if e is not best_e:
+            d = p.prediction.decode_tps
+            out.append(Verdict(e.name, "slower" if d < best_tps else "not faster", d, _basis(p.prediction, hw)))
+    return out
 
 
 def _basis(pred: Prediction, hw: HardwareProfile) -> str:
@@ -314,7 +358,8 @@ def _plan_for(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rule
             last_err = e
             continue
         if i:
-            plan.reasons.append(f"context {ctx} (the default {ctx_candidates[0]} does not fit: {last_err.short})")
+            why = f"context {ctx} (the default {ctx_candidates[0]} does not fit: {last_err.short})"
+            plan = replace(plan, reasons=[*plan.reasons, Reason("context", why, ctx)])
         return plan
     raise HybridError(last_err.problem, last_err.fix)
 
@@ -331,174 +376,258 @@ class _Blocked(Exception):
         self.reasons = reasons
 
 
-def _plan_at(hw, model, opts, rs, engine: Engine, ctx) -> Plan:
-    kv_type = opts.kv_type
-    kv_tok = engine.kv_bytes_per_token(model, kv_type)
-    kv_layer = int(kv_tok * ctx / max(1, model.kv.layers))  # ctx is the total over all slots
-    compute = _compute_bytes(model, ctx)
-    gpus = {f"gpu:{g.index}": g for g in hw.gpus}
-    runtime_gpu = engine.gpu_runtime_bytes
-    runtime_cpu = engine.cpu_runtime_bytes
+@dataclass(frozen=True)
+class _Kv:
+    """The KV cache and compute-buffer sizes at one context."""
+    ctx: int
+    per_token: int  # bytes per token over all layers, in the engine's form
+    per_layer: int  # bytes of one layer's cache at ctx (ctx is the total over all slots)
+    compute: int  # the compute buffer on each device that computes
 
-    def runtime_of(g) -> int:  # a worker reports its memory after its backend started: nothing more to reserve
-        return 0 if g.remote else runtime_gpu
 
-    budgets = {d: _vram_capacity(g) - compute - runtime_of(g) for d, g in gpus.items()}
+def _kv(engine: Engine, model: ModelInfo, kv_type: str, ctx: int) -> _Kv:
+    tok = engine.kv_bytes_per_token(model, kv_type)
+    return _Kv(ctx=ctx, per_token=tok, per_layer=int(tok * ctx / max(1, model.kv.layers)),
+               compute=_compute_bytes(model, ctx))
+
+
+def _gpu_runtime(engine: Engine, g) -> int:
+    return 0 if g.remote else engine.gpu_runtime_bytes  # a worker reports its memory after its backend started
+
+
+def _place(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet, engine: Engine, kv: _Kv) -> dict[str, str]:
+    """Step 1, placement: the rules resolved against each GPU's budget (VRAM less compute and runtime), a block's KV
+    cache counted where its attention goes. -> tensor name -> device, and the rules' warnings."""
+    budgets = {f"gpu:{g.index}": _vram_capacity(g) - kv.compute - _gpu_runtime(engine, g) for g in hw.gpus}
 
     def cost(t: Tensor, dev: str) -> int:
         b = engine.tensor_bytes(t, dev)
         if dev != "cpu" and t.name.endswith(".attn_norm.weight"):
-            b += kv_layer  # a block's KV cache lives where its attention does
+            b += kv.per_layer  # a block's KV cache lives where its attention does
         return b
 
     placement = rules.resolve(rs, model, budgets, cost)
-    dev_of = placement.device_of
-    warnings = list(placement.warnings)
-    blocked = engine.blockers(model, dev_of, hw)
+    blocked = engine.blockers(model, placement.device_of, hw)
     if blocked:
         raise _Blocked(blocked)
+    return placement
 
-    # Per-device accounting.
-    devices = []
+
+@dataclass(frozen=True)
+class _Memory:
+    """Step 2, device memory: bytes per device of weights (and by tensor class) and KV cache; the GPUs' DeviceUse."""
+    weights: dict[str, int]
+    groups: dict[str, dict[str, int]]
+    kv: dict[str, int]
+    gpus: list[DeviceUse]
+
+
+def _device_memory(hw: HardwareProfile, model: ModelInfo, engine: Engine, dev_of: dict[str, str], kv: _Kv) -> _Memory:
     groups: dict[str, dict[str, int]] = {}
     weights: dict[str, int] = {}
-    kv: dict[str, int] = {}
+    kv_of: dict[str, int] = {}
     for t in model.tensors:
         d = dev_of[t.name]
-        b = cost(t, d) - (kv_layer if d != "cpu" and t.name.endswith(".attn_norm.weight") else 0)
+        b = engine.tensor_bytes(t, d)
         weights[d] = weights.get(d, 0) + b
         groups.setdefault(d, {})
         groups[d][t.cls] = groups[d].get(t.cls, 0) + b
     # The KV cache of a layer lives on the device llama.cpp gives that layer (where its attention is).
     layer_dev = layer_devices(dev_of, model.block_count)
-    kv_layers = {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight")}
-    for b in kv_layers:
-        kv[layer_dev[b]] = kv.get(layer_dev[b], 0) + kv_layer
-    for d, g in gpus.items():
-        if d not in weights and d not in kv:
+    for b in {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight")}:
+        kv_of[layer_dev[b]] = kv_of.get(layer_dev[b], 0) + kv.per_layer
+    gpus = []
+    for g in hw.gpus:
+        d = f"gpu:{g.index}"
+        if d not in weights and d not in kv_of:
             continue
-        rt = runtime_of(g)
-        total = weights.get(d, 0) + kv.get(d, 0) + compute + rt
+        rt = _gpu_runtime(engine, g)
+        total = weights.get(d, 0) + kv_of.get(d, 0) + kv.compute + rt
         cap = _vram_capacity(g)
-        devices.append(DeviceUse(device=d, label=g.name, weights=weights.get(d, 0), kv_cache=kv.get(d, 0), compute=compute,
-                                 runtime=rt, total=total, capacity=cap, groups=groups.get(d, {})))
+        gpus.append(DeviceUse(device=d, label=g.name, weights=weights.get(d, 0), kv_cache=kv_of.get(d, 0),
+                              compute=kv.compute, runtime=rt, total=total, capacity=cap, groups=groups.get(d, {})))
         if total > cap:
             short = (total - cap) / GIB
             raise _DoesNotFit(
                 f"{d} ({g.name}) needs {total / GIB:.1f} GiB but has {cap / GIB:.1f} GiB usable: {short:.1f} GiB short "
-                f"(weights {weights.get(d, 0) / GIB:.1f}, KV {kv.get(d, 0) / GIB:.1f}, compute {compute / GIB:.1f})",
+                f"(weights {weights.get(d, 0) / GIB:.1f}, KV {kv_of.get(d, 0) / GIB:.1f}, compute {kv.compute / GIB:.1f})",
                 "try --ctx 4096, --kv-type q4_0, or --rules moe-experts-on-cpu / layer-split", f"{d} {short:.1f} GiB short")
-    numa_nodes = max(1, len(hw.numa_nodes))
-    cpu_weights = weights.get("cpu", 0)
-    expert_cpu = groups.get("cpu", {}).get("routed_experts", 0)
-    ram_need_weights = cpu_weights
-    extra, why = engine.extra_ram(expert_cpu, numa_nodes)
+    return _Memory(weights=weights, groups=groups, kv=kv_of, gpus=gpus)
+
+
+@dataclass(frozen=True)
+class _RamFit:
+    """Step 3, RAM: the CPU's DeviceUse, whether weights stream from disk, the prompt cache's share."""
+    cpu: DeviceUse
+    streaming: bool
+    resident: float  # share of the CPU-side weights that stays in RAM
+    cache_ram: int | None  # the engine's prompt cache in RAM (None: it keeps none)
+    warnings: list[str]
+    notes: list[str]  # memory reasons for the plan's "Why"
+
+
+def _prompt_cache(engine: Engine, opts: PlanOptions, kv_total: int, base: int, ram_cap: int) -> tuple[int | None, list[str]]:
+    """Its prompt cache keeps copies of slot states in RAM (multi-conversation prefix reuse); unplanned it grows to
+    the engine's own default (8 GiB for llama-server), the difference between fitting and swapping for a model
+    that fills RAM. `base`: the RAM everything else needs."""
+    if engine.prompt_cache_max is None:
+        return None, []
+    if opts.cache_ram_mib is not None:
+        return opts.cache_ram_mib * MIB, []
+    cache_ram = min(engine.prompt_cache_max, kv_total)
+    if cache_ram and base + cache_ram > ram_cap:
+        cache_ram = max(0, (ram_cap - base) // MIB * MIB)
+        return cache_ram, [f"prompt cache in RAM cut to {cache_ram / GIB:.2f} GiB so the model fits (--cache-ram sets it)"]
+    return cache_ram, []
+
+
+def _stream_or_refuse(model: ModelInfo, opts: PlanOptions, need: int, fixed: int, ram_cap: int) -> tuple[float, list[str]]:
+    """RAM short of the CPU-side weights (`need`) beside everything else (`fixed`): stream them from disk through
+    the page cache, or refuse. -> (resident share, warnings)."""
+    short = (need + fixed - ram_cap) / GIB
+    resident = max(0, ram_cap - fixed) / need if need else 0.0
+    if not opts.allow_streaming or resident < MIN_RESIDENT_FOR_STREAMING:
+        why = "" if opts.allow_streaming else " (streaming disabled)"
+        fixes = (f"a smaller quant, {short:.0f}+ GiB more RAM, a bigger GPU, or --ctx/--kv-type q4_0 to "
+                 "shrink the KV cache")
+        raise _DoesNotFit(
+            f"{model.name or 'model'} does not fit: CPU side needs {(need + fixed) / GIB:.1f} GiB, "
+            f"RAM has {ram_cap / GIB:.1f} GiB usable — {short:.1f} GiB short; only {resident:.0%} could stay "
+            f"cached{why}", f"use {fixes}", f"RAM {short:.1f} GiB short")
+    return resident, [f"RAM is {short:.1f} GiB short of the CPU-side weights: planning to stream them from disk "
+                      f"through the page cache (mmap); {resident:.0%} stay resident — expect the predicted, slow speed"]
+
+
+def _repacked(hw: HardwareProfile, model: ModelInfo, engine: Engine, dev_of: dict[str, str]) -> tuple[int, int]:
+    """Bytes of CPU-side weights the engine repacks (copies) for its kernels while the mapped file stays resident,
+    and the mapped embedding (only a row per token seen is resident, not the whole)."""
+    repack = engine.repacked_types
+    on_cpu = [t for t in model.tensors if dev_of[t.name] == "cpu"]
+    repacked = sum(t.nbytes for t in on_cpu if len(t.shape) >= 2 and t.type in repack and t.cls != "token_embd")
+    return repacked, sum(t.nbytes for t in on_cpu if t.cls == "token_embd")
+
+
+def _ram_fit(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engine: Engine, dev_of: dict[str, str],
+             mem: _Memory, kv: _Kv) -> _RamFit:
+    warnings, notes = [], []
+    cpu_weights = mem.weights.get("cpu", 0)
+    need = cpu_weights
+    extra, why = engine.extra_ram(mem.groups.get("cpu", {}).get("routed_experts", 0), max(1, len(hw.numa_nodes)))
     if extra:
-        ram_need_weights += extra
+        need += extra
         warnings.append(why)
     # An engine whose CPU compute buffer holds activations, not logits for a whole ubatch, needs ~1/4 of `compute`
     # (Engine.full_cpu_compute_buffer; llama.cpp: 108 MiB measured for the mid model where `compute` is 370 MiB).
     full = engine.full_cpu_compute_buffer
-    cpu_compute = compute if any(d == "cpu" for d in dev_of.values()) and not gpus and full else compute // 4
+    cpu_compute = kv.compute if any(d == "cpu" for d in dev_of.values()) and not hw.gpus and full else kv.compute // 4
+    runtime = engine.cpu_runtime_bytes
     ram_cap = _ram_capacity(hw)
-    cache_ram = None
-    if engine.prompt_cache_max is not None:
-        # Its prompt cache keeps copies of slot states in RAM (multi-conversation prefix reuse); unplanned it grows to
-        # the engine's own default (8 GiB for llama-server), the difference between fitting and swapping for a model
-        # that fills RAM.
-        kv_total = sum(kv.values())
-        cache_ram = opts.cache_ram_mib * MIB if opts.cache_ram_mib is not None else min(engine.prompt_cache_max, kv_total)
-        base = ram_need_weights + kv.get("cpu", 0) + cpu_compute + runtime_cpu
-        if opts.cache_ram_mib is None and cache_ram and base + cache_ram > ram_cap:
-            cache_ram = max(0, (ram_cap - base) // MIB * MIB)
-            warnings.append(f"prompt cache in RAM cut to {cache_ram / GIB:.2f} GiB so the model fits (--cache-ram sets it)")
-    ram_fixed = kv.get("cpu", 0) + cpu_compute + runtime_cpu + (cache_ram or 0)
+    cache_ram, cut = _prompt_cache(engine, opts, sum(mem.kv.values()), need + mem.kv.get("cpu", 0) + cpu_compute + runtime,
+                                   ram_cap)
+    warnings += cut
+    fixed = mem.kv.get("cpu", 0) + cpu_compute + runtime + (cache_ram or 0)
     streaming, resident = False, 1.0
-    if ram_need_weights + ram_fixed > ram_cap:
-        short = (ram_need_weights + ram_fixed - ram_cap) / GIB
-        avail_for_weights = max(0, ram_cap - ram_fixed)
-        resident = avail_for_weights / ram_need_weights if ram_need_weights else 0.0
-        fixes = (f"a smaller quant, {short:.0f}+ GiB more RAM, a bigger GPU, or --ctx/--kv-type q4_0 to "
-                 "shrink the KV cache")
-        if not opts.allow_streaming or resident < MIN_RESIDENT_FOR_STREAMING:
-            why = "" if opts.allow_streaming else " (streaming disabled)"
-            raise _DoesNotFit(
-                f"{model.name or 'model'} does not fit: CPU side needs {(ram_need_weights + ram_fixed) / GIB:.1f} GiB, "
-                f"RAM has {ram_cap / GIB:.1f} GiB usable — {short:.1f} GiB short; only {resident:.0%} could stay "
-                f"cached{why}", f"use {fixes}", f"RAM {short:.1f} GiB short")
+    if need + fixed > ram_cap:
+        resident, why_stream = _stream_or_refuse(model, opts, need, fixed, ram_cap)
         streaming = True
-        warnings.append(f"RAM is {short:.1f} GiB short of the CPU-side weights: planning to stream them from disk "
-                        f"through the page cache (mmap); {resident:.0%} stay resident — expect the predicted, slow speed")
-    ram_total = ram_need_weights + ram_fixed if not streaming else ram_cap
+        warnings += why_stream
+    ram_total = need + fixed if not streaming else ram_cap
     mixed = "cpu" in dev_of.values() and len(set(dev_of.values())) > 1
-    memory_notes = []
-    repack = engine.repacked_types
-    if repack and hw.cpu.isa != "generic" and maps_weights(opts.load_mode, streaming, mixed) and not streaming:
-        repacked = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and len(t.shape) >= 2
-                       and t.type in repack and t.cls != "token_embd")
-        # A mapped embedding is only read a row per token: its pages are resident for the tokens seen, not whole.
-        embd = sum(t.nbytes for t in model.tensors if dev_of[t.name] == "cpu" and t.cls == "token_embd")
+    if engine.repacked_types and hw.cpu.isa != "generic" and maps_weights(opts.load_mode, streaming, mixed) and not streaming:
+        repacked, embd = _repacked(hw, model, engine, dev_of)
         if repacked:
             # Clean file pages: in RSS while RAM lasts, dropped first when it does not, so not in the fit check.
             ram_total = min(ram_total + repacked, max(ram_total, ram_cap))
-            memory_notes.append(f"CPU memory includes {repacked / GIB:.2f} GiB of {'/'.join(sorted(repack))} weights {engine.name} "
-                                f"repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
+            notes.append(f"CPU memory includes {repacked / GIB:.2f} GiB of {'/'.join(sorted(engine.repacked_types))} "
+                         f"weights {engine.name} repacks for its {hw.cpu.isa} kernels (the mapped originals stay resident too)")
         ram_total -= embd
-    devices.insert(0, DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - ram_fixed),
-                                kv_cache=kv.get("cpu", 0), compute=cpu_compute, runtime=runtime_cpu,
-                                total=int(ram_total), capacity=ram_cap, groups=groups.get("cpu", {}),
-                                prompt_cache=cache_ram or 0))
+    cpu = DeviceUse(device="cpu", label=hw.cpu.model, weights=cpu_weights if not streaming else int(ram_cap - fixed),
+                    kv_cache=mem.kv.get("cpu", 0), compute=cpu_compute, runtime=runtime, total=int(ram_total),
+                    capacity=ram_cap, groups=mem.groups.get("cpu", {}), prompt_cache=cache_ram or 0)
+    return _RamFit(cpu=cpu, streaming=streaming, resident=resident, cache_ram=cache_ram, warnings=warnings, notes=notes)
 
+
+def _threads(hw: HardwareProfile, opts: PlanOptions) -> tuple[int, list[str]]:
     threads = opts.threads or hw.cpu.physical_cores
-    if threads > hw.cpu.physical_cores:
-        # Passed through as asked, but SMT siblings share one core's load ports: predict with the real cores.
-        warnings.append(f"--threads {threads} is more than the {hw.cpu.physical_cores} physical cores: extra threads add no "
-                        f"memory bandwidth and usually slow decode; the prediction uses {hw.cpu.physical_cores}")
-    policy = engine.numa_policy(numa_nodes)
-    numa = policy.flag if numa_nodes > 1 else ""
+    if threads <= hw.cpu.physical_cores:
+        return threads, []
+    # Passed through as asked, but SMT siblings share one core's load ports: predict with the real cores.
+    return threads, [f"--threads {threads} is more than the {hw.cpu.physical_cores} physical cores: extra threads add "
+                     f"no memory bandwidth and usually slow decode; the prediction uses {hw.cpu.physical_cores}"]
+
+
+def _prediction(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engine: Engine, dev_of: dict[str, str],
+                threads: int, ram: _RamFit, kv: _Kv) -> Prediction:
+    """Step 4, prediction: the engine's parameters, this box's calibration of the way it runs this placement."""
     params = engine.prediction_params
     if opts.ubatch:  # the experts' share of a prefill batch shrinks with it
         params = replace(params, ubatch=min(opts.ubatch, opts.batch or opts.ubatch))
-    rates = hw.calibration.rates(engine.calibration_key(dev_of, streaming, opts.load_mode)) if hw.calibration else None
-    pred = predict(PredictInput(model, hw, dev_of, params, threads, kv_type, resident,
-                                gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv_tok,
+    key = engine.calibration_key(dev_of, ram.streaming, opts.load_mode)
+    rates = hw.calibration.rates(key) if hw.calibration else None
+    return predict(PredictInput(model, hw, dev_of, params, threads, opts.kv_type, ram.resident,
+                                gpu_cost=lambda t: engine.tensor_bytes(t, "gpu"), kv_bytes_per_token=kv.per_token,
                                 parallel=opts.parallel, rates=rates))
-    reasons = list(memory_notes)
-    reasons.append(f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")
+
+
+def _placement_reasons(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet, dev_of: dict[str, str],
+                       kv_devices, pred: Prediction) -> list[Reason]:
+    out = [Reason("rules", f"rules {rs.name}: {rs.description.splitlines()[0] if rs.description else rs.source}")]
     moved = sorted({t.block for t in model.tensors if t.cls == "routed_experts" and dev_of[t.name] != "cpu"})
-    if model.is_moe and gpus and rs.name == "moe-auto-fill":
-        reasons.append(f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
-                       f"({ranges(moved) or 'none: no spare VRAM'}), the other {len(model.moe_blocks) - len(moved)} on the CPU")
+    if model.is_moe and hw.gpus and rs.name == "moe-auto-fill":
+        out.append(Reason("auto-fill", f"auto-fill: routed experts of {len(moved)} block(s) on the GPU "
+                                       f"({ranges(moved) or 'none: no spare VRAM'}), the other "
+                                       f"{len(model.moe_blocks) - len(moved)} on the CPU", len(moved)))
     for g in hw.gpus:
-        if g.remote and f"gpu:{g.index}" in set(dev_of.values()) | set(kv):
-            reasons.append(f"gpu:{g.index} = {g.llama_device} on RPC worker {g.endpoint}: {g.vram_free / GIB:.1f} GiB as it "
-                           f"reports; link {g.network_rtt_ms:g} ms round trip, {g.network_gbs:g} GB/s assumed, "
-                           f"{pred.breakdown_ms.get('network', 0):g} ms/token in all; its memory bandwidth assumed "
-                           f"{g.memory_bandwidth_gbs:g} GB/s")
-    if opts.threads:
-        reasons.append(f"threads {threads}: requested ({hw.cpu.physical_cores} physical cores)")
-    else:
-        reasons.append(f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)")
-    if numa_nodes > 1:
-        reasons.append(policy.reason)
-    if kv_type != "f16":
-        reasons.append(f"KV cache {kv_type}: needs flash attention (on)")
-    reasons.append(f"context {ctx} over {opts.parallel} slot(s); KV cache {engine.kv_form(model)} form, "
-                   f"{kv_tok:,} B/token")
+        if g.remote and f"gpu:{g.index}" in set(dev_of.values()) | set(kv_devices):
+            out.append(Reason("rpc", f"gpu:{g.index} = {g.llama_device} on RPC worker {g.endpoint}: "
+                                     f"{g.vram_free / GIB:.1f} GiB as it reports; link {g.network_rtt_ms:g} ms round trip, "
+                                     f"{g.network_gbs:g} GB/s assumed, {pred.breakdown_ms.get('network', 0):g} ms/token in "
+                                     f"all; its memory bandwidth assumed {g.memory_bandwidth_gbs:g} GB/s"))
+    return out
+
+
+def _run_reasons(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engine: Engine, threads: int, kv: _Kv,
+                 cache_ram: int | None) -> list[Reason]:
+    cores = hw.cpu.physical_cores
+    out = [Reason("threads", f"threads {threads}: requested ({cores} physical cores)" if opts.threads else
+                  f"threads {threads}: physical cores (hyperthreads add no memory bandwidth)", threads)]
+    if len(hw.numa_nodes) > 1:
+        out.append(Reason("numa", engine.numa_policy(len(hw.numa_nodes)).reason))
+    if opts.kv_type != "f16":
+        out.append(Reason("kv", f"KV cache {opts.kv_type}: needs flash attention (on)"))
+    out.append(Reason("context", f"context {kv.ctx} over {opts.parallel} slot(s); KV cache {engine.kv_form(model)} form, "
+                                 f"{kv.per_token:,} B/token", kv.ctx))
     if cache_ram is not None:
-        reasons.append(f"prompt cache in RAM {cache_ram / MIB:.0f} MiB ({engine.name} --cache-ram; "
-                       + ("set by --cache-ram)" if opts.cache_ram_mib is not None else
-                          f"the KV cache size, at most {engine.prompt_cache_max / GIB:g} GiB)"))
+        how = ("set by --cache-ram)" if opts.cache_ram_mib is not None else
+               f"the KV cache size, at most {engine.prompt_cache_max / GIB:g} GiB)")
+        out.append(Reason("prompt-cache", f"prompt cache in RAM {cache_ram / MIB:.0f} MiB ({engine.name} --cache-ram; "
+                                          + how, cache_ram // MIB))
+    return out
+
+
+def _plan_at(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet, engine: Engine,
+             ctx: int) -> Plan:
+    """One engine, one context: placement, device memory, RAM fit, threads, prediction, reasons."""
+    kv = _kv(engine, model, opts.kv_type, ctx)
+    placement = _place(hw, model, rs, engine, kv)
+    dev_of = placement.device_of
+    mem = _device_memory(hw, model, engine, dev_of, kv)
+    ram = _ram_fit(hw, model, opts, engine, dev_of, mem, kv)
+    threads, thread_warnings = _threads(hw, opts)
+    pred = _prediction(hw, model, opts, engine, dev_of, threads, ram, kv)
+    nodes = max(1, len(hw.numa_nodes))
+    reasons = ([Reason("memory", n) for n in ram.notes] + _placement_reasons(hw, model, rs, dev_of, mem.kv, pred)
+               + _run_reasons(hw, model, opts, engine, threads, kv, ram.cache_ram))
     return Plan(
         model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine.name,
-        rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=kv_type,
-        threads=threads, numa=numa, flash_attn=kv_type != "f16", streaming=streaming,
-        resident_fraction=round(resident, 3), devices=devices, prediction=pred, reasons=reasons, warnings=warnings,
+        rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=opts.kv_type,
+        threads=threads, numa=engine.numa_policy(nodes).flag if nodes > 1 else "", flash_attn=opts.kv_type != "f16",
+        streaming=ram.streaming, resident_fraction=round(ram.resident, 3), devices=[ram.cpu, *mem.gpus], prediction=pred,
+        reasons=reasons, warnings=list(placement.warnings) + ram.warnings + thread_warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
         gpu_devices={f"gpu:{g.index}": g.llama_device for g in hw.gpus},
         gpu_buffers={f"gpu:{g.index}": g.buffer_type for g in hw.gpus},
         rpc_servers=[g.endpoint for g in sorted((g for g in hw.gpus if g.endpoint), key=lambda g: int(g.llama_device[3:]))],
-        cache_ram=cache_ram,
-        batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
+        cache_ram=ram.cache_ram, batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
     )

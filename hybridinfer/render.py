@@ -122,9 +122,18 @@ def render_plan(plan, compare=None) -> None:
                       f"{'faster' if ratio >= 1 else 'slower'}")
         console.print(f"  {shell(compare.command)}", soft_wrap=True)
     console.print("[bold]Why[/]:")
-    for r in plan.reasons:
+    for r in why(plan):
         console.print(f"  {r}")
     for w in plan.warnings:
         console.print(f"[yellow]warning[/]: {w}")
     console.print("[bold]Command[/]:")
     console.print(shell(plan.command), soft_wrap=True)
+
+
+LEAD = ("tuned", "rules-choice")  # reasons shown before the engine verdicts: they say how the rest was chosen
+
+
+def why(plan) -> list[str]:
+    """The plan's "Why" as prose: how it was chosen, each engine's verdict, then the placement's reasons."""
+    return ([r.text for r in plan.reasons if r.topic in LEAD] + [line for v in plan.verdicts for line in v.text(plan.hardware)]
+            + [r.text for r in plan.reasons if r.topic not in LEAD])

@@ -29,6 +29,8 @@ def to_dict(obj):
 
 def from_dict(cls, data):
     """Plain dict -> dataclass `cls`, following the field type hints (nested dataclasses, lists, dicts)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__} expects an object, not {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

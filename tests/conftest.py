@@ -57,3 +57,13 @@ def has_gpu() -> bool:
 
 
 gpu = pytest.mark.skipif(not has_gpu(), reason="needs an NVIDIA GPU")
+
+
+def verdict(plan, engine: str):
+    """An engine's verdict in a plan (plan.verdicts)."""
+    return next(v for v in plan.verdicts if v.engine == engine)
+
+
+def reason(plan, topic: str) -> list[str]:
+    """The texts of a plan's reasons on one topic."""
+    return [r.text for r in plan.reasons if r.topic == topic]

@@ -117,9 +117,9 @@ def test_auto_picks_the_engine_this_box_measured_faster(tiny_model, box):
                                          _rates(IK, IK, decode_scale=2.0)))
     p = make_plan(fast_ik, m, PlanOptions())
     assert p.engine == IK
-    assert "calibrated on this box 2026-12-04: ik_llama.cpp -rtr, 2 threads" in p.reasons[0]
-    slower = [r for r in p.reasons if r.startswith(f"engine {MAIN}: slower")]
-    assert slower and "calibrated on this box 2026-12-04: llama.cpp" in slower[0]
+    assert "calibrated on this box 2026-12-04: ik_llama.cpp -rtr, 2 threads" in p.verdicts[0].source
+    slower = next(v for v in p.verdicts if v.engine == MAIN)
+    assert slower.verdict == "slower" and "calibrated on this box 2026-12-04: llama.cpp" in slower.source
     fast_main = with_calibration(box, _cal(box, _rates(MAIN, MAIN), _rates(f"{IK} -rtr", IK, decode_scale=3.0)))
     assert make_plan(fast_main, m, PlanOptions()).engine == MAIN
     # explicitly mapped weights: ik runs without repacking, and its no-rtr figures are the ones used
@@ -130,19 +130,19 @@ def test_auto_picks_the_engine_this_box_measured_faster(tiny_model, box):
 def test_sources_are_named_for_other_boxes_and_uncalibrated_ones(tiny_model, box):
     m = inspect(tiny_model)
     p = make_plan(box, m, PlanOptions(engine=MAIN))
-    assert p.prediction.source == "predicted" and "no calibration of this box used" in p.reasons[0]
+    assert p.prediction.source == "predicted" and "no calibration of this box used" in p.verdicts[0].source
     other = load_profile("desktop-4090")
     q = make_plan(other, m, PlanOptions(engine=MAIN))
-    assert "predicted for desktop-4090 from published figures" in q.reasons[0]
+    assert "predicted for desktop-4090 from published figures" in q.verdicts[0].source
     busy = with_calibration(box, _cal(box, _rates(MAIN, MAIN), busy="other processes used 40% of the CPU"))
-    assert "measured on a busy CPU" in make_plan(busy, m, PlanOptions(engine=MAIN)).reasons[0]
+    assert "measured on a busy CPU" in make_plan(busy, m, PlanOptions(engine=MAIN)).verdicts[0].source
 
 
 def test_hybrid_plan_calibrates_the_cpu_side_only(box, models):
     gpu_box = replace(load_profile("desktop-4090"), source="probe", engines=box.engines)
     cal = _cal(gpu_box, _rates(MAIN, MAIN), _rates(IK, IK))
     p = make_plan(with_calibration(gpu_box, cal), models["r1-ud-iq1_s"], PlanOptions(engine=MAIN))
-    assert p.prediction.source == "calibrated CPU, predicted GPU" and "GPU predicted" in p.reasons[0]
+    assert p.prediction.source == "calibrated CPU, predicted GPU" and "GPU predicted" in p.verdicts[0].source
 
 
 def test_storage_is_per_box_and_per_build(box):
@@ -196,7 +196,7 @@ def test_calibrate_for_real_then_probe_and_plan_use_it(monkeypatch):
     assert p["calibration"]["created"] == cal["created"] and p["calibration_age_days"] < 1
     assert p["bandwidth_source"] == "measured"
     plan = json.loads(run_cli("plan", "--engine", MAIN, "--json").stdout)
-    assert plan["prediction"]["source"] == "calibrated" and "calibrated on this box" in plan["reasons"][0]
+    assert plan["prediction"]["source"] == "calibrated" and "calibrated on this box" in plan["verdicts"][0]["source"]
     # a second run reuses it: nothing measured again
     again = run_cli("calibrate", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["created"] == cal["created"]
@@ -220,13 +220,14 @@ def test_serve_reuses_the_tuned_plan_for_this_model_on_this_box(tiny_model, tmp_
     tuned_path(tiny_model).parent.mkdir(parents=True, exist_ok=True)
     tuned_path(tiny_model).write_text(json.dumps(doc))
     got, _ = plan_from_args(args, serving=True)
-    assert got.threads == 1 and "measured fastest on this box 2026-12-04 (1.20x" in got.reasons[0]
+    assert got.threads == 1 and got.reasons[0].topic == "tuned"
+    assert "measured fastest on this box 2026-12-04 (1.20x" in got.reasons[0].text
     # a plan option plans afresh; `plan` (not serving) never swaps plans; a changed file is another model
     assert plan_from_args(argparse.Namespace(**{**vars(args), "ctx": 4096}), serving=True)[0].threads != 1 or \
         static.threads == 1
-    assert "measured fastest" not in plan_from_args(args, serving=False)[0].reasons[0]
+    assert plan_from_args(args, serving=False)[0].reasons[0].topic != "tuned"
     os.utime(tiny_model, (1, 1))
-    assert "measured fastest" not in plan_from_args(args, serving=True)[0].reasons[0]
+    assert plan_from_args(args, serving=True)[0].reasons[0].topic != "tuned"
     assert model.paths[0] == tiny_model
 
 

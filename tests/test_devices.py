@@ -61,14 +61,16 @@ def test_multi_gpu_default_takes_the_faster(models):
     # 2 x 80 GB: the issue's box, where the old default used 13 of 158 GiB. Now every routed expert fits on the
     # GPUs either way, and the plan says which it kept and why.
     big = make_plan(_two_gpus(80), m)
-    assert big.reasons[0].startswith("rules ") and "layer-split" in big.reasons[0] and "multi-gpu" in big.reasons[0]
+    r = big.reasons[0]
+    assert r.topic == "rules-choice" and "layer-split" in r.text and "multi-gpu" in r.text
     assert all(d != "cpu" for n, d in big.device_of.items() if n != "token_embd.weight")
     assert sum(d.total for d in big.devices if d.device != "cpu") > 120 * GIB
     split = make_plan(_two_gpus(80), m, PlanOptions(rules="layer-split"))
     assert big.prediction.decode_tps >= split.prediction.decode_tps
     # 2 x 24 GB: attention + KV on the GPUs, each GPU filled with its own early blocks' experts, beats a layer split
     small = make_plan(_two_gpus(24), m)
-    assert small.rules == "multi-gpu" and "chosen over layer-split" in small.reasons[0]
+    assert small.rules == "multi-gpu" and small.reasons[0].topic == "rules-choice"
+    assert "chosen over layer-split" in small.reasons[0].text
     assert small.prediction.decode_tps > make_plan(_two_gpus(24), m, PlanOptions(rules="layer-split")).prediction.decode_tps
     for d in small.devices:
         if d.device != "cpu":

@@ -39,7 +39,8 @@ def test_incompatible_deepseek_mla_is_a_blocker_before_launch(tmp_path, hw):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "incompatible DeepSeek model" in r.stderr
     p = make_plan(hw, m, PlanOptions(engine="auto"))
     assert p.engine == MAIN
-    assert any(r.startswith(f"engine {IK}: blocked because it aborts loading") for r in p.reasons)
+    ik = next(v for v in p.verdicts if v.engine == IK)
+    assert ik.verdict == "blocked" and ik.reason.startswith("it aborts loading")
 
 
 def _with_type(m, cls, qtype):
@@ -57,7 +58,7 @@ def test_quant_types_decide_which_engine_runs_a_file(tiny_model, hw):
     assert main_why and "IQ4_K_R4" in main_why[0] and IK in main_why[0]
     assert get(IK).blockers(m, None, hw) == []
     p = make_plan(hw, m, PlanOptions(engine="auto"))
-    assert p.engine == IK and any(r.startswith(f"engine {MAIN}: blocked because") for r in p.reasons)
+    assert p.engine == IK and next(v for v in p.verdicts if v.engine == MAIN).verdict == "blocked"
     # a repacked CPU layout placed on a GPU: ik's CUDA kernels do not run it
     cpu_only = _with_type(inspect(tiny_model), "attention", "Q4_K_R4")
     gpu = {t.name: ("gpu:0" if t.cls == "attention" else "cpu") for t in cpu_only.tensors}

@@ -284,7 +284,8 @@ def test_refusals(models, model_dir, tmp_path):
     with pytest.raises(HybridError, match=re.escape(kv.SUPPORTED)):  # unknown version in a profile
         make_plan(with_kt(xeon, "0.2.x (profile)"), mla, opts)
     p = make_plan(with_kt(xeon, "0.9"), mla)  # auto: a reason, not an exception
-    assert any(r.startswith("engine ktransformers: blocked because KTransformers version '0.9'") for r in p.reasons)
+    kt = next(v for v in p.verdicts if v.engine == "ktransformers")
+    assert kt.verdict == "blocked" and kt.reason.startswith("KTransformers version '0.9'")
 
     with pytest.raises(HybridError, match="no attn_kv_b, which KTransformers 0.2.1 needs"):
         make_plan(with_kt(xeon, "0.2.1"), mla, opts)
@@ -328,7 +329,7 @@ def test_marlin_and_iq_gpu_experts(models, model_dir, tmp_path):
     p = make_plan(with_kt(big, "0.3.2", detail=patched, cc="7.5"), m, opts)
     assert "op:KLinearMarlin" not in rule_classes(p.compiled["rules"])
     assert not any(d != "cpu" for n, d in p.device_of.items() if "_exps." in n)
-    assert "KLinearTorch" in p.reasons[0]
+    assert "KLinearTorch" in p.verdicts[0].reason
     with pytest.raises(HybridError, match="compute capability 8.0"):
         make_plan(with_kt(big, "0.3.2", detail=patched, cc="7.5"), m, replace(opts, rules=str(rules)))
 
@@ -339,7 +340,7 @@ def test_kv_is_always_the_compressed_mla_cache_and_numa_copies(models, model_dir
                   PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir), ctx=8192))
     gpu = next(d for d in p.devices if d.device == "gpu:0")
     assert gpu.kv_cache == 576 * 2 * 61 * 8192 // 61 * 61  # args.py: cache_lens * 2 * 576 * 61, whatever the form
-    assert any("KV cache mla form, 70,272 B/token" in r for r in p.reasons)
+    assert any("KV cache mla form, 70,272 B/token" in r.text for r in p.reasons if r.topic == "context")
     dual = load_profile("dual-6454s-4090d")  # USE_NUMA: on -> a copy per node
     q4 = models["r1-q4_k_m"]
     p = make_plan(dual, q4, PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir)))

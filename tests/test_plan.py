@@ -2,9 +2,11 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import verdict
 from hybridinfer.errors import HybridError
 from hybridinfer.plan import PlanOptions, make_plan
 from hybridinfer.probe import load_profile, reference_profiles_dir
+from hybridinfer.render import why
 
 GIB = 1024**3
 MACHINES = sorted(p.stem for p in reference_profiles_dir().glob("*.json"))
@@ -107,22 +109,25 @@ def test_course_vgpu_memory_matches_published(models):
 def test_engine_choice(models):
     xeon = load_profile("xeon4-ddr5-4090")
     p = make_plan(xeon, models["r1-ud-iq1_s"])
-    assert p.engine == "ktransformers" and "every routed-expert type runs" in p.reasons[0]
-    assert "patch ktransformers --apply` for" not in p.reasons[0]  # UD-IQ1_S: non-expert tensors in Q4_K/Q6_K/Q8_0
+    v = p.verdicts[0]
+    assert p.engine == v.engine == "ktransformers" and v.verdict == "chosen" and "every routed-expert type runs" in v.reason
+    assert "patch ktransformers --apply` for" not in v.reason  # UD-IQ1_S: non-expert tensors in Q4_K/Q6_K/Q8_0
     # A quant with IQ3_XXS attention (ggml type 18) needs hybridinfer's patch; the plan says whether it is applied.
     from hybridinfer.probe import EngineInfo
     m = models["r1-ud-iq1_s"]
     att = m.groups["attention"]
     iq = replace(m, groups={**m.groups, "attention": replace(att, types={"IQ3_XXS": sum(att.types.values())})})
-    assert "needs `hybridinfer patch ktransformers --apply` for IQ3_XXS" in make_plan(xeon, iq).reasons[0]
+    assert "needs `hybridinfer patch ktransformers --apply` for IQ3_XXS" in make_plan(xeon, iq).verdicts[0].reason
     patched = replace(xeon, engines=[e for e in xeon.engines if e.name != "ktransformers"] +
                       [EngineInfo(name="ktransformers", installed=True, version="0.3.2", detail="IQ patch: applied")])
-    assert "IQ3_XXS load through hybridinfer's patch (applied)" in make_plan(patched, iq).reasons[0]
+    assert "IQ3_XXS load through hybridinfer's patch (applied)" in make_plan(patched, iq).verdicts[0].reason
     p = make_plan(xeon, models["r1-ud-iq1_m"])  # IQ1_M experts: KTransformers would compute garbage
-    assert p.engine == "llama.cpp" and p.reasons[0].startswith("engine llama.cpp: chosen")
-    assert any(r.startswith("engine ktransformers: blocked because") and "IQ1_M" in r for r in p.reasons)
+    assert (p.engine, p.verdicts[0].engine, p.verdicts[0].verdict) == ("llama.cpp", "llama.cpp", "chosen")
+    kt = verdict(p, "ktransformers")
+    assert kt.verdict == "blocked" and "IQ1_M" in " ".join([kt.reason, *kt.also])
     p = make_plan(load_profile("desktop-4090"), models["r1-ud-iq1_s"])
-    assert p.engine == "llama.cpp" and "engine ktransformers: not installed on desktop-4090" in p.reasons
+    assert p.engine == "llama.cpp" and verdict(p, "ktransformers").verdict == "not installed"
+    assert "engine ktransformers: not installed on desktop-4090" in why(p)
     with pytest.raises(HybridError, match="ktransformers cannot run this plan"):
         make_plan(xeon, models["r1-ud-iq1_m"], PlanOptions(engine="ktransformers"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, verdict
 from hybridinfer import engines
 from hybridinfer.engines.supervisor import free_port
 from hybridinfer.errors import HybridError
@@ -107,9 +107,10 @@ def test_attention_on_cpu_falls_back_with_the_reason(models, tmp_path):
     rules.write_text(yaml.safe_dump(ATTN_ON_CPU))
     xeon = load_profile("xeon4-ddr5-4090")
     p = make_plan(xeon, models["r1-ud-iq1_s"], PlanOptions(rules=str(rules)))
-    assert p.engine == "llama.cpp" and p.reasons[0].startswith("engine llama.cpp: chosen")
-    kt = next(r for r in p.reasons if r.startswith("engine ktransformers:"))
-    assert "blocked because this placement keeps attention" in kt and "on the CPU (blocks 0-9)" in kt
+    assert (p.engine, p.verdicts[0].engine, p.verdicts[0].verdict) == ("llama.cpp", "llama.cpp", "chosen")
+    kt = verdict(p, "ktransformers")
+    assert kt.verdict == "blocked" and kt.reason.startswith("this placement keeps attention")
+    assert "on the CPU (blocks 0-9)" in kt.reason
     with pytest.raises(HybridError, match="ktransformers cannot run this plan: this placement"):
         make_plan(xeon, models["r1-ud-iq1_s"], PlanOptions(rules=str(rules), engine="ktransformers"))
 
@@ -136,19 +137,20 @@ def test_choice_does_not_depend_on_the_rules_name(models, tmp_path):
         assert make_plan(xeon, m, PlanOptions(rules=str(f))).engine == "ktransformers", name
     # ... and the shipped layer split keeps whole blocks (attention included) on the CPU: blocked by placement.
     p = make_plan(xeon, m, PlanOptions(rules="layer-split"))
-    assert p.engine == "llama.cpp" and any("engine ktransformers: blocked because this placement" in r for r in p.reasons)
+    kt = verdict(p, "ktransformers")
+    assert p.engine == "llama.cpp" and kt.verdict == "blocked" and kt.reason.startswith("this placement")
 
 
 def test_auto_lists_every_engine_and_picks_the_fastest(models):
     xeon = load_profile("xeon4-ddr5-4090")
     p = make_plan(xeon, models["r1-ud-iq1_s"])
-    verdicts = {r.split(":")[0].removeprefix("engine "): r for r in p.reasons if r.startswith("engine ")}
+    verdicts = {v.engine: v for v in p.verdicts}
+    assert list(verdicts) == [p.engine, *(n for n in verdicts if n != p.engine)]  # the chosen one first
     assert set(verdicts) == set(engines.names())
-    assert p.engine == "ktransformers" and "chosen" in verdicts["ktransformers"]
-    assert "slower:" in verdicts["llama.cpp"]
-    slower = float(verdicts["llama.cpp"].split("slower: ")[1].split()[0])
-    assert slower < p.prediction.decode_tps
-    assert make_plan(xeon, models["r1-ud-iq1_s"], PlanOptions(engine="llama.cpp")).prediction.decode_tps == slower
+    assert p.engine == "ktransformers" and verdicts["ktransformers"].verdict == "chosen"
+    assert verdicts["ktransformers"].decode_tps == p.prediction.decode_tps
+    assert verdicts["llama.cpp"].verdict == "slower" and verdicts["llama.cpp"].decode_tps < p.prediction.decode_tps
+    assert make_plan(xeon, models["r1-ud-iq1_s"], PlanOptions(engine="llama.cpp")).prediction.decode_tps == verdicts["llama.cpp"].decode_tps
 
 
 def test_plan_carries_command_and_compiled_placement(models):

@@ -78,7 +78,7 @@ def test_plan_counts_the_prompt_cache(models):
     cpu = p.devices[0]
     assert 0 < p.cache_ram <= 8 * 2**30 and cpu.prompt_cache == p.cache_ram
     assert cpu.total >= cpu.weights + cpu.kv_cache + cpu.compute + cpu.runtime + cpu.prompt_cache
-    assert any("prompt cache in RAM" in r for r in p.reasons)
+    assert [r.figure for r in p.reasons if r.topic == "prompt-cache"] == [p.cache_ram // 2**20]
     q = make_plan(hw, model, PlanOptions(engine="llama.cpp", cache_ram_mib=0))
     assert q.cache_ram == 0 and q.devices[0].total == cpu.total - p.cache_ram
     cmd = q.command  # the engine's argv, fixed at plan time
