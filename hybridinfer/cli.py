@@ -71,14 +71,19 @@ def cmd_inspect(args) -> int:
     holding one model. Reports parameter groups and their bytes, quant types, experts, and KV-cache bytes
     per token (MLA form vs legacy form detected from the metadata).
     """
+    from .engines import support_table
     from .inspect_gguf import inspect
     from .render import render_model
 
     model = inspect(args.gguf)
+    support = support_table(model)
     if args.json:
-        _print_json(model.to_dict(tensors=args.tensors))
+        d = model.to_dict(tensors=args.tensors)
+        for cls, g in d["groups"].items():
+            g["engines"] = support[cls]
+        _print_json(d)
     else:
-        render_model(model, tensors=args.tensors)
+        render_model(model, support, tensors=args.tensors)
     return 0
 
 

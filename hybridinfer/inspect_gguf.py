@@ -10,7 +10,6 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .engines import REGISTRY
 from .ggufio import read_header
 from .util import from_dict, to_dict
 
@@ -63,7 +62,6 @@ class Group:
     params: int
     tensors: int
     types: dict[str, int]  # quant type -> bytes
-    engines: dict[str, str]  # engine -> "ok" / "ok after patch (...)" / "refused: ..."
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ class ModelInfo:
         return from_dict(cls, json.loads(text))
 
 
-_EMPTY = Group(bytes=0, params=0, tensors=0, types={}, engines={})
+_EMPTY = Group(bytes=0, params=0, tensors=0, types={})
 
 
 def _kv_cache(md: dict, arch: str, n_layer: int, n_embd: int, n_head: int) -> KvCache:
@@ -189,8 +187,7 @@ def inspect(path) -> ModelInfo:
         gr["tensors"] += 1
         gr["types"][tn] = gr["types"].get(tn, 0) + t.nbytes
         qcount[tn] = qcount.get(tn, 0) + 1
-    group_objs = {c: Group(engines={n: e.support(c, set(groups[c]["types"])) for n, e in REGISTRY.items()}, **groups[c])
-                  for c in GROUPS if c in groups}
+    group_objs = {c: Group(**groups[c]) for c in GROUPS if c in groups}
 
     n_layer = int(g("block_count"))
     n_embd = int(g("embedding_length"))

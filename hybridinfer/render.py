@@ -67,7 +67,8 @@ def render_calibration(cal) -> None:
             console.print(f"  {r.key} {typ}: {why}")
 
 
-def render_model(m, tensors: bool = False) -> None:
+def render_model(m, support: dict[str, dict[str, str]], tensors: bool = False) -> None:
+    """`support`: group -> engine -> verdict (engines.support_table)."""
     console.print(f"[bold]{m.name or '(unnamed)'}[/]  arch [bold]{m.arch}[/]  {len(m.paths)} file(s)")
     console.print(f"  {m.params / 1e9:.2f} B params, {m.bytes / GIB:.2f} GiB, {m.bpw:.2f} bits/weight; "
                   f"{m.block_count} blocks, context {m.context_length}, vocab {m.vocab_size}")
@@ -78,11 +79,11 @@ def render_model(m, tensors: bool = False) -> None:
     else:
         console.print("  dense model (no experts): plans use a layer split")
     console.print("  quant types: " + ", ".join(f"{k} x{v}" for k, v in m.quant_types.items()))
-    names = list(next(iter(m.groups.values())).engines) if m.groups else []  # the engine registry's, in order
+    names = list(next(iter(support.values()))) if support else []  # the engine registry's, in order
     t = Table("group", "GiB", "share", "params (M)", "tensors", "types", *names, box=None)
     for name, g in m.groups.items():
         t.add_row(name, _g(g.bytes), f"{g.bytes / m.bytes:.1%}", f"{g.params / 1e6:,.0f}", str(g.tensors),
-                  ", ".join(g.types), *(g.engines.get(n, "") for n in names))
+                  ", ".join(g.types), *(support[name].get(n, "") for n in names))
     console.print(t)
     kv = m.kv
     console.print(f"  KV cache: {kv.form} form, {kv.values_per_token_per_layer} values/token/layer x {kv.layers} layers = "

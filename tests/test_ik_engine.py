@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import run_cli
-from hybridinfer.engines import REGISTRY, get
+from hybridinfer.engines import REGISTRY, get, support_table
 from hybridinfer.inspect_gguf import Group, inspect
 from hybridinfer.plan import PlanOptions, make_plan
 from hybridinfer.probe import EngineInfo, load_profile, probe
@@ -23,7 +23,8 @@ def hw():
 def test_registered_and_in_inspect(tiny_model):
     assert IK in REGISTRY and isinstance(get(IK), type(get(MAIN)))
     m = inspect(tiny_model)
-    assert m.groups["routed_experts"].engines[IK] == "ok" and m.groups["attention"].engines[IK] == "ok"
+    support = support_table(m)
+    assert support["routed_experts"][IK] == "ok" and support["attention"][IK] == "ok"
 
 
 def test_incompatible_deepseek_mla_is_a_blocker_before_launch(tmp_path, hw):
@@ -49,7 +50,7 @@ def _with_type(m, cls, qtype):
     ts = [replace(t, type=qtype) if t.cls == cls else t for t in m.tensors]
     g = m.groups[cls]
     return replace(m, tensors=ts, groups={**m.groups, cls: Group(bytes=g.bytes, params=g.params, tensors=g.tensors,
-                                                                  types={qtype: g.bytes}, engines=g.engines)})
+                                                                  types={qtype: g.bytes})})
 
 
 def test_quant_types_decide_which_engine_runs_a_file(tiny_model, hw):

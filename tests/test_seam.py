@@ -52,8 +52,8 @@ def test_no_engine_name_outside_engines():
     assert not found, "engine names belong under hybridinfer/engines/ (ask the registry):\n" + "\n".join(found)
 
 
-def test_no_import_cycles():
-    """Runtime imports (function-level ones included, TYPE_CHECKING ones not) form no cycle."""
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports at run time (function-level ones included, TYPE_CHECKING ones not)."""
     pkg = ROOT / "hybridinfer"
     mods = {}
     for f in pkg.rglob("*.py"):
@@ -76,6 +76,11 @@ def test_no_import_cycles():
             else:
                 continue
             graph[m] |= {c for c in cands if c in mods and c != m}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
     state: dict[str, int] = {}
 
     def visit(m, path):
@@ -89,6 +94,19 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_early_stages_import_no_engine():
+    """probe, inspect, rules and predict come before the engines on the data path: nothing they run imports one."""
+    graph = _import_graph()
+    for start in ("hybridinfer.probe", "hybridinfer.inspect_gguf", "hybridinfer.rules", "hybridinfer.predict"):
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        assert not [m for m in seen if m.startswith("hybridinfer.engines")], (start, sorted(seen))
 
 
 def test_registry_is_the_one_list():

@@ -35,6 +35,12 @@ def probe_all() -> list[EngineInfo]:
     return [info for e in REGISTRY.values() for info in e.probe_all()]
 
 
+def support_table(model) -> dict[str, dict[str, str]]:
+    """`inspect`'s table: tensor group -> engine -> "ok" / "ok after patch (...)" / "refused: ...", assembled here,
+    where it is shown, so that inspect itself knows no engine."""
+    return {cls: {n: e.support(cls, set(g.types)) for n, e in REGISTRY.items()} for cls, g in model.groups.items()}
+
+
 def add_plan_args(p) -> None:
     """The plan options engines add (`Engine.plan_args`), each flag once."""
     seen = set()
