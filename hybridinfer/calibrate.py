@@ -131,68 +131,92 @@ def solve(runs: dict[str, Run], models: dict[str, ModelInfo], per_expert: float,
     fix blk, c_Q8_0 and f; the base model with 4x the attention heads adds the per-head part of blk (attention
     work grows with heads); each other type's model then has one unknown. Prefill the same, routed-expert weights
     weighted by the expert-batch term of the batch they were measured at, so the stored figure is the saturated one."""
-    import numpy as np
-
     g = 1 + n0 / max(1.0, per_expert)
     out = {"decode_ns": {}, "prefill_ns": {}, "block_decode_us": 0.0, "block_prefill_us": 0.0, "head_decode_us": 0.0,
            "head_prefill_us": 0.0, "dense_decode": 1.0,
            "dense_prefill": 1.0, "failed": {k: r.error for k, r in runs.items() if r.error}}
     for kind in ("decode", "prefill"):
-        costs = out[f"{kind}_ns"]
-
-        def t_of(name):
-            r = runs.get(name)
-            v = r and (r.decode_tps if kind == "decode" else r.prefill_tps)
-            return 1 / v if v else None
-
-        def parts(name):  # (blocks, dense weights by type, expert weights by type, batch-weighted for prefill)
-            B, dense, exp = _weights(models[name], prefill=kind == "prefill")
-            scale = 1.0 if kind == "decode" else g
-            return B, dense, {t: x * scale for t, x in exp.items()}
-
-        tb, t8, td = t_of("base"), t_of("Q8_0"), t_of("dense")
-        if tb is None or t8 is None:
-            continue
-        rows, ts = [], []
-        for name, t in (("base", tb), ("Q8_0", t8), ("dense", td)):
-            if t is None or name not in models:
-                continue
-            B, dense, exp = parts(name)
-            rows.append([B, exp.get("Q8_0", 0.0), dense.get("Q8_0", 0.0)])
-            ts.append(t)
-        x = c8 = u = None
-        if len(rows) == 3:
-            try:
-                x, c8, u = np.linalg.solve(np.array(rows), np.array(ts))
-            except np.linalg.LinAlgError:
-                x = None
-        if x is None or x < 0 or c8 <= 0 or u <= 0:  # no dense run, or noise it cannot separate: f = 1
-            a, b = rows[0][0], rows[0][1] + rows[0][2]
-            c, d = rows[1][0], rows[1][1] + rows[1][2]
-            det = a * d - b * c
-            x = (ts[0] * d - b * ts[1]) / det if det else 0.0
-            c8 = (ts[1] - c * x) / d if d else 0.0
-            if x < 0 or c8 <= 0:  # all of it to the weights
-                x, c8 = 0.0, ts[1] / d
-            u = c8
-        f = u / c8
-        costs["Q8_0"] = c8 * 1e9
-        out[f"block_{kind}_us"] = x * 1e6
-        out[f"dense_{kind}"] = f
-        out[f"head_{kind}_us"] = 0.0
-        if t_of("heads") is not None and "heads" in models:  # the base model with more attention heads
-            B, dense, exp = parts("heads")
-            xh = (t_of("heads") - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8) / B
-            extra = models["heads"].head_count - models["base"].head_count
-            out[f"head_{kind}_us"] = max(0.0, (xh - x) / extra) * 1e6
-        for name in runs:
-            if name in ("base", "Q8_0", "dense", "heads") or t_of(name) is None:
-                continue
-            B, dense, exp = parts(name)
-            rest = t_of(name) - B * x - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8
-            w = exp.get(name, 0.0) + dense.get(name, 0.0) * f
-            costs[name] = max(rest, 0.05 * t_of(name)) / w * 1e9  # a floor: noise must not make a type free
+        _solve_kind(out, kind, runs, models, g)
     return out
+
+
+def _solve_kind(out: dict, kind: str, runs: dict[str, Run], models: dict[str, ModelInfo], g: float) -> None:
+    """solve() for one of "decode" and "prefill": fills out's `{kind}_ns`, `block_{kind}_us`, `dense_{kind}` and
+    `head_{kind}_us` (unchanged when the base or Q8_0 run is missing)."""
+    costs = out[f"{kind}_ns"]
+
+    def t_of(name):
+        return _seconds_per_token(runs, name, kind)
+
+    def parts(name):
+        return _parts(models[name], kind, g)
+
+    tb, t8, td = t_of("base"), t_of("Q8_0"), t_of("dense")
+    if tb is None or t8 is None:
+        return
+    rows, ts = [], []
+    for name, t in (("base", tb), ("Q8_0", t8), ("dense", td)):
+        if t is None or name not in models:
+            continue
+        B, dense, exp = parts(name)
+        rows.append([B, exp.get("Q8_0", 0.0), dense.get("Q8_0", 0.0)])
+        ts.append(t)
+    x, c8, u = _fit_q8(rows, ts)
+    f = u / c8
+    costs["Q8_0"] = c8 * 1e9
+    out[f"block_{kind}_us"] = x * 1e6
+    out[f"dense_{kind}"] = f
+    out[f"head_{kind}_us"] = 0.0
+    if t_of("heads") is not None and "heads" in models:  # the base model with more attention heads
+        B, dense, exp = parts("heads")
+        xh = (t_of("heads") - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8) / B
+        extra = models["heads"].head_count - models["base"].head_count
+        out[f"head_{kind}_us"] = max(0.0, (xh - x) / extra) * 1e6
+    for name in runs:
+        if name in ("base", "Q8_0", "dense", "heads") or t_of(name) is None:
+            continue
+        B, dense, exp = parts(name)
+        rest = t_of(name) - B * x - dense.get("Q8_0", 0.0) * u - exp.get("Q8_0", 0.0) * c8
+        w = exp.get(name, 0.0) + dense.get(name, 0.0) * f
+        costs[name] = max(rest, 0.05 * t_of(name)) / w * 1e9  # a floor: noise must not make a type free
+
+
+def _seconds_per_token(runs: dict[str, Run], name: str, kind: str) -> float | None:
+    """A run's seconds per decoded (or prompt) token, None if it did not run or measured nothing."""
+    r = runs.get(name)
+    v = r and (r.decode_tps if kind == "decode" else r.prefill_tps)
+    return 1 / v if v else None
+
+
+def _parts(model: ModelInfo, kind: str, g: float) -> tuple[int, dict[str, float], dict[str, float]]:
+    """(blocks, dense weights by type, expert weights by type, batch-weighted for prefill)."""
+    B, dense, exp = _weights(model, prefill=kind == "prefill")
+    scale = 1.0 if kind == "decode" else g
+    return B, dense, {t: x * scale for t, x in exp.items()}
+
+
+def _fit_q8(rows: list[list[float]], ts: list[float]):
+    """(seconds per block, per routed-expert Q8_0 weight, per other Q8_0 weight) from the all-Q8_0 runs: exact
+    from three; from base and Q8_0 alone (dense weights costing what expert ones do) when there is no dense run or
+    the three do not give a physical answer; all of the time to the weights if even that fails."""
+    import numpy as np
+
+    x = c8 = u = None
+    if len(rows) == 3:
+        try:
+            x, c8, u = np.linalg.solve(np.array(rows), np.array(ts))
+        except np.linalg.LinAlgError:
+            x = None
+    if x is None or x < 0 or c8 <= 0 or u <= 0:  # no dense run, or noise it cannot separate: f = 1
+        a, b = rows[0][0], rows[0][1] + rows[0][2]
+        c, d = rows[1][0], rows[1][1] + rows[1][2]
+        det = a * d - b * c
+        x = (ts[0] * d - b * ts[1]) / det if det else 0.0
+        c8 = (ts[1] - c * x) / d if d else 0.0
+        if x < 0 or c8 <= 0:  # all of it to the weights
+            x, c8 = 0.0, ts[1] / d
+        u = c8
+    return x, c8, u
 
 
 def fit_n0(pp_big: float, pp_small: float, model: ModelInfo, sol: dict, n_big: float, n_small: float) -> float:

@@ -111,10 +111,7 @@ class Pipe:
     async def _stream(self, body: dict, emit) -> AsyncIterator[str]:
         await self._status(emit, "Waiting for hybridinfer…")
         t0 = time.perf_counter()
-        first = last = None
-        phase = None          # None -> "thinking" -> "answering"
-        in_think = False
-        usage = {}
+        shown = _Shown()
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(self.valves.REQUEST_TIMEOUT, connect=10)) as c:
                 # Leaving this block (the user pressed stop: Open-WebUI closes this generator) closes the HTTP
@@ -125,54 +122,90 @@ class Pipe:
                         await r.aread()
                         raise httpx.HTTPStatusError("error", request=r.request, response=r)
                     async for line in r.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
+                        chunk = _event(line)
+                        if chunk is _DONE:
                             break
-                        chunk = json.loads(data)
-                        if "error" in chunk:
-                            raise RuntimeError((chunk["error"] or {}).get("message") or "the server reported an error")
+                        if chunk is None:
+                            continue
                         if chunk.get("usage"):
-                            usage = chunk["usage"]
+                            shown.usage = chunk["usage"]
                         for ch in chunk.get("choices") or []:
                             delta = ch.get("delta") or {}
-                            reasoning, content = delta.get("reasoning_content"), delta.get("content")
-                            if not (reasoning or content):
-                                continue
-                            now = time.perf_counter()
-                            first = first or now
-                            last = now
-                            if reasoning:
-                                if phase is None:
-                                    phase = "thinking"
-                                    await self._status(emit, "Thinking…")
-                                if self.valves.SHOW_REASONING:
-                                    if not in_think:
-                                        in_think = True
-                                        yield "<think>\n"
-                                    yield reasoning
-                            if content:
-                                if phase != "answering":
-                                    phase = "answering"
-                                    await self._status(emit, "Answering…")
-                                if in_think:
-                                    in_think = False
-                                    yield "\n</think>\n\n"
-                                yield content
-            if in_think:
+                            async for text in self._show(shown, emit, delta.get("reasoning_content"),
+                                                         delta.get("content")):
+                                yield text
+            if shown.in_think:
                 yield "\n</think>\n\n"
         except Exception as e:  # noqa: BLE001 — one readable line for the user, never a traceback
-            if in_think:
+            if shown.in_think:
                 yield "\n</think>\n\n"
             msg = self._describe(e) if isinstance(e, httpx.HTTPError) else str(e)
             await self._status(emit, f"hybridinfer: {msg}", done=True)
             yield f"\n\n**hybridinfer:** {msg}"
             return
-        n = usage.get("completion_tokens", 0)
+        await self._status(emit, shown.summary(t0), done=True)
+
+    async def _show(self, shown: "_Shown", emit, reasoning, content) -> AsyncIterator[str]:
+        """The text one delta adds: reasoning inside one <think> block (with SHOW_REASONING), then the answer; a
+        status line when the phase changes."""
+        if not (reasoning or content):
+            return
+        now = time.perf_counter()
+        shown.first = shown.first or now
+        shown.last = now
+        if reasoning:
+            if shown.phase is None:
+                shown.phase = "thinking"
+                await self._status(emit, "Thinking…")
+            if self.valves.SHOW_REASONING:
+                if not shown.in_think:
+                    shown.in_think = True
+                    yield "<think>\n"
+                yield reasoning
+        if content:
+            if shown.phase != "answering":
+                shown.phase = "answering"
+                await self._status(emit, "Answering…")
+            if shown.in_think:
+                shown.in_think = False
+                yield "\n</think>\n\n"
+            yield content
+
+
+_DONE = object()
+
+
+def _event(line: str):
+    """The JSON chunk a server-sent event line carries: None for a line that is not data, _DONE for [DONE]. An
+    error event raises, with the server's message."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    chunk = json.loads(data)
+    if "error" in chunk:
+        raise RuntimeError((chunk["error"] or {}).get("message") or "the server reported an error")
+    return chunk
+
+
+class _Shown:
+    """What a streamed answer has shown so far: its phase (None -> "thinking" -> "answering"), whether a <think>
+    block is open, the times of the first and last text and the usage, for the closing speed line."""
+
+    def __init__(self):
+        self.first = self.last = None
+        self.phase = None
+        self.in_think = False
+        self.usage: dict = {}
+
+    def summary(self, t0: float) -> str:
+        """The closing status line: tokens, decode speed, time to first token."""
+        n = self.usage.get("completion_tokens", 0)
+        first, last = self.first, self.last
         ttft = (first - t0) if first else 0.0
         tps = (n - 1) / (last - first) if first and last and last > first and n > 1 else 0.0
-        await self._status(emit, f"{n} tokens · {tps:.1f} tok/s · TTFT {ttft:.2f} s", done=True)
+        return f"{n} tokens · {tps:.1f} tok/s · TTFT {ttft:.2f} s"
 
 
 def _error_message(r: httpx.Response) -> str:

@@ -174,9 +174,49 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
             cost: Callable[[Tensor, str], int] | None = None) -> Placement:
     """Place every tensor. `budgets`: bytes of weights each GPU ("gpu:0", ...) may still take for `auto` and
     `spread`; `cost(tensor, device)` is the bytes a tensor occupies there (engines may repack)."""
-    cost = cost or (lambda t, d: t.nbytes)
-    gpus = sorted(budgets)
-    first_gpu = gpus[0] if gpus else "cpu"
+    fit = _Fit(budgets, cost or (lambda t, d: t.nbytes))
+    placed, claimed_by = _claim(rs, model)
+    warnings = _rule_warnings(rs, model, claimed_by)
+    # Fixed devices first, so `auto` only gets what is truly spare.
+    _place_fixed(rs, claimed_by, placed, fit)
+    # spread before auto: a spread lays out whole block ranges, auto then takes what is spare on each GPU.
+    for i, r in sorted(enumerate(rs.rules), key=lambda ir: ir[1].device != "spread"):
+        if r.device == "auto" and r.follow == "attention":
+            _place_following_attention(r, claimed_by[i], placed, fit)
+        elif r.device == "auto":
+            _place_auto(r, claimed_by[i], placed, fit)
+        elif r.device == "spread":
+            _place_spread(claimed_by[i], placed, fit)
+    return Placement(rules=rs.name, device_of={t.name: placed[t.name] for t in model.tensors}, warnings=warnings)
+
+
+class _Fit:
+    """The GPUs, the bytes each may still take, and what a tensor costs on a device."""
+
+    def __init__(self, budgets: dict[str, int], cost: Callable[[Tensor, str], int]):
+        self.budgets = budgets
+        self.remaining = dict(budgets)
+        self.cost = cost
+        self.gpus = sorted(budgets)
+        self.first_gpu = self.gpus[0] if self.gpus else "cpu"
+
+    def take(self, dev: str, tensors: list[Tensor]) -> bool:
+        """Charges `tensors` to `dev` if they all fit there."""
+        need = sum(self.cost(t, dev) for t in tensors)
+        if self.remaining.get(dev, -1) >= need:
+            self.remaining[dev] -= need
+            return True
+        return False
+
+    def fallback(self, r: Rule) -> str:
+        """Where an `auto` rule's tensors go when no GPU takes them."""
+        fb = r.fallback if r.fallback != "gpu" else self.first_gpu
+        return fb if fb in self.budgets or fb == "cpu" else "cpu"
+
+
+def _claim(rs: RuleSet, model: ModelInfo) -> tuple[dict[str, str], dict[int, list[Tensor]]]:
+    """Each tensor to the first rule that matches it (rule index -> its tensors); a tensor no rule matches is
+    placed on the CPU."""
     placed: dict[str, str] = {}
     claimed_by: dict[int, list[Tensor]] = {i: [] for i in range(len(rs.rules))}
     for t in model.tensors:
@@ -186,86 +226,91 @@ def resolve(rs: RuleSet, model: ModelInfo, budgets: dict[str, int],
                 break
         else:
             placed[t.name] = "cpu"  # no rule: the safe default
+    return placed, claimed_by
+
+
+def _rule_warnings(rs: RuleSet, model: ModelInfo, claimed_by: dict[int, list[Tensor]]) -> list[str]:
+    """Rules that do nothing for this model: a regex that matches no tensor, a rule earlier ones shadow."""
     warnings = []
     for i, r in enumerate(rs.rules):
         if r.name is not None and not any(re.search(r.name, t.name) for t in model.tensors):
             warnings.append(f"rule {i + 1} ({r.text}): regex matches no tensor of this model")
         if not claimed_by[i] and any(r.matches(t) for t in model.tensors):
             warnings.append(f"rule {i + 1} ({r.text}) is shadowed: earlier rules already place everything it matches")
+    return warnings
 
-    remaining = dict(budgets)
 
-    def take(dev, tensors) -> bool:
-        need = sum(cost(t, dev) for t in tensors)
-        if remaining.get(dev, -1) >= need:
-            remaining[dev] -= need
-            return True
-        return False
-
-    # Fixed devices first, so `auto` only gets what is truly spare.
+def _place_fixed(rs: RuleSet, claimed_by: dict[int, list[Tensor]], placed: dict[str, str], fit: _Fit) -> None:
+    """The rules naming a device (cpu, gpu, gpu:N), charged to that GPU's budget whether or not they fit."""
     for i, r in enumerate(rs.rules):
         if r.device in ("auto", "spread"):
             continue
-        dev = r.device if r.device != "gpu" else first_gpu
-        if dev.startswith("gpu") and dev not in budgets:
-            if not gpus:
+        dev = r.device if r.device != "gpu" else fit.first_gpu
+        if dev.startswith("gpu") and dev not in fit.budgets:
+            if not fit.gpus:
                 dev = "cpu"
             else:
-                raise HybridError(f"rule {i + 1} ({r.text}) names {dev}, but this box has {', '.join(gpus)}",
+                raise HybridError(f"rule {i + 1} ({r.text}) names {dev}, but this box has {', '.join(fit.gpus)}",
                                   "use gpu (= gpu:0) or a GPU index that exists")
         for t in claimed_by[i]:
             placed[t.name] = dev
             if dev != "cpu":
-                remaining[dev] = remaining.get(dev, 0) - cost(t, dev)
-    # spread before auto: a spread lays out whole block ranges, auto then takes what is spare on each GPU.
-    for i, r in sorted(enumerate(rs.rules), key=lambda ir: ir[1].device != "spread"):
-        ts = claimed_by[i]
-        if r.device == "auto" and r.follow == "attention":
-            fb = r.fallback if r.fallback != "gpu" else first_gpu
-            full: set[str] = set()
-            for unit in _units(ts, r.fill):
-                b = unit[0].block
-                dev = placed.get(f"blk.{b}.attn_norm.weight", "cpu") if b is not None else "cpu"
-                # Contiguous per GPU: once one of its blocks does not fit, its later blocks stay on the fallback.
-                if dev == "cpu" or dev in full or not take(dev, unit):
-                    full.add(dev)
-                    dev = fb if fb in budgets or fb == "cpu" else "cpu"
-                for t in unit:
-                    placed[t.name] = dev
-        elif r.device == "auto":
-            fb = r.fallback if r.fallback != "gpu" else first_gpu
-            # Contiguous, like -ngl/-ts: one GPU fills, then the next (never back to an earlier one, which would
-            # interleave block ranges and add GPU-to-GPU hops); once no GPU takes a unit, the rest fall back too.
-            order = gpus[::-1] if r.fill == "last" else gpus  # so gpu:0 holds the earliest of the blocks
-            g_i = 0
-            for unit in _units(ts, r.fill):
-                while g_i < len(order) and not take(order[g_i], unit):
-                    g_i += 1
-                dev = order[g_i] if g_i < len(order) else (fb if fb in budgets or fb == "cpu" else "cpu")
-                for t in unit:
-                    placed[t.name] = dev
-        elif r.device == "spread":
-            units = _units(ts, "first")
-            total = sum(max(0, remaining[g]) for g in gpus) or 1
-            share = {g: max(0, remaining[g]) / total for g in gpus}
-            n = len(units)
-            bounds, acc = [], 0.0
-            for g in gpus:
-                acc += share[g] * n
-                bounds.append((g, round(acc)))
-            g_i = 0
-            for k, unit in enumerate(units):
-                if not gpus:
-                    dev = "cpu"
-                else:
-                    want = next((i for i, (g, hi) in enumerate(bounds) if k < hi), len(gpus) - 1)
-                    g_i = max(g_i, want)  # block ranges stay contiguous and in GPU order
-                    while g_i < len(gpus) and not take(gpus[g_i], unit):
-                        g_i += 1
-                    dev = gpus[g_i] if g_i < len(gpus) else "cpu"
-                for t in unit:
-                    placed[t.name] = dev
-    return Placement(rules=rs.name, device_of={t.name: placed[t.name] for t in model.tensors}, warnings=warnings)
+                fit.remaining[dev] = fit.remaining.get(dev, 0) - fit.cost(t, dev)
+
+
+def _place_following_attention(r: Rule, ts: list[Tensor], placed: dict[str, str], fit: _Fit) -> None:
+    """`auto` with `follow: attention`: each block's unit on the GPU that holds that block's attention."""
+    fb = fit.fallback(r)
+    full: set[str] = set()
+    for unit in _units(ts, r.fill):
+        b = unit[0].block
+        dev = placed.get(f"blk.{b}.attn_norm.weight", "cpu") if b is not None else "cpu"
+        # Contiguous per GPU: once one of its blocks does not fit, its later blocks stay on the fallback.
+        if dev == "cpu" or dev in full or not fit.take(dev, unit):
+            full.add(dev)
+            dev = fb
+        for t in unit:
+            placed[t.name] = dev
+
+
+def _place_auto(r: Rule, ts: list[Tensor], placed: dict[str, str], fit: _Fit) -> None:
+    """`auto`: units fill spare VRAM, one GPU after the other."""
+    # Contiguous, like -ngl/-ts: one GPU fills, then the next (never back to an earlier one, which would
+    # interleave block ranges and add GPU-to-GPU hops); once no GPU takes a unit, the rest fall back too.
+    order = fit.gpus[::-1] if r.fill == "last" else fit.gpus  # so gpu:0 holds the earliest of the blocks
+    g_i = 0
+    for unit in _units(ts, r.fill):
+        while g_i < len(order) and not fit.take(order[g_i], unit):
+            g_i += 1
+        dev = order[g_i] if g_i < len(order) else fit.fallback(r)
+        for t in unit:
+            placed[t.name] = dev
+
+
+def _place_spread(ts: list[Tensor], placed: dict[str, str], fit: _Fit) -> None:
+    """`spread`: blocks divided over all GPUs in proportion to what each has left, one contiguous range per GPU
+    in GPU order."""
+    gpus = fit.gpus
+    units = _units(ts, "first")
+    total = sum(max(0, fit.remaining[g]) for g in gpus) or 1
+    share = {g: max(0, fit.remaining[g]) / total for g in gpus}
+    n = len(units)
+    bounds, acc = [], 0.0
+    for g in gpus:
+        acc += share[g] * n
+        bounds.append((g, round(acc)))
+    g_i = 0
+    for k, unit in enumerate(units):
+        if not gpus:
+            dev = "cpu"
+        else:
+            want = next((i for i, (g, hi) in enumerate(bounds) if k < hi), len(gpus) - 1)
+            g_i = max(g_i, want)  # block ranges stay contiguous and in GPU order
+            while g_i < len(gpus) and not fit.take(gpus[g_i], unit):
+                g_i += 1
+            dev = gpus[g_i] if g_i < len(gpus) else "cpu"
+        for t in unit:
+            placed[t.name] = dev
 
 
 def _units(tensors: list[Tensor], fill: str) -> list[list[Tensor]]:

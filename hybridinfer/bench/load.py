@@ -180,23 +180,9 @@ class Target:
 
 
 async def one(client: httpx.AsyncClient, t: Target, prompt: str, index: int, t_level: float) -> Sample:
-    body = {"model": t.model, "stream": True, "max_tokens": t.max_tokens,
-            "stream_options": {"include_usage": True}}
-    if t.chat:
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    if t.ignore_eos:
-        body["ignore_eos"] = True
-    if t.seed is not None:
-        body["seed"] = t.seed + index
-    headers = {"Authorization": f"Bearer {t.api_key}"} if t.api_key else {}
-    path = "/chat/completions" if t.chat else "/completions"
+    path, body, headers = _request(t, prompt, index)
     t0 = time.perf_counter()
     s = Sample(index=index, ok=False, start_s=t0 - t_level)
-    last = None
-    usage = None
-    done = False
     try:
         async with client.stream("POST", t.url.rstrip("/") + path, json=body, headers=headers,
                                  timeout=httpx.Timeout(t.timeout, connect=10)) as r:
@@ -204,34 +190,9 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: str, index: int, t_l
                 raw = (await r.aread()).decode(errors="replace")
                 s.error = f"HTTP {r.status_code}: {_message(raw)}"
                 return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    s.error = f"stream error: {_message(json.dumps(chunk))}"
-                    return s
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for ch in chunk.get("choices") or []:
-                    delta = ch.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    text = delta.get("content") if t.chat else ch.get("text")
-                    if not (reasoning or text):
-                        continue
-                    now = time.perf_counter()
-                    if last is None:
-                        s.ttft_s = now - t0
-                    else:
-                        s.itl_s.append(now - last)
-                    last = now
-                    s.chunks += 1
-                    if reasoning:
-                        s.reasoning_tokens += 1
+            usage, done = await _read_events(r, t, s, t0)
+            if s.error:
+                return s
     except httpx.ConnectError as e:
         s.error = f"connection failed: {e or 'refused'}"
         return s
@@ -246,6 +207,64 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: str, index: int, t_l
         return s
     s.e2e_s = time.perf_counter() - t0
     s.ok = True
+    _count_tokens(s, usage)
+    return s
+
+
+def _request(t: Target, prompt: str, index: int) -> tuple[str, dict, dict]:
+    """The streaming request for one prompt: its path under /v1, JSON body and headers."""
+    body = {"model": t.model, "stream": True, "max_tokens": t.max_tokens,
+            "stream_options": {"include_usage": True}}
+    if t.chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    if t.ignore_eos:
+        body["ignore_eos"] = True
+    if t.seed is not None:
+        body["seed"] = t.seed + index
+    headers = {"Authorization": f"Bearer {t.api_key}"} if t.api_key else {}
+    path = "/chat/completions" if t.chat else "/completions"
+    return path, body, headers
+
+
+async def _read_events(r: httpx.Response, t: Target, s: Sample, t0: float) -> tuple[dict | None, bool]:
+    """Reads the server-sent events into `s` (time to first text, gaps between texts, deltas, reasoning deltas);
+    returns the usage the server reported (or None) and whether [DONE] came. An error event sets s.error."""
+    last = None
+    usage = None
+    async for line in r.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return usage, True
+        chunk = json.loads(payload)
+        if "error" in chunk:
+            s.error = f"stream error: {_message(json.dumps(chunk))}"
+            return usage, False
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for ch in chunk.get("choices") or []:
+            delta = ch.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            text = delta.get("content") if t.chat else ch.get("text")
+            if not (reasoning or text):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                s.ttft_s = now - t0
+            else:
+                s.itl_s.append(now - last)
+            last = now
+            s.chunks += 1
+            if reasoning:
+                s.reasoning_tokens += 1
+    return usage, False
+
+
+def _count_tokens(s: Sample, usage: dict | None) -> None:
+    """Prompt, output, reasoning and answer tokens of a finished request: the server's usage where it gave one."""
     if usage:
         s.prompt_tokens = usage.get("prompt_tokens", 0)
         s.output_tokens = usage.get("completion_tokens", 0)
@@ -257,7 +276,6 @@ async def one(client: httpx.AsyncClient, t: Target, prompt: str, index: int, t_l
     elif s.chunks:  # deltas are not always one token each (held-back tags, UTF-8): split the count in proportion
         s.reasoning_tokens = round(s.output_tokens * s.reasoning_tokens / s.chunks)
     s.answer_tokens = max(0, s.output_tokens - s.reasoning_tokens)
-    return s
 
 
 def _message(raw: str) -> str:

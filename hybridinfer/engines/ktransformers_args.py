@@ -69,6 +69,22 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
     "balance_serve"). `marlin`: the GPU runs Marlin kernels (compute capability >= 8.0); otherwise every GPU
     linear uses KLinearTorch and no experts go to the GPU."""
     version = version or VERSIONS["v0.4.1"]
+    expert_dev, gpu = _expert_devices(device_of)
+    gpu_blocks = sorted(b for b, d in expert_dev.items() if d != "cpu")
+    serve = backend == "balance_serve"
+    _check_backend(version, serve, marlin, gpu_blocks)
+    dev = {"generate_device": gpu, "prefill_device": gpu}
+    rules = _gpu_module_rules(version, serve, marlin, dev)
+    rules += _expert_rules(version, serve, gpu, gpu_blocks, cpu_experts=any(d == "cpu" for d in expert_dev.values()))
+    rules += _model_rules(version, serve, dev)
+    header = (f"# KTransformers {version.name} optimize rules ({backend} backend), compiled by hybridinfer from its "
+              "placement. First match wins.\n")
+    return header + yaml.safe_dump(rules, sort_keys=False, width=200)
+
+
+def _expert_devices(device_of: dict[str, str]) -> tuple[dict[int, str], str]:
+    """(block -> its routed experts' device, the GPU as cuda:N): only routed experts may be on the CPU, and one GPU
+    holds the rest."""
     expert_dev: dict[int, str] = {}
     gpus = set()
     for name, dev in device_of.items():
@@ -82,16 +98,22 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
     if len(gpus) > 1:
         raise Unsupported("multi-GPU placement for KTransformers needs per-device rule files with transfer_map; "
                           "hybridinfer compiles single-GPU rules only")
-    gpu = _cuda(next(iter(gpus))) if gpus else "cuda:0"
-    gpu_blocks = sorted(b for b, d in expert_dev.items() if d != "cpu")
-    serve = backend == "balance_serve"
+    return expert_dev, _cuda(next(iter(gpus))) if gpus else "cuda:0"
+
+
+def _check_backend(version: KtVersion, serve: bool, marlin: bool, gpu_blocks: list[int]) -> None:
+    """The backend exists in `version`, and runs GPU experts if the placement has any."""
     if serve and not version.flashinfer_attn:
         raise Unsupported(f"KTransformers {version.name} has no balance_serve backend (it came with 0.2.4)")
     if gpu_blocks and (serve or not marlin):
         raise Unsupported("routed experts on the GPU run only as KExpertsMarlin under the ktransformers backend "
                           + ("(balance_serve's KTransformersExpertsV2 calls them with batch arguments Marlin lacks)"
                              if serve else "(Marlin needs compute capability 8.0 or newer)"))
-    dev = {"generate_device": gpu, "prefill_device": gpu}
+
+
+def _gpu_module_rules(version: KtVersion, serve: bool, marlin: bool, dev: dict) -> list[dict]:
+    """RoPE, the linear layers (lm_head from v0.2.2 on; one shared `replace`, as the release files have it), the
+    MoE block and its gate, all on the GPU."""
     linear_op = ("VLinearMarlin" if serve else "KLinearMarlin") if marlin else "KLinearTorch"
     linear = {"class": OPS + "linear.KTransformersLinear",
               "kwargs": {**dev, "generate_op": linear_op, "prefill_op": "KLinearTorch"}}
@@ -107,6 +129,12 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
                      "kwargs": dict(dev)}},
         {"match": {"class": V3 + "MoEGate"}, "replace": {"class": OPS + "gate.KMoEGate", "kwargs": dict(dev)}},
     ]
+    return rules
+
+
+def _expert_rules(version: KtVersion, serve: bool, gpu: str, gpu_blocks: list[int], cpu_experts: bool) -> list[dict]:
+    """The routed experts: the GPU blocks' first (Marlin), then every other block's on the CPU."""
+    rules = []
     if gpu_blocks:  # earlier rule wins: these layers' experts run on the GPU (Marlin, 4-bit)
         rules.append({"match": {"name": rf"^model\.layers\.{_layers_re(gpu_blocks)}\.mlp\.experts$"},
                       "replace": {"class": OPS + "experts.KTransformersExperts",
@@ -114,7 +142,7 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
                                              "prefill_device": gpu, "prefill_op": "KExpertsTorch",
                                              "out_device": gpu}},
                       "recursive": False})
-    if any(d == "cpu" for d in expert_dev.values()):
+    if cpu_experts:
         kwargs = {"prefill_device": gpu, "prefill_op": "KExpertsTorch", "generate_device": "cpu",
                   "generate_op": "KExpertsCPU", "out_device": gpu}
         if version.expert_backend_kwarg:  # X: read from v0.3 on (llamafile reads the GGUF's own quant types)
@@ -123,11 +151,16 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
                       "replace": {"class": OPS + ("experts.KTransformersExpertsV2" if serve
                                                   else "experts.KTransformersExperts"), "kwargs": kwargs},
                       "recursive": False})
+    return rules
+
+
+def _model_rules(version: KtVersion, serve: bool, dev: dict) -> list[dict]:
+    """Attention, the model wrapper, the embedding on the CPU, and balance_serve's norms and dense MLPs."""
     attn = {"class": (version.flashinfer_attn + ".flashinfer_attn") if serve else OPS + "attention.KDeepseekV2Attention",
             "kwargs": dict(dev)}
     if serve or version.at_least("v0.2.2"):  # R: absorb_for_prefill from v0.2.2 on
         attn["kwargs"]["absorb_for_prefill"] = False
-    rules += [
+    rules = [
         {"match": {"name": r"^model\.layers\..*\.self_attn$"}, "replace": attn},
         {"match": {"name": r"^model$"},
          "replace": {"class": OPS + "models.KDeepseekV2Model", "kwargs": {"per_layer_prefill_intput_threshold": 0}}},
@@ -139,6 +172,4 @@ def optimize_rules(device_of: dict[str, str], version: KtVersion | None = None, 
                    "replace": {"class": OPS + "layernorm.RMSNorm", "kwargs": dict(dev)}},
                   {"match": {"class": V3 + "DeepseekV3MLP"},
                    "replace": {"class": OPS + "mlp.kDeepseekV3MLP", "kwargs": dict(dev)}}]
-    header = (f"# KTransformers {version.name} optimize rules ({backend} backend), compiled by hybridinfer from its "
-              "placement. First match wins.\n")
-    return header + yaml.safe_dump(rules, sort_keys=False, width=200)
+    return rules

@@ -155,10 +155,8 @@ def _post_doc(request_model: type[BaseModel], response_model: type[BaseModel], s
                 "schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}}}}}
 
 
-def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None,
-               metrics_public: bool = False, max_body: int = DEFAULT_MAX_BODY, say=None, on_fatal=None) -> FastAPI:
-    """`engine`: a running engine as described in engines/base.py (engine.runner(plan, ...)). With `say` (a
-    print-like callable) the lifespan reports loading progress; `on_fatal(message)` is called on a load failure."""
+def _lifespan(settings: Settings, engine, say, on_fatal):
+    """The app's lifespan: it owns the engine, and with `say` reports loading progress."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,11 +170,11 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
                     report.cancel()
                     say("  stopping engine…")
 
-    app = FastAPI(title="hybridinfer", summary="OpenAI-compatible API of hybridinfer serve", lifespan=lifespan,
-                  redoc_url=None)
-    app.add_middleware(_Guard, api_key=api_key, metrics_public=metrics_public, max_body=max_body)
-    if cors_origins:  # outermost, so that 401/413 answers carry the CORS headers too
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, FastAPI's own included, answered in OpenAI's error shape."""
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
@@ -197,15 +195,30 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
     async def internal(request: Request, exc: Exception):
         return JSONResponse(error_body(f"internal error: {exc.__class__.__name__}", "server_error"), status_code=500)
 
-    def respond(result):
-        if result is None:  # the client left; nobody reads this
-            return Response(status_code=499)
-        if isinstance(result, Err):
-            return JSONResponse(result.body, status_code=result.status, headers=result.headers)
-        if isinstance(result, Stream):
-            return _CancellingStream(result, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(result)
+
+def _respond(result):
+    """The HTTP response for what Serving returned: an answer, an error, a stream, or None (the client left)."""
+    if result is None:  # the client left; nobody reads this
+        return Response(status_code=499)
+    if isinstance(result, Err):
+        return JSONResponse(result.body, status_code=result.status, headers=result.headers)
+    if isinstance(result, Stream):
+        return _CancellingStream(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(result)
+
+
+async def _parse(request: Request, model):
+    # Parse JSON whatever the Content-Type (curl -d sends form-encoded by default).
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+def _add_status_routes(app: FastAPI) -> None:
+    """GET /health, /metrics and /v1/models."""
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "engine not ready"}})
     async def health(request: Request):
@@ -227,29 +240,30 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
     async def models(request: Request):
         return request.app.state.serving.models()
 
-    async def parse(request: Request, model):
-        # Parse JSON whatever the Content-Type (curl -d sends form-encoded by default).
-        raw = await request.body()
-        try:
-            return model.model_validate_json(raw or b"null")
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+
+def _add_generation_routes(app: FastAPI) -> None:
+    """POST /tokenize, /v1/chat/completions and /v1/completions, each cancelled if the client leaves."""
 
     @app.post("/tokenize", **_post_doc(TokenizeRequest, Tokens, streams=False))
     async def tokenize(request: Request):
         # llama-server's shape ({"content": str} -> {"tokens": [...]}), so clients such as `bench` size prompts exactly.
-        req = await parse(request, TokenizeRequest)
-        return respond(await _watching(request, lambda: request.app.state.serving.tokenize(req.content)))
+        req = await _parse(request, TokenizeRequest)
+        return _respond(await _watching(request, lambda: request.app.state.serving.tokenize(req.content)))
 
     @app.post("/v1/chat/completions", **_post_doc(ChatCompletionRequest, ChatCompletion, streams=True))
     async def chat(request: Request):
-        req = await parse(request, ChatCompletionRequest)
-        return respond(await _watching(request, lambda: request.app.state.serving.chat(req)))
+        req = await _parse(request, ChatCompletionRequest)
+        return _respond(await _watching(request, lambda: request.app.state.serving.chat(req)))
 
     @app.post("/v1/completions", **_post_doc(CompletionRequest, Completion, streams=True))
     async def completions(request: Request):
-        req = await parse(request, CompletionRequest)
-        return respond(await _watching(request, lambda: request.app.state.serving.completions(req)))
+        req = await _parse(request, CompletionRequest)
+        return _respond(await _watching(request, lambda: request.app.state.serving.completions(req)))
+
+
+def _openapi(app: FastAPI, api_key: str | None):
+    """app.openapi: the generated description plus the request schemas (the routes read raw bodies) and, with an
+    API key, the bearer security scheme."""
 
     def openapi():
         if app.openapi_schema is None:
@@ -265,5 +279,20 @@ def create_app(settings: Settings, engine, api_key: str | None = None, cors_orig
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    return openapi
+
+
+def create_app(settings: Settings, engine, api_key: str | None = None, cors_origins: list[str] | None = None,
+               metrics_public: bool = False, max_body: int = DEFAULT_MAX_BODY, say=None, on_fatal=None) -> FastAPI:
+    """`engine`: a running engine as described in engines/base.py (engine.runner(plan, ...)). With `say` (a
+    print-like callable) the lifespan reports loading progress; `on_fatal(message)` is called on a load failure."""
+    app = FastAPI(title="hybridinfer", summary="OpenAI-compatible API of hybridinfer serve",
+                  lifespan=_lifespan(settings, engine, say, on_fatal), redoc_url=None)
+    app.add_middleware(_Guard, api_key=api_key, metrics_public=metrics_public, max_body=max_body)
+    if cors_origins:  # outermost, so that 401/413 answers carry the CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    _add_error_handlers(app)
+    _add_status_routes(app)
+    _add_generation_routes(app)
+    app.openapi = _openapi(app, api_key)
     return app

@@ -21,13 +21,27 @@ def cmd_serve(args) -> int:
     /v1/completions and /v1/models on --host:--port. Without --gguf it serves the built-in tiny demo model
     (random weights: it shows the whole path, its text is meaningless). Stop with Ctrl-C: the engine stops with it.
     """
-    import uvicorn
-
-    from ..engines import get
     from ..engines.base import RunSettings
-    from ..options import plan_from_args
-    from .app import create_app
-    from .serving import Settings
+
+    api_key = _check_serve_args(args)
+    plan, model, engine = _plan_to_serve(args)
+    demo = not args.gguf and not args.plan
+    settings = _settings(args, plan, model, engine, demo)
+    alias = settings.model_id
+    _setup_logging(args.verbose)
+    label = engine.name if engine.kind == "in-process" else os.path.basename(plan.command[0])
+    running = engine.runner(plan, RunSettings(
+        model_id=alias, request_timeout=args.request_timeout, max_connections=settings.parallel + settings.queue + 8,
+        log_file=args.engine_log, on_line=_engine_log(label, args.verbose), verbose=args.engine_verbose))
+    _banner(args, plan, model, engine, running, alias, api_key, demo)
+    _run_server(args, settings, running, api_key)
+    return 0
+
+
+def _check_serve_args(args) -> str | None:
+    """Refuses what cannot be served as asked (limits, an open bind without a key, a busy port, a named engine that
+    is not installed); returns the API key, if any."""
+    from ..engines import get
 
     _check_limits(args)
     api_key = args.api_key or os.environ.get("HYBRIDINFER_API_KEY")
@@ -39,6 +53,15 @@ def cmd_serve(args) -> int:
         info = get(args.engine).probe()
         if info is not None and not info.installed:
             raise get(args.engine).not_installed_error()
+    return api_key
+
+
+def _plan_to_serve(args):
+    """(plan, model, engine): the model downloaded when named on a hub, planned (or the saved plan), and an engine
+    hybridinfer runs itself."""
+    from ..engines import get
+    from ..options import plan_from_args
+
     # --hardware plans as if on another box (its flags then run here: useful to check a plan's placement).
     if args.gguf:
         from ..download import ensure_gguf
@@ -48,19 +71,27 @@ def cmd_serve(args) -> int:
     if not engine.serves:
         raise HybridError(f"hybridinfer does not run {engine.name} itself yet",
                           f"`hybridinfer plan --engine {engine.name}` prints its command; or plan another engine")
-    demo = not args.gguf and not args.plan
+    return plan, model, engine
+
+
+def _settings(args, plan, model, engine, demo: bool):
+    """What the API layer needs: the model id served (--alias, else the file name without a split suffix), slots,
+    queue, whether answers open inside a thought, timeouts."""
+    from .serving import Settings
+
     alias = args.alias or ("hybridinfer-demo" if demo else Path(plan.model_path).name.removesuffix(".gguf"))
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     think = model.opens_think or engine.starts_in_think(plan)
-    settings = Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
-                        starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
-                        cache_ram_mib=None if plan.cache_ram is None else plan.cache_ram // 2**20)
-    _setup_logging(args.verbose)
-    label = engine.name if engine.kind == "in-process" else os.path.basename(plan.command[0])
-    running = engine.runner(plan, RunSettings(
-        model_id=alias, request_timeout=args.request_timeout, max_connections=settings.parallel + settings.queue + 8,
-        log_file=args.engine_log, on_line=_engine_log(label, args.verbose), verbose=args.engine_verbose))
-    _banner(args, plan, model, engine, running, alias, api_key, demo)
+    return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
+                    starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
+                    cache_ram_mib=None if plan.cache_ram is None else plan.cache_ram // 2**20)
+
+
+def _run_server(args, settings, running, api_key: str | None) -> None:
+    """Serves until Ctrl-C; a load failure no restart can fix stops the server and is raised (exit 2)."""
+    import uvicorn
+
+    from .app import create_app
 
     failed: list[str] = []
 
@@ -79,7 +110,6 @@ def cmd_serve(args) -> int:
     server.run()
     if failed:
         raise HybridError(failed[0])  # one line, exit 2
-    return 0
 
 
 def _engine_log(label: str, verbose: bool):
