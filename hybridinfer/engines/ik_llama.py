@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 from gguf.constants import GGMLQuantizationType
 
 from ..ggufio import IK_TYPES
-from .llamacpp import LlamaCpp, buffer_name, compiled_of, help_text
+from .llamacpp import LlamaCpp, help_text
+from .llamacpp_args import Compiled, buffer_name
 
 if TYPE_CHECKING:
     from ..inspect_gguf import ModelInfo
@@ -137,26 +138,19 @@ class IkLlamaCpp(LlamaCpp):
             return ["-rtr"]  # also turns mmap off (common.cpp), so the mmap flags below are not needed
         return super().load_args(plan, binary)
 
-    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
-        """ik's llama-bench: placement as -ngl/-ot (','-joined there, not ';'), MLA 3, FA, fused MoE, -rtr 1 when
-        the plan repacks (its own defaults: -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0)."""
-        from ..probe import find_llama_binary
-        exe = find_llama_binary(self.bench_binary) or self.bench_binary
-        c = compiled_of(plan)
-        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
-               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
-        if c.overrides:
-            cmd += ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
-        if plan.arch == "deepseek2":
-            cmd += ["-mla", "3", "-fa", "1"]
-        if plan.numa:
-            cmd += ["--numa", plan.numa]
-        if plan.kv_type != "f16":
-            cmd += ["-ctk", plan.kv_type]
-        if repacks(plan):
-            cmd += ["-rtr", "1"]
-        return cmd
+    # --- its llama-bench: llama.cpp's, with its own defaults -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0 ---------
+    def bench_rpc_args(self, plan: "Plan") -> list[str]:
+        return []  # its bench run names local buffers only (below): no RPC workers
 
+    def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
+        out = ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)] if c.overrides else []  # ','-joined
+        return out + (["-mla", "3", "-fa", "1"] if plan.arch == "deepseek2" else [])
+
+    def bench_kv_args(self, plan: "Plan") -> list[str]:
+        return [] if plan.kv_type == "f16" else ["-ctk", plan.kv_type]
+
+    def bench_load_args(self, plan: "Plan", exe: str) -> list[str]:
+        return ["-rtr", "1"] if repacks(plan) else []
 
 def repacks(plan: "Plan") -> bool:
     return _repacks(plan.device_of, plan.streaming, plan.load_mode)
