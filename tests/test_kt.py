@@ -132,8 +132,9 @@ CASES = [(v.tag, "ktransformers") for v in kv.VERSIONS.values()] + \
 def test_command_per_version_parses(tag, backend, models, model_dir, trees):
     v = kv.VERSIONS[tag]
     hw = with_kt(load_profile("xeon4-ddr5-4090"), tag)
-    p = make_plan(hw, model_for(v, models), PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)},
-                                                        parallel=2 if backend == "balance_serve" else 1))
+    opts = PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)},
+                       parallel=2 if backend == "balance_serve" else 1)
+    p = make_plan(hw, model_for(v, models), opts)
     argv = p.command
     assert argv[0] == "ktransformers" and p.compiled["backend"] == backend and p.compiled["version"] == tag
     check_table(v, argv)
@@ -357,7 +358,8 @@ def test_kv_is_always_the_compressed_mla_cache_and_numa_copies(models, model_dir
 @pytest.mark.parametrize("flavor", ["sglang", "sglang-kt"])
 def test_kt_sglang_command_parses_with_sglangs_real_parser(flavor, models, model_dir, tmp_path_factory):
     hw = load_profile("xeon4-ddr5-4090")
-    p = make_plan(hw, models["r1-ud-iq1_s"], PlanOptions(engine="kt-sglang", engine_options={"kt_model_dir": str(model_dir)}, parallel=2))
+    p = make_plan(hw, models["r1-ud-iq1_s"], PlanOptions(engine="kt-sglang", parallel=2,
+                                                         engine_options={"kt_model_dir": str(model_dir)}))
     argv = p.command
     assert argv[:3] == ["python", "-m", "sglang.launch_server"]
     r = sglang_args.parse(flavor, argv[3:], tmp_path_factory.getbasetemp() / "sglang")

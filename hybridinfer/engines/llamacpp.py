@@ -105,6 +105,7 @@ class LlamaCpp(Engine):
     # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
     runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
     missing_metrics: tuple[str, ...] = ()  # llamacpp:* metrics mainline reports and this build's server does not
+    unlisted_flags: frozenset[str] = frozenset()  # flags its parser takes that its --help does not name
 
     # --- capabilities -----------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
@@ -137,7 +138,7 @@ class LlamaCpp(Engine):
         return EngineInfo(name=self.name, installed=True, version=version, path=path, gpu=binary_has_cuda(path))
 
     def flags(self, binary: str | None) -> set[str]:
-        return set(help_flags(binary)) if binary else set()
+        return set(help_flags(binary)) | self.unlisted_flags if binary else set()
 
     def unix_socket(self, binary: str) -> bool:
         """Whether this build listens on a Unix socket given `--host PATH.sock`."""
