@@ -289,3 +289,18 @@ def test_each_engine_reports_its_own_probe_rows():
     for name, names in rows.items():  # an engine's rows include the one its `installed` looks for
         e = engines.get(name)
         assert not names or set(names) & set(e.probe_names or (e.name,)), (name, names)
+
+
+def test_a_llama_cpp_fork_is_one_subclass_and_one_registry_entry(models, monkeypatch):
+    """What ik_llama.py does, at its smallest: a name, binaries, and llama.cpp's planning, command and bench."""
+    from hybridinfer.engines.llamacpp import LlamaCpp
+
+    class Fork(LlamaCpp):
+        name = "my-fork"
+        summary = "my llama.cpp fork"
+        server_binary, bench_binary = "my-fork-server", "my-fork-bench"
+
+    monkeypatch.setitem(engines.REGISTRY, Fork.name, Fork())  # the one registry line (_MODULES)
+    p = make_plan(load_profile("desktop-4090"), models["r1-ud-iq1_s"], PlanOptions(engine="my-fork"))
+    assert p.engine == "my-fork" and p.command[0].endswith("my-fork-server") and "-ot" in p.command
+    assert engines.get(p.engine).bench_command(p)[0].endswith("my-fork-bench")
