@@ -4,7 +4,8 @@ local config folder as `--model_path`), refusals before launch for what that rel
 through the shared supervised-server runner (engines/kt_server.py).
 
 Facts per release live in kt_versions.py (each cited to its tag and file); the rules compiler in
-ktransformers_args.py. The kt-kernel + SGLang stack is the sibling engine in kt_sglang.py.
+ktransformers_args.py. The kt-kernel + SGLang stack is the sibling engine in kt_sglang.py; what both share is in
+kt_common.py.
 """
 
 from __future__ import annotations
