@@ -17,9 +17,8 @@ from .probe import HardwareProfile, load_profile, probe
 
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
-                 "kv_type": "f16", "threads": None, "no_stream": False, "kt_model_dir": None, "rpc": None,
-                 "cache_ram": None,
-                 "batch": None, "ubatch": None, "load_mode": "auto"}
+                 "kv_type": "f16", "threads": None, "no_stream": False, **{o.key: None for o in engines.options()},
+                 "rpc": None, "cache_ram": None, "batch": None, "ubatch": None, "load_mode": "auto"}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -54,7 +53,7 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
 def plan_options(args, serving: bool = False) -> PlanOptions:
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
                        kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving,
-                       kt_model_dir=getattr(args, "kt_model_dir", None), cache_ram_mib=getattr(args, "cache_ram", None),
+                       engine_options=engines.options_from_args(args), cache_ram_mib=getattr(args, "cache_ram", None),
                        batch=args.batch, ubatch=args.ubatch, load_mode=args.load_mode)
 
 

@@ -38,7 +38,7 @@ class PlanOptions:
     threads: int | None = None
     allow_streaming: bool = True
     serving: bool = False  # only engines hybridinfer can run itself (for `serve`)
-    kt_model_dir: str | None = None  # KTransformers: the model's HF folder (config + tokenizer; SGLang: checkpoint)
+    engine_options: dict[str, str] = field(default_factory=dict)  # engines' own options by key (Engine.options)
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM; None = the KV cache size, at most its cap
     batch: int | None = None  # engine logical/physical batch for prefill (None = the engine's default)
     ubatch: int | None = None

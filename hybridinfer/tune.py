@@ -272,8 +272,8 @@ def cmd_tune(args) -> int:
     from rich.console import Console
 
     from .options import calibrated_box, load_model, plan_options
-    from .tuned import model_identity, tuned_path
-    from .util import atomic_write, cache_dir
+    from .tuned import tuned_path
+    from .util import atomic_write
 
     budget = parse_budget(args.budget)
     if args.hardware:
@@ -293,17 +293,8 @@ def cmd_tune(args) -> int:
         tuner.on_change = live.update
         base, best = tuner.run()
     took = time.monotonic() - t0
-    prompt = tuner.prompt
-    gain = base.request_s(prompt) / best.request_s(prompt)
-    report = {"budget_s": budget, "took_s": round(took, 1), "objective": f"{prompt}-token prompt + {ANSWER_TOKENS}-token answer",
-              "static": base.row(prompt), "winner": best.row(prompt), "gain": round(gain, 3),
-              "rows": [c.row(prompt) for c in tuner.rows], "bandwidth_gbs": hw.memory_bandwidth_gbs,
-              "load_average_after": os.getloadavg()[0]}
-    from . import calibration
-
-    report["box"] = calibration.box_key(hw)
-    report["model"] = model_identity(best.plan.model_path)
-    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = _report(tuner, base, best, budget, took)
+    gain = report["gain"]
     doc = plan_document(best.plan, report)
     out = args.output or str(tuned_path(best.plan.model_path))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +309,23 @@ def cmd_tune(args) -> int:
     console.print(f"wrote {out}  (run it: hybridinfer serve --plan {out})")
     print(out, file=sys.stdout if not args.json else sys.stderr)
     return 0
+
+
+def _report(tuner: Tuner, base: Candidate, best: Candidate, budget: float, took: float) -> dict:
+    """What tune writes beside the winning plan: every row, the gain, and the box and model it holds for."""
+    from . import calibration
+    from .tuned import model_identity
+
+    prompt, hw = tuner.prompt, tuner.hw
+    gain = base.request_s(prompt) / best.request_s(prompt)
+    report = {"budget_s": budget, "took_s": round(took, 1), "objective": f"{prompt}-token prompt + {ANSWER_TOKENS}-token answer",
+              "static": base.row(prompt), "winner": best.row(prompt), "gain": round(gain, 3),
+              "rows": [c.row(prompt) for c in tuner.rows], "bandwidth_gbs": hw.memory_bandwidth_gbs,
+              "load_average_after": os.getloadavg()[0]}
+    report["box"] = calibration.box_key(hw)
+    report["model"] = model_identity(best.plan.model_path)
+    report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return report
 
 
 class _Live:

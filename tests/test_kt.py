@@ -132,8 +132,9 @@ CASES = [(v.tag, "ktransformers") for v in kv.VERSIONS.values()] + \
 def test_command_per_version_parses(tag, backend, models, model_dir, trees):
     v = kv.VERSIONS[tag]
     hw = with_kt(load_profile("xeon4-ddr5-4090"), tag)
-    p = make_plan(hw, model_for(v, models), PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir),
-                                                        parallel=2 if backend == "balance_serve" else 1))
+    opts = PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)},
+                       parallel=2 if backend == "balance_serve" else 1)
+    p = make_plan(hw, model_for(v, models), opts)
     argv = p.command
     assert argv[0] == "ktransformers" and p.compiled["backend"] == backend and p.compiled["version"] == tag
     check_table(v, argv)
@@ -279,7 +280,7 @@ def test_reference_profile_command_parses(profile, shapes_dir, model_dir, trees,
 def test_refusals(models, model_dir, tmp_path):
     xeon = load_profile("xeon4-ddr5-4090")
     mla, legacy = models["r1-ud-iq1_s"], models["r1-ud-iq1_s-legacy"]
-    opts = PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir))
+    opts = PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)})
 
     with pytest.raises(HybridError, match=re.escape(kv.SUPPORTED)):  # unknown version in a profile
         make_plan(with_kt(xeon, "0.2.x (profile)"), mla, opts)
@@ -296,11 +297,11 @@ def test_refusals(models, model_dir, tmp_path):
     with pytest.raises(HybridError, match="--kt-model-dir DIR"):
         make_plan(here, mla, PlanOptions(engine="ktransformers"))
     with pytest.raises(HybridError, match="has no config.json"):
-        make_plan(here, mla, PlanOptions(engine="ktransformers", kt_model_dir=str(tmp_path)))
+        make_plan(here, mla, PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(tmp_path)}))
 
     with pytest.raises(HybridError, match="at a time"):  # no balance_serve build: one request at a time
         make_plan(with_kt(xeon, "0.3.2", detail="backends: ktransformers"), mla,
-                  PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir), parallel=2))
+                  PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)}, parallel=2))
     with pytest.raises(HybridError, match="MLA cache in 16 bits"):
         make_plan(with_kt(xeon, "0.3.2"), mla, replace(opts, kv_type="q8_0"))
 
@@ -308,7 +309,7 @@ def test_refusals(models, model_dir, tmp_path):
 def test_marlin_and_iq_gpu_experts(models, model_dir, tmp_path):
     m = models["r1-ud-iq1_s"]
     xeon = load_profile("xeon4-ddr5-4090")
-    opts = PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir))
+    opts = PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)})
     # IQ1_S experts on the GPU need the patch (KExpertsMarlin dequantizes them): auto-fill keeps them on the CPU ...
     p = make_plan(with_kt(xeon, "0.3.2"), m, opts)
     assert not any(d != "cpu" for n, d in p.device_of.items() if "_exps." in n)
@@ -337,18 +338,18 @@ def test_marlin_and_iq_gpu_experts(models, model_dir, tmp_path):
 def test_kv_is_always_the_compressed_mla_cache_and_numa_copies(models, model_dir):
     legacy = models["r1-ud-iq1_s-legacy"]
     p = make_plan(with_kt(load_profile("xeon4-ddr5-4090"), "0.2.1"), legacy,
-                  PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir), ctx=8192))
+                  PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)}, ctx=8192))
     gpu = next(d for d in p.devices if d.device == "gpu:0")
     assert gpu.kv_cache == 576 * 2 * 61 * 8192 // 61 * 61  # args.py: cache_lens * 2 * 576 * 61, whatever the form
     assert any("KV cache mla form, 70,272 B/token" in r.text for r in p.reasons if r.topic == "context")
     dual = load_profile("dual-6454s-4090d")  # USE_NUMA: on -> a copy per node
     q4 = models["r1-q4_k_m"]
-    p = make_plan(dual, q4, PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir)))
+    p = make_plan(dual, q4, PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)}))
     assert any("copy of the CPU experts per NUMA node" in w for w in p.warnings)
     off = with_kt(dual, "0.4.1", detail="backends: ktransformers; USE_NUMA: off")
-    p = make_plan(off, q4, PlanOptions(engine="ktransformers", kt_model_dir=str(model_dir)))
+    p = make_plan(off, q4, PlanOptions(engine="ktransformers", engine_options={"kt_model_dir": str(model_dir)}))
     assert not any("per NUMA node" in w for w in p.warnings)
-    p = make_plan(dual, q4, PlanOptions(engine="kt-sglang", kt_model_dir=str(model_dir)))
+    p = make_plan(dual, q4, PlanOptions(engine="kt-sglang", engine_options={"kt_model_dir": str(model_dir)}))
     assert not any("per NUMA node" in w for w in p.warnings)  # kt-kernel splits the experts across nodes
     assert p.command[p.command.index("--kt-threadpool-count") + 1] == "2"
 
@@ -358,7 +359,8 @@ def test_kv_is_always_the_compressed_mla_cache_and_numa_copies(models, model_dir
 @pytest.mark.parametrize("flavor", ["sglang", "sglang-kt"])
 def test_kt_sglang_command_parses_with_sglangs_real_parser(flavor, models, model_dir, tmp_path_factory):
     hw = load_profile("xeon4-ddr5-4090")
-    p = make_plan(hw, models["r1-ud-iq1_s"], PlanOptions(engine="kt-sglang", kt_model_dir=str(model_dir), parallel=2))
+    p = make_plan(hw, models["r1-ud-iq1_s"], PlanOptions(engine="kt-sglang", parallel=2,
+                                                         engine_options={"kt_model_dir": str(model_dir)}))
     argv = p.command
     assert argv[:3] == ["python", "-m", "sglang.launch_server"]
     r = sglang_args.parse(flavor, argv[3:], tmp_path_factory.getbasetemp() / "sglang")
@@ -452,7 +454,7 @@ def test_kt_sglang_gpu_experts_are_counted_in_fp8(models, model_dir):
     big = replace(xeon, gpus=[replace(g, name="H100 80GB", vram_total=80 * GIB, vram_free=0, compute_capability="9.0")
                               for g in xeon.gpus])
     m = models["r1-ud-iq1_s"]
-    p = make_plan(big, m, PlanOptions(engine="kt-sglang", kt_model_dir=str(model_dir)))
+    p = make_plan(big, m, PlanOptions(engine="kt-sglang", engine_options={"kt_model_dir": str(model_dir)}))
     on_gpu = [t for t in m.tensors if t.cls == "routed_experts" and p.device_of[t.name] != "cpu"]
     blocks = {t.block for t in on_gpu}
     assert 0 < len(blocks) < 10

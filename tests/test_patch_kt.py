@@ -218,7 +218,7 @@ def test_unknown_layout_and_hand_edits_refused(tmp_path):
 def test_probe_reports_the_patch_state(tmp_path):
     tree_parent = tmp_path / "tree"
     shutil.copytree(ROOT / "tests" / "fixtures" / "kt-v031-layout", tree_parent)
-    code = "from hybridinfer.engines.ktransformers import kt_patch_state; print(kt_patch_state())"
+    code = "from hybridinfer.engines.kt_probe import kt_patch_state; print(kt_patch_state())"
     assert "IQ patch: not applied" in _run(tree_parent, tmp_path, code).stdout
     assert _cli("--apply", "--path", str(tree_parent)).returncode == 0
     assert _run(tree_parent, tmp_path, code).stdout.strip() == "IQ patch: applied"

@@ -257,3 +257,70 @@ def test_bench_serves_and_engine_benches_one_plan(tmp_path, tiny_model):
     assert cmd[cmd.index("-ngl") + 1] == str(planned["compiled"]["ngl"])
     r = run_cli("bench", "--plan", str(f), "--gguf", tiny_model)
     assert r.returncode == 2 and "--plan fixes the model" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_no_engine_module_imported_outside_engines():
+    """Callers ask the registry (`engines.get(name).parse_bench`, ...), never an engine's module."""
+    mods = {m.__name__.rsplit(".", 1)[1] for m in engines._MODULES}
+    pkg = ROOT / "hybridinfer"
+    found = []
+    for f in sorted(pkg.rglob("*.py")):
+        if "engines" in f.relative_to(pkg).parts:
+            continue
+        for n in ast.walk(ast.parse(f.read_text())):
+            names = ([n.module or ""] + [f"{n.module}.{a.name}" for a in n.names]) if isinstance(n, ast.ImportFrom) \
+                else [a.name for a in n.names] if isinstance(n, ast.Import) else []
+            found += [f"{f.relative_to(ROOT)}:{n.lineno}" for x in names
+                      if x.split(".")[-2:-1] == ["engines"] and x.split(".")[-1] in mods]
+    assert not found, found
+
+
+def test_for_box_returns_a_new_frozen_engine(models, tmp_path):
+    """Per-box facts live on a new object; the registry's instance (which runs saved plans) never changes."""
+    xeon, m = load_profile("xeon4-ddr5-4090"), models["r1-ud-iq1_s"]
+    for e in engines.REGISTRY.values():
+        before = dict(vars(e))
+        bound = e.for_box(xeon, PlanOptions(parallel=2, engine_options={"kt_model_dir": str(tmp_path)}), m)
+        assert type(bound) is type(e) and dict(vars(e)) == before, e.name
+        if bound is not e:  # an engine with facts per box: a frozen copy holding them
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                bound.model_dir = "elsewhere"
+            assert bound.model_dir == str(tmp_path)
+
+
+def test_engine_options_are_declared_and_validated(models):
+    declared = engines.options()
+    assert declared and len({o.flag for o in declared}) == len(declared)
+    r = run_cli("plan", "--help")
+    assert all(o.flag in r.stdout for o in declared)  # each declared option is a flag, once
+    hw, m = load_profile("desktop-4090"), models["r1-ud-iq1_s"]
+    with pytest.raises(HybridError, match="unknown engine option 'kt_modeldir'"):
+        make_plan(hw, m, PlanOptions(engine_options={"kt_modeldir": "/x"}))
+    key = declared[0].key
+    owner = next(e for e in engines.REGISTRY.values() if declared[0] in e.options)
+    with pytest.raises(HybridError, match=f"engine option '{key}' must be text"):
+        make_plan(hw, m, PlanOptions(engine=owner.name, engine_options={key: 3}))
+
+
+def test_each_engine_reports_its_own_probe_rows():
+    rows = {e.name: [i.name for i in e.probe_all()] for e in engines.REGISTRY.values()}
+    flat = [n for names in rows.values() for n in names]
+    assert len(flat) == len(set(flat)) and [i.name for i in engines.probe_all()] == flat
+    for name, names in rows.items():  # an engine's rows include the one its `installed` looks for
+        e = engines.get(name)
+        assert not names or set(names) & set(e.probe_names or (e.name,)), (name, names)
+
+
+def test_a_llama_cpp_fork_is_one_subclass_and_one_registry_entry(models, monkeypatch):
+    """What ik_llama.py does, at its smallest: a name, binaries, and llama.cpp's planning, command and bench."""
+    from hybridinfer.engines.llamacpp import LlamaCpp
+
+    class Fork(LlamaCpp):
+        name = "my-fork"
+        summary = "my llama.cpp fork"
+        server_binary, bench_binary = "my-fork-server", "my-fork-bench"
+
+    monkeypatch.setitem(engines.REGISTRY, Fork.name, Fork())  # the one registry line (_MODULES)
+    p = make_plan(load_profile("desktop-4090"), models["r1-ud-iq1_s"], PlanOptions(engine="my-fork"))
+    assert p.engine == "my-fork" and p.command[0].endswith("my-fork-server") and "-ot" in p.command
+    assert engines.get(p.engine).bench_command(p)[0].endswith("my-fork-bench")

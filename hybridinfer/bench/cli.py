@@ -42,20 +42,7 @@ def cmd_bench(args) -> int:
     from .report import plot, render
 
     console = Console(stderr=True, highlight=False)
-    levels = _int_list(args.concurrency, "--concurrency")
-    rate = _rate(args.request_rate)
-    for path in (args.json, args.plot):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise HybridError(f"cannot write {path}: its directory does not exist", "create the directory or choose another path")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise HybridError("--plot needs matplotlib, which is not installed",
-                              "pip install matplotlib (./install.sh --dev has it), or drop --plot") from None
-    if args.dataset != "random" and not Path(args.dataset).is_file():
-        raise HybridError(f"dataset '{args.dataset}' does not exist", "pass random, or a JSONL file with \"prompt\" per line")
-
+    levels, rate = _check_args(args)
     served = None
     urls = list(args.url or [])
     plan_file = None
@@ -93,9 +80,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
-async def _run(args, urls, levels, rate, console) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _check_args(args) -> tuple[list[int], float]:
+    """Refuse bad arguments before anything starts. -> (concurrency levels, request rate)."""
+    levels = _int_list(args.concurrency, "--concurrency")
+    rate = _rate(args.request_rate)
+    for path in (args.json, args.plot):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise HybridError(f"cannot write {path}: its directory does not exist", "create the directory or choose another path")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise HybridError("--plot needs matplotlib, which is not installed",
+                              "pip install matplotlib (./install.sh --dev has it), or drop --plot") from None
+    if args.dataset != "random" and not Path(args.dataset).is_file():
+        raise HybridError(f"dataset '{args.dataset}' does not exist", "pass random, or a JSONL file with \"prompt\" per line")
+    return levels, rate
 
+
+async def _run(args, urls, levels, rate, console) -> dict:
     rng = random.Random(args.seed)
     runs = []
     counted_by = None
@@ -113,18 +116,8 @@ async def _run(args, urls, levels, rate, console) -> dict:
                 except (httpx.HTTPError, ValueError, KeyError) as e:
                     model = "default"
                     console.print(f"[yellow]{url}: could not list models ({e.__class__.__name__}); using model '{model}'[/]")
-            if prompts_cache is None:
-                if args.dataset == "random":
-                    count = await server_tokenizer(client, url)
-                    counted_by = "server /tokenize" if count else "estimate: one token per common English word"
-                    prompts_cache = await random_prompts(n_needed + args.warmup, args.prompt_tokens,
-                                                         random.Random(args.seed), count)
-                else:
-                    try:
-                        prompts_cache = file_prompts(args.dataset, n_needed + args.warmup, random.Random(args.seed))
-                    except ValueError as e:
-                        raise HybridError(str(e), "fix the dataset file") from None
-                    counted_by = "dataset (token counts from the server's usage)"
+            if prompts_cache is None:  # the first server's tokenizer sizes the prompts every URL gets
+                prompts_cache, counted_by = await _prompts(client, url, args, n_needed + args.warmup)
             target = Target(url=url, model=model, chat=not args.completions, max_tokens=args.max_tokens,
                             ignore_eos=args.ignore_eos if args.ignore_eos is not None else args.dataset == "random",
                             api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), seed=args.seed,
@@ -135,24 +128,7 @@ async def _run(args, urls, levels, rate, console) -> dict:
                 w = await run_level(target, warm, 1)
                 run["warmup_failed"] = sum(not s.ok for s in w.samples)
             for c in levels:
-                total = None if args.duration else len(prompts)
-                with Progress(TextColumn(f"{url} c={c}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[st]}"),
-                              TimeElapsedColumn(), console=console, transient=True,
-                              disable=not console.is_terminal) as prog:
-                    task = prog.add_task("", total=total, st="")
-                    fails = [0]
-
-                    def done(s, task=task, prog=prog, fails=fails):
-                        fails[0] += not s.ok
-                        prog.update(task, advance=1, st=f"{fails[0]} failed" if fails[0] else "")
-
-                    lv = await run_level(target, prompts, c, rate, args.duration, rng, on_done=done)
-                summ = lv.summary()
-                summ["samples"] = [vars(s) for s in lv.samples]
-                run["levels"].append(summ)
-                console.print(f"{url} c={c}: {summ['completed']} ok, {summ['failed']} failed, "
-                              f"{summ['output_throughput']:.1f} output tok/s"
-                              + (f" — first error: {summ['first_error']}" if summ["first_error"] else ""))
+                run["levels"].append(await _level(target, prompts, c, rate, args.duration, rng, console))
             runs.append(run)
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": _machine(),
@@ -161,6 +137,43 @@ async def _run(args, urls, levels, rate, console) -> dict:
                        "warmup": args.warmup, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                        "dataset": args.dataset, "seed": args.seed, "endpoint": "completions" if args.completions else "chat"},
             "prompt_tokens_counted_by": counted_by, "runs": runs, "engine_bench": None}
+
+
+async def _prompts(client, url: str, args, n: int) -> tuple[list[str], str]:
+    """n prompts (random ones of --prompt-tokens, or from the dataset) and how their tokens are counted."""
+    if args.dataset == "random":
+        count = await server_tokenizer(client, url)
+        counted_by = "server /tokenize" if count else "estimate: one token per common English word"
+        return await random_prompts(n, args.prompt_tokens, random.Random(args.seed), count), counted_by
+    try:
+        prompts = file_prompts(args.dataset, n, random.Random(args.seed))
+    except ValueError as e:
+        raise HybridError(str(e), "fix the dataset file") from None
+    return prompts, "dataset (token counts from the server's usage)"
+
+
+async def _level(target: Target, prompts: list[str], c: int, rate: float, duration, rng, console) -> dict:
+    """One concurrency level against one URL, with a progress bar on a terminal -> its summary and samples."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    url = target.url
+    total = None if duration else len(prompts)
+    with Progress(TextColumn(f"{url} c={c}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[st]}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as prog:
+        task = prog.add_task("", total=total, st="")
+        fails = [0]
+
+        def done(s):
+            fails[0] += not s.ok
+            prog.update(task, advance=1, st=f"{fails[0]} failed" if fails[0] else "")
+
+        lv = await run_level(target, prompts, c, rate, duration, rng, on_done=done)
+    summ = lv.summary()
+    summ["samples"] = [vars(s) for s in lv.samples]
+    console.print(f"{url} c={c}: {summ['completed']} ok, {summ['failed']} failed, "
+                  f"{summ['output_throughput']:.1f} output tok/s"
+                  + (f" — first error: {summ['first_error']}" if summ["first_error"] else ""))
+    return summ
 
 
 def _machine() -> dict:
@@ -224,7 +237,6 @@ def _start_serve(args, plan_file: str, console):
 
 def _engine_bench(plan_file: str, args, console) -> dict:
     from ..engines import get
-    from ..engines.llamacpp import parse_bench
     from ..options import load_plan
 
     plan = load_plan(plan_file)
@@ -239,7 +251,7 @@ def _engine_bench(plan_file: str, args, console) -> dict:
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise HybridError(f"{os.path.basename(cmd[0])} failed: {last}", "run the command above by hand to see why")
-    results = parse_bench(r.stdout)
+    results = engine.parse_bench(r.stdout)  # its own tool's output format
     for row in results:  # the metrics table's names: tg = decode, pp = prefill
         row[DECODE_TPS if row["test"].startswith("tg") else PREFILL_TPS] = row["tokens_per_s"]
     return {"command": cmd, "results": results}

@@ -2,8 +2,9 @@
 registry everything else asks: the CLI's `--engine` choices, the planner's choice, `inspect`'s support table,
 `probe`'s engine table and `serve`.
 
-Adding an engine: write `engines/<name>.py` with `ENGINE = MyEngine()` and list it in `_MODULES` below. Every
-engine name appears under engines/ only (tests/test_seam.py greps the rest of the package).
+Adding an engine: write `engines/<name>.py` with `ENGINE = MyEngine()` and list it in `_MODULES` below (a llama.cpp
+fork subclasses `llamacpp.LlamaCpp`, as ik_llama.py does). Every engine name appears under engines/ only
+(tests/test_seam.py greps the rest of the package).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from ..errors import HybridError
 from ..probe import EngineInfo
 from . import ik_llama, kt_sglang, ktransformers, llamacpp, llamacpp_python
-from .base import Engine
+from .base import Engine, EngineOption
 
 _MODULES = (llamacpp, ik_llama, llamacpp_python, ktransformers, kt_sglang)  # order breaks ties between equally fast engines
 REGISTRY: dict[str, Engine] = {m.ENGINE.name: m.ENGINE for m in _MODULES}
@@ -41,14 +42,21 @@ def support_table(model) -> dict[str, dict[str, str]]:
     return {cls: {n: e.support(cls, set(g.types)) for n, e in REGISTRY.items()} for cls, g in model.groups.items()}
 
 
+def options() -> list[EngineOption]:
+    """Every option the engines declare (`Engine.options`), each once (engines of a family share one), in registry
+    order."""
+    return list({o.key: o for e in REGISTRY.values() for o in e.options}.values())
+
+
 def add_plan_args(p) -> None:
-    """The plan options engines add (`Engine.plan_args`), each flag once."""
-    seen = set()
-    for e in REGISTRY.values():
-        for flag, kw in e.plan_args:
-            if flag not in seen:
-                seen.add(flag)
-                p.add_argument(flag, **kw)
+    """The plan options engines add, as command-line flags."""
+    for o in options():
+        p.add_argument(o.flag, **o.argparse_kwargs())
+
+
+def options_from_args(args) -> dict[str, str]:
+    """`PlanOptions.engine_options` from parsed arguments: each engine option given, by key."""
+    return {o.key: v for o in options() if (v := getattr(args, o.key, None)) is not None}
 
 
 def choices_help() -> str:

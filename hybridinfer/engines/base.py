@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..predict import PredictionParams
 from ..probe import EngineInfo, HardwareProfile
 
 if TYPE_CHECKING:  # annotations only: the planner imports the engines, never the other way round
     from ..inspect_gguf import ModelInfo, Tensor
-    from ..plan import Plan
+    from ..plan import Plan, PlanOptions
 
 GIB = 1024**3
 
@@ -100,6 +100,27 @@ class NumaPolicy:
     reason: str  # one line for the plan's "Why"
 
 
+@dataclass(frozen=True)
+class EngineOption:
+    """An option an engine brings to plan/serve/bench/tune: `flag VALUE` on the command line, and `key` (argparse's
+    dest for the flag) in `PlanOptions.engine_options`, the one field every engine's options travel in."""
+    flag: str  # e.g. "--kt-model-dir"
+    help: str
+    metavar: str = "VALUE"
+
+    @property
+    def key(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def argparse_kwargs(self) -> dict:
+        return {"metavar": self.metavar, "help": self.help}
+
+
+# Every option any engine class declares, by key (filled as engine classes are defined): an unknown key in
+# PlanOptions.engine_options is a typo, refused rather than ignored.
+_DECLARED: dict[str, EngineOption] = {}
+
+
 class Engine:
     """Base class: capability attributes with the values most engines share, and the methods each engine defines.
 
@@ -123,7 +144,7 @@ class Engine:
     repacked_types: frozenset[str] = frozenset()
     prediction_params: PredictionParams = PredictionParams()
     install_hint: str = "see docs/engines.md"
-    plan_args: tuple = ()  # (flag, argparse kwargs) it adds to plan/serve/bench; the value reaches PlanOptions
+    options: tuple[EngineOption, ...] = ()  # what it adds to plan/serve/bench; values reach PlanOptions.engine_options
     probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
 
     # --- capabilities -------------------------------------------------------------------------------
@@ -171,9 +192,32 @@ class Engine:
                 return e
         return None
 
-    def for_box(self, hw: HardwareProfile, opts, model: "ModelInfo") -> "Engine":
-        """This engine as installed on `hw` (its version's flags, its build's features) for these plan options
-        (`plan.PlanOptions`) and model: what the planner asks for costs, blockers and the command. Default: itself."""
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _DECLARED.update((o.key, o) for o in cls.options)
+
+    def validate_options(self, options: Mapping[str, str]) -> None:
+        """Refuse (one-line HybridError) a key no engine declares and a value of its own options that is not text.
+        Engines with stricter options extend this; what depends on the box (a folder's contents) is a blocker."""
+        from ..errors import HybridError
+
+        for key, value in options.items():
+            if key not in _DECLARED:
+                raise HybridError(f"unknown engine option '{key}'", f"use one of {', '.join(sorted(_DECLARED))}")
+            if any(o.key == key for o in self.options) and not isinstance(value, str):
+                raise HybridError(f"engine option '{key}' must be text, not {value!r}", f"pass {_DECLARED[key].flag} "
+                                  f"{_DECLARED[key].metavar}")
+
+    def for_box(self, hw: HardwareProfile, opts: "PlanOptions", model: "ModelInfo") -> "Engine":
+        """This engine as installed on `hw` (its version's flags, its build's features) for these plan options and
+        model: what the planner asks for costs, blockers and the command. The options are checked first."""
+        self.validate_options(opts.engine_options)
+        return self.bind(hw, opts, model)
+
+    def bind(self, hw: HardwareProfile, opts: "PlanOptions", model: "ModelInfo") -> "Engine":
+        """for_box's per-engine part: a new frozen object holding what this box, options and model decide (never
+        this one changed: the registry's instance runs saved plans and reports probes). Default: itself, for an
+        engine with nothing per box."""
         return self
 
     def flags(self, binary: str | None) -> set[str]:

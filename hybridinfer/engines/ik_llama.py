@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 from gguf.constants import GGMLQuantizationType
 
 from ..ggufio import IK_TYPES
-from .llamacpp import LlamaCpp, buffer_name, compiled_of, help_text
+from .llamacpp import LlamaCpp, help_text
+from .llamacpp_args import Compiled, buffer_name
 
 if TYPE_CHECKING:
     from ..inspect_gguf import ModelInfo
@@ -42,8 +43,6 @@ CUDA_TYPES = frozenset("""F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q6_0 Q8_0 Q2_K Q3_K Q
     IQ2_XS IQ2_XXS IQ3_S IQ3_XXS IQ4_NL MXFP4 IQ4_XS IQ2_KL IQ3_KS IQ4_KS IQ4_KSS IQ5_KS IQ2_K IQ2_KS IQ1_KT IQ2_KT
     IQ3_KT IQ4_KT IQ3_K IQ4_K IQ5_K IQ6_K IQ1_BN IQ2_BN IQ2_K_R4 IQ3_K_R4 IQ4_K_R4 IQ4_KS_R4 IQ5_K_R4 IQ5_KS_R4 IQ1_S_R4
     IQ1_M_R4 I32 I16 I8""".split())
-# The parser takes these though --help does not list them (common.cpp: "-ot"/"--override-tensor", "-rtr").
-_UNLISTED_FLAGS = {"-ot", "--override-tensor", "-rtr"}
 AMB_MIB = 512  # the attention-buffer cap R1 users pass with a GPU; it bounds the MLA prefill buffer in VRAM
 
 
@@ -56,6 +55,7 @@ class IkLlamaCpp(LlamaCpp):
     ngl_counts_output = False
     server_binary = "ik-llama-server"  # HYBRIDINFER_IK_LLAMA_SERVER, the venv's bin/ (install.sh links it), PATH
     bench_binary = "ik-llama-bench"
+    unlisted_flags = frozenset({"-ot", "--override-tensor", "-rtr"})  # common.cpp parses them; --help omits them
     install_hint = ("run ./install.sh (it builds ik_llama.cpp from ik-llama-cpp-python 0.1.5 next to llama.cpp), "
                     "or set HYBRIDINFER_IK_LLAMA_SERVER to its llama-server")
     # Mainline's model with ik's measured prefill gain: on the mid model (R1's UD-IQ1_S mix, 2 AVX2 cores, quiet box,
@@ -81,15 +81,9 @@ class IkLlamaCpp(LlamaCpp):
             return int(round((model.kv_lora_rank + model.rope_dim) * model.kv.layers * per_value))
         return model.kv.bytes_per_token[kv_type]
 
-    def flags(self, binary: str | None) -> set[str]:
-        return super().flags(binary) | _UNLISTED_FLAGS if binary else set()
-
     def blockers(self, model: "ModelInfo", placement, hw: "HardwareProfile") -> list[str]:
-        out = []
         bad = incompatible_mla(model)
-        if bad:
-            out.append(bad)
-        return out + super().blockers(model, placement, hw)
+        return ([bad] if bad else []) + super().blockers(model, placement, hw)
 
     def runner(self, plan: "Plan", settings):
         from .ik_runner import IkSupervisor  # httpx & co. load only when something runs
@@ -130,39 +124,29 @@ class IkLlamaCpp(LlamaCpp):
         return {self.name: {"load_mode": "mmap"}, f"{self.name} -rtr": {}}
 
     def calibration_key(self, device_of: dict[str, str], streaming: bool, load_mode: str) -> str:
-        return f"{self.name} -rtr" if _repacks(device_of, streaming, load_mode) else self.name
+        return f"{self.name} -rtr" if repacks(device_of, streaming, load_mode) else self.name
 
     def load_args(self, plan: "Plan", binary: str | None) -> list[str]:
-        if repacks(plan) and self.has_flag(binary, "-rtr"):
+        if repacks(plan.device_of, plan.streaming, plan.load_mode) and self.has_flag(binary, "-rtr"):
             return ["-rtr"]  # also turns mmap off (common.cpp), so the mmap flags below are not needed
         return super().load_args(plan, binary)
 
-    def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
-        """ik's llama-bench: placement as -ngl/-ot (','-joined there, not ';'), MLA 3, FA, fused MoE, -rtr 1 when
-        the plan repacks (its own defaults: -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0)."""
-        from ..probe import find_llama_binary
-        exe = find_llama_binary(self.bench_binary) or self.bench_binary
-        c = compiled_of(plan)
-        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
-               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
-        if c.overrides:
-            cmd += ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)]
-        if plan.arch == "deepseek2":
-            cmd += ["-mla", "3", "-fa", "1"]
-        if plan.numa:
-            cmd += ["--numa", plan.numa]
-        if plan.kv_type != "f16":
-            cmd += ["-ctk", plan.kv_type]
-        if repacks(plan):
-            cmd += ["-rtr", "1"]
-        return cmd
+    # --- its llama-bench: llama.cpp's, with its own defaults -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0 ---------
+    def bench_rpc_args(self, plan: "Plan") -> list[str]:
+        return []  # its bench run names local buffers only (below): no RPC workers
+
+    def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
+        out = ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)] if c.overrides else []  # ','-joined
+        return out + (["-mla", "3", "-fa", "1"] if plan.arch == "deepseek2" else [])
+
+    def bench_kv_args(self, plan: "Plan") -> list[str]:
+        return [] if plan.kv_type == "f16" else ["-ctk", plan.kv_type]
+
+    def bench_load_args(self, plan: "Plan", exe: str) -> list[str]:
+        return ["-rtr", "1"] if repacks(plan.device_of, plan.streaming, plan.load_mode) else []
 
 
-def repacks(plan: "Plan") -> bool:
-    return _repacks(plan.device_of, plan.streaming, plan.load_mode)
-
-
-def _repacks(device_of: dict[str, str], streaming: bool, load_mode: str) -> bool:
+def repacks(device_of: dict[str, str], streaming: bool, load_mode: str) -> bool:
     """Run-time repacking applies when no tensor is on a GPU (repacked types have no CUDA kernels) and the weights
     are read into RAM (repacking needs them there; a streaming plan, or one asked to map them, relies on mmap)."""
     return all(d == "cpu" for d in device_of.values()) and not streaming and load_mode != "mmap"
@@ -173,9 +157,7 @@ def incompatible_mla(model: "ModelInfo") -> str:
     launch: the reason it would abort, or ""."""
     if model.arch != "deepseek2" or model.head_count_kv != 1:
         return ""
-    ok = (model.key_length == 576 and model.value_length == 512 and model.rope_dim == 64
-          and model.head_count % 4 == 0)
-    if ok:
+    if (model.key_length, model.value_length, model.rope_dim) == (576, 512, 64) and model.head_count % 4 == 0:
         return ""
     return (f"it aborts loading this MLA GGUF (\"Detected incompatible DeepSeek model\", src/llama-hparams.cpp): it needs "
             f"key 576 / value 512 with one KV head, rope 64 and heads divisible by 4; this file has key "

@@ -164,10 +164,6 @@ def probe_sglang() -> EngineInfo:
     return EngineInfo(name="sglang", installed=False, detail="not installed")
 
 
-def probe_all() -> list[EngineInfo]:
-    return [probe_legacy(), probe_kt_kernel(), probe_sglang()]
-
-
 if __name__ == "__main__":  # pragma: no cover - a quick look from a shell
-    for row in probe_all():
+    for row in (probe_legacy(), probe_kt_kernel(), probe_sglang()):
         print(row, file=sys.stdout)

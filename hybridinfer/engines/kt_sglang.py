@@ -7,14 +7,14 @@ is checked against SGLang's real argument parser (tests/test_kt.py, via tests/sg
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..probe import EngineInfo
-from .base import GIB, Engine, NumaPolicy, RunSettings
-from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel
-from .ktransformers import KT_CPU_EXPERTS, KTransformers, _cc, config_dir_for, hf_repo
+from .base import GIB, NumaPolicy, RunSettings
+from .kt_common import KT_CPU_EXPERTS, KtEngine, ampere_or_newer, hf_repo
+from .kt_probe import detail_field, kt_kernel_variant, probe_kt_kernel, probe_sglang
 from .ktransformers_args import module_of
 
 if TYPE_CHECKING:
@@ -38,49 +38,29 @@ def checkpoint_bytes(model: "ModelInfo", t: "Tensor") -> int:
     return t.n_elements * BF16_BYTES
 
 
-class KtSglang(Engine):
+@dataclass(frozen=True, eq=False, repr=False)
+class KtSglang(KtEngine):
     name = "kt-sglang"
     summary = ("kt-kernel + SGLang (KTransformers' maintained stack): GPU side from the HF checkpoint, routed "
                "experts on kt-kernel's CPU kernels from the GGUF")
-    kind = "server"
-    needs_nvidia_gpu = True
-    serves = True
-    gpu_runtime_bytes = int(1.5 * GIB)  # CUDA context, torch, SGLang's CUDA graphs
     probe_names = ("kt-kernel",)
     install_hint = "pip install kt-kernel sglang-kt (or sglang), see github.com/kvcache-ai/ktransformers"
-    prediction_params = KTransformers.prediction_params  # the same kernels for the CPU-resident experts
-    plan_args = KTransformers.plan_args  # the same --kt-model-dir
 
+    # What for_box decides for a box (the registry's instance keeps these defaults).
+    gpu_runtime_bytes: int = int(1.5 * GIB)  # CUDA context, torch, SGLang's CUDA graphs (+ the embedding, bound)
     model: "ModelInfo | None" = None
     sglang: EngineInfo | None = None
     variant: str = "avx2"
-    model_dir: str | None = None
-    model_dir_problem: str = ""
-    marlin: bool = True
     numa_nodes: int = 1
 
-    def for_box(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KtSglang":
-        b = copy.copy(self)
-        b.model = model
-        b.numa_nodes = max(1, len(hw.numa_nodes))
-        kt = self.installed(hw)
-        b.sglang = hw.engine("sglang")
-        b.variant = detail_field(kt, "CPU variant") or kt_kernel_variant(hw.cpu.flags)
-        b.marlin = all(_cc(g.compute_capability) >= 8.0 for g in hw.gpus if g.compute_capability)
+    def bind(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KtSglang":
         embed = sum(checkpoint_bytes(model, t) for t in model.tensors if t.cls == "token_embd")
-        b.gpu_runtime_bytes = self.gpu_runtime_bytes + embed  # SGLang keeps the embedding on the GPU
-        b.model_dir = opts.kt_model_dir or config_dir_for(hf_repo(model))
-        b.model_dir_problem = ""
-        if hw.source == "probe":
-            d = Path(b.model_dir) if b.model_dir else None
-            if d is None:
-                b.model_dir_problem = (f"SGLang loads the GPU side from the model's Hugging Face checkpoint: pass "
-                                       f"--kt-model-dir DIR (`modelscope download --model {hf_repo(model)} "
-                                       f"--local_dir DIR`)")
-            elif not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
-                b.model_dir_problem = (f"--kt-model-dir {d} is not a Hugging Face checkpoint (config.json and "
-                                       f"*.safetensors): SGLang loads the GPU side from it")
-        return b
+        model_dir = self.model_dir_for(opts, model)
+        return replace(self, model=model, numa_nodes=max(1, len(hw.numa_nodes)), sglang=hw.engine("sglang"),
+                       variant=detail_field(self.installed(hw), "CPU variant") or kt_kernel_variant(hw.cpu.flags),
+                       marlin=ampere_or_newer(hw),
+                       gpu_runtime_bytes=self.gpu_runtime_bytes + embed,  # SGLang keeps the embedding on the GPU
+                       model_dir=model_dir, model_dir_problem=_checkpoint_problem(model_dir, model, hw))
 
     # --- capabilities -----------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
@@ -93,10 +73,6 @@ class KtSglang(Engine):
             bad = sorted(types - KT_CPU_EXPERTS)
             return "ok" if not bad else f"refused: {'/'.join(bad)} not computed by kt-kernel's LLAMAFILE method"
         return "ok (HF checkpoint)"
-
-    # SGLang keeps DeepSeek's compressed MLA cache in bf16 too, whatever the GGUF's attention form
-    kv_bytes_per_token = KTransformers.kv_bytes_per_token
-    kv_form = KTransformers.kv_form
 
     def tensor_bytes(self, t: "Tensor", device: str) -> int:
         if device == "cpu":
@@ -112,7 +88,7 @@ class KtSglang(Engine):
         return probe_kt_kernel()
 
     def probe_all(self) -> list[EngineInfo]:
-        return []  # the KTransformers engine reports kt-kernel and SGLang with the legacy server
+        return [probe_kt_kernel(), probe_sglang()]  # it runs as two packages
 
     # --- planning ---------------------------------------------------------------------------------------
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
@@ -152,7 +128,7 @@ class KtSglang(Engine):
         gpu = next((d for d in plan.devices if d.device.startswith("gpu")), None)
         frac = 0.9 if gpu is None or not gpu.capacity else min(0.95, max(0.6, round(
             (gpu.weights + gpu.kv_cache) / (gpu.capacity + 0.75 * GIB) + 0.02, 2)))
-        return {"model_dir": self.model_dir or f"<Hugging Face checkpoint of {hf_repo_name(plan)}>",
+        return {"model_dir": self.model_dir or f"<Hugging Face checkpoint of {hf_repo(plan.model_name)}>",
                 "gpu_experts_per_layer": per_layer, "mem_fraction_static": frac,
                 "attention_backend": "flashinfer" if self.marlin else "triton", "cpu_variant": self.variant,
                 "numa_nodes": self.numa_nodes,
@@ -168,7 +144,7 @@ class KtSglang(Engine):
                 "--attention-backend", c["attention_backend"], "--trust-remote-code",
                 "--mem-fraction-static", str(c["mem_fraction_static"]), "--chunked-prefill-size", "4096",
                 "--max-running-requests", str(plan.parallel), "--max-total-tokens", str(plan.ctx),
-                "--disable-shared-experts-fusion", "--served-model-name", hf_repo_name(plan).split("/")[-1],
+                "--disable-shared-experts-fusion", "--served-model-name", hf_repo(plan.model_name).split("/")[-1],
                 "--host", "127.0.0.1", "--port", str(DEFAULT_PORT)]
 
     def runner(self, plan: "Plan", settings: RunSettings):
@@ -177,10 +153,18 @@ class KtSglang(Engine):
         return KtServer(self, plan, settings, sglang=True)
 
 
-def hf_repo_name(plan: "Plan") -> str:
-    from .ktransformers import _repo_of
-
-    return _repo_of(plan)
+def _checkpoint_problem(model_dir: str | None, model: "ModelInfo", hw: "HardwareProfile") -> str:
+    """Why the checkpoint folder will not do on this box ("" when it will, or for another box's profile)."""
+    if hw.source != "probe":
+        return ""
+    if not model_dir:
+        return (f"SGLang loads the GPU side from the model's Hugging Face checkpoint: pass --kt-model-dir DIR "
+                f"(`modelscope download --model {hf_repo(model.name)} --local_dir DIR`)")
+    d = Path(model_dir)
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        return (f"--kt-model-dir {d} is not a Hugging Face checkpoint (config.json and *.safetensors): SGLang loads "
+                f"the GPU side from it")
+    return ""
 
 
 ENGINE = KtSglang()

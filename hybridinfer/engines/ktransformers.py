@@ -4,22 +4,23 @@ local config folder as `--model_path`), refusals before launch for what that rel
 through the shared supervised-server runner (engines/kt_server.py).
 
 Facts per release live in kt_versions.py (each cited to its tag and file); the rules compiler in
-ktransformers_args.py. The kt-kernel + SGLang stack is the sibling engine in kt_sglang.py.
+ktransformers_args.py. The kt-kernel + SGLang stack is the sibling engine in kt_sglang.py; what both share is in
+kt_common.py.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..predict import PredictionParams
 from ..probe import EngineInfo
 from ..util import atomic_write, cache_dir, ranges
-from .base import GIB, Engine, NumaPolicy, RunSettings
-from .kt_probe import detail_field, kt_patch_state, patch_state, probe_all, probe_legacy  # noqa: F401 (re-export)
-from .kt_versions import SUPPORTED, VERSIONS, KtVersion, lookup
+from .base import GIB, NumaPolicy, RunSettings
+from .kt_common import KT_CPU_EXPERTS, KtEngine, ampere_or_newer, hf_repo
+from .kt_probe import detail_field, patch_state, probe_legacy
+from .kt_versions import VERSIONS, KtVersion, lookup
 from .ktransformers_args import Unsupported, optimize_rules
 
 if TYPE_CHECKING:
@@ -31,33 +32,11 @@ if TYPE_CHECKING:
 KT_DEQUANT = frozenset({"F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"})
 # ... and with hybridinfer's patch (patches/ktransformers) the IQ family as well.
 KT_DEQUANT_PATCHED = KT_DEQUANT | {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL"}
-# Its CPU expert kernels (llamafile backend, x86, incl. tinyblas for the float types): any other routed-expert type
-# is silently not computed.
-KT_CPU_EXPERTS = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "IQ2_XXS", "Q4_0", "Q4_1",
-                            "Q5_0", "Q5_1", "Q8_0", "IQ1_S", "F32", "F16", "BF16"})
 MARLIN_BITS = 4.25  # KLinearMarlin / KExpertsMarlin requantize to 4-bit, one fp16 scale per 64 weights
 TORCH_BYTES = 2  # KLinearTorch and plain nn.Linear keep the dequantized weight in bf16/fp16
-MLA_VALUES = 576  # kv_lora_rank 512 + rope 64: the compressed cache it always keeps (args.py: cache_lens*2*576*61)
 UNPLACEABLE = 1 << 50  # a GPU cost no budget meets: rules' auto-fill then keeps such tensors on the CPU
 NEWEST = VERSIONS["v0.4.1"]
 DEFAULT_PORT = 10002  # configs/config.yaml server.port
-HF_REPOS = (("r1", "deepseek-ai/DeepSeek-R1"), ("v3", "deepseek-ai/DeepSeek-V3"), ("v2.5", "deepseek-ai/DeepSeek-V2.5"),
-            ("lite", "deepseek-ai/DeepSeek-V2-Lite-Chat"), ("v2", "deepseek-ai/DeepSeek-V2-Chat"))
-
-
-def hf_repo(model: "ModelInfo") -> str:
-    """The Hugging Face repo whose config folder matches a DeepSeek GGUF (by its general.name)."""
-    name = (model.name or "").lower()
-    return next((repo for key, repo in HF_REPOS if key in name), "deepseek-ai/DeepSeek-R1")
-
-
-def config_dir_for(repo: str) -> str | None:
-    """Where hybridinfer's download step recorded this repo's config folder (None: not downloaded)."""
-    from ..download.registry import kt_config_dir  # a leaf module: no import of the planner from here
-
-    found = kt_config_dir(repo)
-    return str(found) if found else None
-
 
 def has_kv_b(model: "ModelInfo") -> bool:
     """The GGUF's attention form: attn_kv_b (converted before llama.cpp's MLA change) or attn_k_b/attn_v_b only."""
@@ -77,69 +56,46 @@ def rules_file(text: str) -> str:
     return str(path)
 
 
-class KTransformers(Engine):
+@dataclass(frozen=True, eq=False, repr=False)
+class KTransformers(KtEngine):
     name = "ktransformers"
     summary = "KTransformers (legacy server 0.2-0.4.1): attention and KV on CUDA, routed experts on its CPU kernels"
-    kind = "server"
-    needs_nvidia_gpu = True
-    serves = True
     gpu_runtime_bytes = int(1.2 * GIB)  # CUDA context, cuBLAS, torch
     probe_names = ("ktransformers",)
     install_hint = ("install a legacy KTransformers release (0.2.0-0.4.1, github.com/kvcache-ai/ktransformers), "
                     "or use --engine kt-sglang")
-    # It mirrors the CPU experts on every NUMA node and runs one thread pool per node: a second node adds 0.45 of
-    # its own bandwidth/compute (fitted to its published 1- vs 2-socket R1 figures).
-    prediction_params = PredictionParams(cpu_eff=1.0, prefill_gflops_per_core_amx=200.0, numa_extra_node_gain=0.45,
-                                         prefill_expert_batch_n0=0.0)
-    plan_args = (("--kt-model-dir", {"metavar": "DIR", "help": (
-        "KTransformers: the model's Hugging Face folder — config, tokenizer and code for the legacy server (no "
-        "weights), the full checkpoint for kt-sglang (default: where `hybridinfer download` put it)")}),)
 
-    # Set by for_box (the registry's instance is unbound: it runs saved plans and reports probe results).
+    # What for_box decides for a box (the registry's instance keeps these defaults).
     version: KtVersion = NEWEST
     version_problem: str = ""  # an unknown version recorded for the box
     info: EngineInfo | None = None
     backend: str = "ktransformers"
-    marlin: bool = True
     numa_copies: bool = True
     patch: str = "unknown"
-    model_dir: str | None = None
-    model_dir_problem: str = ""
-    hw_source: str = "probe"
     kv_type: str = "f16"
+    max_slots: int | None = None
 
     # --- binding to a box ---------------------------------------------------------------------------------
-    def for_box(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KTransformers":
-        b = copy.copy(self)
-        b.info = self.installed(hw)
-        b.hw_source = hw.source
-        b.kv_type = opts.kv_type
-        if b.info is not None:
+    def bind(self, hw: "HardwareProfile", opts: "PlanOptions", model: "ModelInfo") -> "KTransformers":
+        info = self.installed(hw)
+        version, version_problem = self.version, ""
+        if info is not None:
             try:
-                b.version = lookup(b.info.version)
+                version = lookup(info.version)
             except Exception as e:  # HybridError: unknown version -> a blocker naming the supported ones
-                b.version_problem = f"{e.problem}; {e.fix}" if hasattr(e, "problem") else str(e)
-        backends = detail_field(b.info, "backends")
-        has_bs = bool(b.version.flashinfer_attn) and (backends is None or "balance_serve" in backends)
-        ccs = [g.compute_capability for g in hw.gpus]
-        b.marlin = all(_cc(c) >= 8.0 for c in ccs if c)  # unknown ("") is taken as Ampere+: said in the reasons
+                version_problem = f"{e.problem}; {e.fix}" if hasattr(e, "problem") else str(e)
+        backends = detail_field(info, "backends")
+        has_bs = bool(version.flashinfer_attn) and (backends is None or "balance_serve" in backends)
+        marlin = ampere_or_newer(hw)  # unknown ("") is taken as Ampere+: said in the reasons
         # balance_serve: concurrent requests (the ktransformers backend serves one at a time); it needs a
         # USE_BALANCE_SERVE build and flashinfer (Ampere+), and keeps every routed expert on the CPU.
-        b.backend = "balance_serve" if (opts.parallel > 1 and has_bs and b.marlin) else "ktransformers"
-        b.max_slots = None if b.backend == "balance_serve" else 1
-        numa = detail_field(b.info, "USE_NUMA")
-        b.numa_copies = numa != "off"  # the published multi-socket setups build with USE_NUMA=1
-        b.patch = patch_state(b.info)
-        b.model_dir = opts.kt_model_dir or config_dir_for(hf_repo(model))
-        b.model_dir_problem = ""
-        if not b.model_dir and hw.source == "probe":
-            b.model_dir_problem = (
-                f"it needs the model's config folder (config.json, tokenizer, code; no weights) as --model_path: pass "
-                f"--kt-model-dir DIR (get it with `modelscope download --model {hf_repo(model)} --exclude "
-                f"'*.safetensors' --local_dir DIR`)")
-        elif b.model_dir and hw.source == "probe" and not (Path(b.model_dir) / "config.json").is_file():
-            b.model_dir_problem = f"--kt-model-dir {b.model_dir} has no config.json (the model's Hugging Face folder)"
-        return b
+        backend = "balance_serve" if (opts.parallel > 1 and has_bs and marlin) else "ktransformers"
+        model_dir = self.model_dir_for(opts, model)
+        return replace(self, info=info, version=version, version_problem=version_problem, kv_type=opts.kv_type,
+                       marlin=marlin, backend=backend, max_slots=None if backend == "balance_serve" else 1,
+                       # the published multi-socket setups build with USE_NUMA=1
+                       numa_copies=detail_field(info, "USE_NUMA") != "off", patch=patch_state(info),
+                       model_dir=model_dir, model_dir_problem=_config_dir_problem(model_dir, model, hw))
 
     # --- capabilities -----------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
@@ -157,15 +113,6 @@ class KTransformers(Engine):
         if not (types - KT_DEQUANT_PATCHED):
             return f"ok after patch ({'/'.join(bad)})"
         return f"refused: {'/'.join(sorted(types - KT_DEQUANT_PATCHED))} not dequantized"
-
-    def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
-        # Always the compressed MLA cache in 16 bits, whatever the GGUF's attention form (args.py sizes it so).
-        if model.arch == "deepseek2":
-            return MLA_VALUES * 2 * model.kv.layers
-        return model.kv.bytes_per_token["f16"]
-
-    def kv_form(self, model: "ModelInfo") -> str:
-        return "mla" if model.arch == "deepseek2" else model.kv.form
 
     def tensor_bytes(self, t: "Tensor", device: str) -> int:
         if device == "cpu":
@@ -197,9 +144,6 @@ class KTransformers(Engine):
     # --- this box ---------------------------------------------------------------------------------------
     def probe(self) -> EngineInfo:
         return probe_legacy()
-
-    def probe_all(self) -> list[EngineInfo]:
-        return probe_all()  # the legacy server, kt-kernel and SGLang rows (kt_sglang reports none of its own)
 
     # --- planning ---------------------------------------------------------------------------------------
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
@@ -288,7 +232,7 @@ class KTransformers(Engine):
     def compile(self, plan: "Plan") -> dict:
         text = optimize_rules(plan.device_of, self.version, self.backend, self.marlin)
         return {"version": self.version.tag, "backend": self.backend, "marlin": self.marlin,
-                "model_dir": self.model_dir or f"<config folder of {_repo_of(plan)}>",
+                "model_dir": self.model_dir or f"<config folder of {hf_repo(plan.model_name)}>",
                 "rules_path": rules_file(text), "rules": text,
                 "api": {"models_list": self.version.models_list, "stream_usage": self.version.stream_usage,
                         "usage": self.version.usage, "fields": list(self.version.request_fields)}}
@@ -297,7 +241,7 @@ class KTransformers(Engine):
         c = plan.compiled or self.compile(plan)
         v = VERSIONS[c["version"]]
         cmd = ["ktransformers", "--model_path", c["model_dir"], "--gguf_path", str(Path(plan.model_path).parent),
-               "--optimize_config_path", c["rules_path"], "--model_name", _repo_of(plan).split("/")[-1],
+               "--optimize_config_path", c["rules_path"], "--model_name", hf_repo(plan.model_name).split("/")[-1],
                "--cpu_infer", str(plan.threads), "--cache_lens", str(plan.ctx),
                "--max_new_tokens", str(max(256, min(8192, plan.ctx // plan.parallel // 2)))]
         cmd += [v.backend_flag, c["backend"]]  # always explicit: the default changed between releases (C)
@@ -323,16 +267,17 @@ class KTransformers(Engine):
         return KtServer(self, plan, settings)
 
 
-def _cc(s: str) -> float:
-    try:
-        return float(s)
-    except ValueError:
-        return 0.0
-
-
-def _repo_of(plan: "Plan") -> str:
-    name = (plan.model_name or "").lower()
-    return next((repo for key, repo in HF_REPOS if key in name), "deepseek-ai/DeepSeek-R1")
+def _config_dir_problem(model_dir: str | None, model: "ModelInfo", hw: "HardwareProfile") -> str:
+    """Why the config folder will not do on this box ("" when it will, or for another box's profile)."""
+    if hw.source != "probe":
+        return ""
+    if not model_dir:
+        return (f"it needs the model's config folder (config.json, tokenizer, code; no weights) as --model_path: pass "
+                f"--kt-model-dir DIR (get it with `modelscope download --model {hf_repo(model.name)} --exclude "
+                f"'*.safetensors' --local_dir DIR`)")
+    if not (Path(model_dir) / "config.json").is_file():
+        return f"--kt-model-dir {model_dir} has no config.json (the model's Hugging Face folder)"
+    return ""
 
 
 def _non_expert_types(model: "ModelInfo") -> set[str]:

@@ -105,6 +105,7 @@ class LlamaCpp(Engine):
     # What `serve` adds to or replaces in plan.command, and nothing else (value-taking flags map to True).
     runtime_flags = {"--host": True, "--port": True, "--alias": True, "-v": False}
     missing_metrics: tuple[str, ...] = ()  # llamacpp:* metrics mainline reports and this build's server does not
+    unlisted_flags: frozenset[str] = frozenset()  # flags its parser takes that its --help does not name
 
     # --- capabilities -----------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
@@ -137,7 +138,7 @@ class LlamaCpp(Engine):
         return EngineInfo(name=self.name, installed=True, version=version, path=path, gpu=binary_has_cuda(path))
 
     def flags(self, binary: str | None) -> set[str]:
-        return set(help_flags(binary)) if binary else set()
+        return set(help_flags(binary)) | self.unlisted_flags if binary else set()
 
     def unix_socket(self, binary: str) -> bool:
         """Whether this build listens on a Unix socket given `--host PATH.sock`."""
@@ -246,27 +247,37 @@ class LlamaCpp(Engine):
         return parse_bench(stdout)
 
     def bench_command(self, plan: "Plan", n_prompt: int = 512, n_gen: int = 128, repetitions: int = 3) -> list[str]:
-        """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout."""
+        """`llama-bench` with the plan's placement (pp{n_prompt} / tg{n_gen}); JSON on stdout. A fork's llama-bench
+        differs in the parts (bench_*_args below), not in this order."""
         exe = find_llama_binary(self.bench_binary) or self.bench_binary
         c = compiled_of(plan)
-        cmd = [exe, "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
-               "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
-        if plan.rpc_servers:
-            cmd = cmd[:1] + ["-rpc", ",".join(plan.rpc_servers)] + cmd[1:]
-        cmd += c.layout_args(sep="/")  # llama-bench: ',' separates values to test, '/' the devices of one run
-        if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
-            cmd += ["-ot", ";".join(f"{rx}={buffer_name(d, c.buffers)}" for rx, d in c.overrides)]
+        cmd = [exe, *self.bench_rpc_args(plan), "-m", plan.model_path, "-p", str(n_prompt), "-n", str(n_gen),
+               "-r", str(repetitions), "-t", str(plan.threads), "-ngl", str(c.ngl), "-o", "json"]
+        cmd += self.bench_placement_args(plan, c)
         if plan.numa:
             cmd += ["--numa", plan.numa]
-        if plan.kv_type != "f16":
-            cmd += ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
-        cmd += self.batch_args(plan)
+        return cmd + self.bench_kv_args(plan) + self.bench_load_args(plan, exe)
+
+    def bench_rpc_args(self, plan: "Plan") -> list[str]:
+        return ["-rpc", ",".join(plan.rpc_servers)] if plan.rpc_servers else []
+
+    def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
+        out = c.layout_args(sep="/")  # llama-bench: ',' separates values to test, '/' the devices of one run
+        if c.overrides:  # llama-bench has no --cpu-moe: the same regexes, ';'-joined
+            out += ["-ot", ";".join(f"{rx}={buffer_name(d, c.buffers)}" for rx, d in c.overrides)]
+        return out
+
+    def bench_kv_args(self, plan: "Plan") -> list[str]:
+        return [] if plan.kv_type == "f16" else ["-ctk", plan.kv_type, "-ctv", plan.kv_type, "-fa", "on"]
+
+    def bench_load_args(self, plan: "Plan", exe: str) -> list[str]:
+        """Batch sizes and weight loading as the server runs them."""
+        cmd = self.batch_args(plan)
         if plan.streaming or plan.load_mode == "mmap":
             cmd += ["-lm", "mmap"] if self.has_flag(exe, "--load-mode") else []
-        elif self.into_ram(plan):  # loaded as the server would load it
+        elif self.into_ram(plan):
             cmd += ["-lm", "none"] if self.has_flag(exe, "--load-mode") else ["-mmp", "0"]
         return cmd
-
 
 ENGINE = LlamaCpp()
 
