@@ -39,7 +39,8 @@ from hybridinfer.engines.llamacpp import parse_bench
 from hybridinfer.inspect_gguf import inspect
 from hybridinfer.plan import PlanOptions, make_plan
 from hybridinfer.predict import CONTEXT_FOR_DECODE
-from hybridinfer.probe import find_llama_binary, probe
+from hybridinfer.engines.binaries import find_llama_binary
+from hybridinfer.probe import probe
 
 EXE = str(Path(sys.executable).parent / "hybridinfer")
 RESULTS = Path(__file__).parent / "results"
@@ -302,7 +303,7 @@ def assess(r: dict, hw) -> dict:
     bytes_per_token = pr.cpu_bytes_per_token + pr.gpu_bytes_per_token + model.kv.bytes_per_token[plan.kv_type] * CONTEXT_FOR_DECODE
     r["plan"] = {"threads": plan.threads, "ctx": plan.ctx, "kv_type": plan.kv_type, "rules": plan.rules,
                  "predicted_decode_tps": pr.decode_tps, "predicted_prefill_tps": pr.prefill_tps,
-                 "predicted_cpu_bytes": cpu.total - (plan.cache_ram or 0), "predicted_prompt_cache_bytes": plan.cache_ram or 0,
+                 "predicted_cpu_bytes": cpu.total - (plan.devices[0].prompt_cache), "predicted_prompt_cache_bytes": plan.devices[0].prompt_cache,
                  "bound": pr.bound, "breakdown_ms": pr.breakdown_ms,
                  "predicted_decode_tps_1_thread": pr1.decode_tps, "predicted_prefill_tps_1_thread": pr1.prefill_tps}
     r["bytes_per_token"] = bytes_per_token
@@ -310,7 +311,7 @@ def assess(r: dict, hw) -> dict:
         "decode_predicted_over_measured": pr.decode_tps / bench["tg"],
         "prefill_predicted_over_measured": pr.prefill_tps / bench["pp"],
         # RSS once loaded: the prompt cache then grows with distinct prompts up to its planned cap (not counted)
-        "memory_predicted_over_measured": (cpu.total - (plan.cache_ram or 0)) / served["engine_rss_loaded"],
+        "memory_predicted_over_measured": (cpu.total - (plan.devices[0].prompt_cache)) / served["engine_rss_loaded"],
         "served_over_raw_decode": served["served_over_raw_decode"],
         "decode_fraction_of_roofline": bytes_per_token * bench["tg"] / (hw.memory_bandwidth_gbs * 1e9),
         "decode_1_thread_predicted_over_measured": pr1.decode_tps / st["decode_tps"],

@@ -31,7 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from hybridinfer.demo.mid import ensure_mid  # noqa: E402
 from hybridinfer.engines.llamacpp import parse_bench  # noqa: E402
-from hybridinfer.probe import find_llama_binary, probe  # noqa: E402
+from hybridinfer.engines.binaries import find_llama_binary  # noqa: E402
+from hybridinfer.probe import probe  # noqa: E402
 
 
 def run(exe: str, model: str, threads: int, reps: int) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from . import engines, rules
 from .engines.base import Engine, maps_weights
+from .engines.binaries import llama_device
 from .errors import HybridError
 from .inspect_gguf import ModelInfo, Tensor
 from .layers import layer_devices
@@ -123,12 +124,6 @@ class Plan:
     device_of: dict[str, str] = field(default_factory=dict)
     compiled: dict = field(default_factory=dict)  # the placement in the engine's own form (engine.compile)
     command: list[str] = field(default_factory=list)  # the engine's argv for this plan (engine.command), once
-    # Every GPU of the profile -> its llama.cpp device name and buffer type (CUDA0, RPC0[host:port], ...), and the
-    # RPC servers the engine must be given (`--rpc`), in the order that numbers them RPC0, RPC1, ...
-    gpu_devices: dict[str, str] = field(default_factory=dict)
-    gpu_buffers: dict[str, str] = field(default_factory=dict)
-    rpc_servers: list[str] = field(default_factory=list)
-    cache_ram: int | None = None  # bytes for the engine's prompt cache (--cache-ram), counted in RAM; None: no such cache
     batch: int = 0  # 0 = the engine's default
     ubatch: int = 0
     load_mode: str = "auto"
@@ -292,7 +287,7 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
                                                 -cands.index(ep[0])))
     verdicts = _verdicts(hw, model, best_e, planned, requested) + blocked + skipped
     best = replace(best, verdicts=verdicts)
-    best = replace(best, compiled=best_e.compile(best))
+    best = replace(best, compiled=best_e.compile(best, hw))
     return replace(best, command=best_e.command(best))
 
 
@@ -579,7 +574,7 @@ def _placement_reasons(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet,
                                        f"{len(model.moe_blocks) - len(moved)} on the CPU", len(moved)))
     for g in hw.gpus:
         if g.remote and f"gpu:{g.index}" in set(dev_of.values()) | set(kv_devices):
-            out.append(Reason("rpc", f"gpu:{g.index} = {g.llama_device} on RPC worker {g.endpoint}: "
+            out.append(Reason("rpc", f"gpu:{g.index} = {llama_device(g)} on RPC worker {g.endpoint}: "
                                      f"{g.vram_free / GIB:.1f} GiB as it reports; link {g.network_rtt_ms:g} ms round trip, "
                                      f"{g.network_gbs:g} GB/s assumed, {pred.breakdown_ms.get('network', 0):g} ms/token in "
                                      f"all; its memory bandwidth assumed {g.memory_bandwidth_gbs:g} GB/s"))
@@ -626,8 +621,5 @@ def _plan_at(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules
         reasons=reasons, warnings=list(placement.warnings) + ram.warnings + thread_warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
-        gpu_devices={f"gpu:{g.index}": g.llama_device for g in hw.gpus},
-        gpu_buffers={f"gpu:{g.index}": g.buffer_type for g in hw.gpus},
-        rpc_servers=[g.endpoint for g in sorted((g for g in hw.gpus if g.endpoint), key=lambda g: int(g.llama_device[3:]))],
-        cache_ram=ram.cache_ram, batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
+        batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
     )

@@ -12,8 +12,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,23 +73,12 @@ class GpuInfo:
     pcie_width: int = 16
     memory_bandwidth_gbs: float = 0.0  # device memory bandwidth (spec), for decode prediction
     fp16_tflops: float = 0.0  # dense fp16 tensor throughput (spec), for prefill prediction; 0 = unknown
-    # The llama.cpp device this entry is: "" = CUDA<index>; "RPC<n>" = the n-th `--rpc` server (llama.cpp numbers
-    # RPC devices over all servers in --rpc order), served by `endpoint` (host:port of its rpc-server).
+    # A remote device: "RPC<n>" (the n-th RPC server; "" = a local GPU), served by `endpoint` (host:port of the
+    # worker); engines/binaries.py turns these into llama.cpp's device names.
     device: str = ""
     endpoint: str = ""
     network_gbs: float = 0.0  # link to a remote device: bandwidth (GB/s) and round trip (ms), per-token costs
     network_rtt_ms: float = 0.0
-
-    @property
-    def llama_device(self) -> str:
-        return self.device or f"CUDA{self.index}"
-
-    @property
-    def buffer_type(self) -> str:
-        """llama.cpp's buffer-type name, as `-ot` and the load log spell it. An rpc-server numbers its own
-        devices from 0 (ggml-rpc.cpp: "RPC" + device-on-server + "[" + endpoint + "]"); hybridinfer's workers
-        serve one device each."""
-        return f"RPC0[{self.endpoint}]" if self.endpoint else self.llama_device
 
     @property
     def remote(self) -> bool:
@@ -278,32 +265,6 @@ def probe_gpus() -> list[GpuInfo]:
         except Exception:
             pass
     return gpus
-
-
-def find_llama_binary(name: str) -> str | None:
-    """An engine binary by name: HYBRIDINFER_<NAME> (e.g. HYBRIDINFER_LLAMA_SERVER), then this environment's bin/
-    (install.sh links there), then PATH."""
-    env = os.environ.get("HYBRIDINFER_" + name.upper().replace("-", "_"))
-    if env:
-        return env if os.access(env, os.X_OK) else None
-    local = Path(sys.prefix) / "bin" / name
-    if local.exists() and os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which(name)
-
-
-def binary_has_cuda(path: str) -> bool:
-    """A CUDA-enabled ggml carries its CUDA backend's symbols, whether or not a GPU is present now."""
-    try:
-        real = os.path.realpath(path)
-        with open(real, "rb") as f:
-            data = f.read()
-        if b"ggml_backend_cuda" in data:
-            return True
-        libdir = Path(real).parent
-        return any(libdir.glob("libggml-cuda*"))
-    except OSError:
-        return False
 
 
 def measure_bandwidth(threads: int | None = None):

@@ -36,7 +36,7 @@ def test_two_gpu_plans_keep_kv_with_layers(rules_name, vram, models):
         pytest.fail(f"{rules_name} on 2 x {vram} GB: {e}")
     args = placement_args(p)
     assert args[args.index("-ngl") + 1] != "0"  # never -ngl 0 with device overrides: KV would stay in RAM
-    c = compile_placement(p.device_of, p.n_layer, p.gpu_devices, p.gpu_buffers)
+    c = compile_placement(p.device_of, p.n_layer, p.compiled["gpu_devices"], p.compiled["gpu_buffers"])
     # llama.cpp's own layer assignment for these flags puts every layer where the plan put its attention
     assert c.layer == layer_devices(p.device_of, p.n_layer)
     for b in range(p.n_layer):

@@ -12,7 +12,7 @@ from conftest import run_cli
 from hybridinfer.demo import mid
 from hybridinfer.ggufio import read_header
 from hybridinfer.inspect_gguf import inspect
-from hybridinfer.probe import find_llama_binary
+from hybridinfer.engines.binaries import find_llama_binary
 
 SMALL = mid.Shape(blocks=3, n_expert=4, n_used=2, vocab=512, ff_dense=512)
 

@@ -16,7 +16,8 @@ import pytest
 from hybridinfer.engines import llamacpp_log
 from hybridinfer.inspect_gguf import inspect
 from hybridinfer.plan import PlanOptions, make_plan
-from hybridinfer.probe import GpuInfo, find_llama_binary, load_profile
+from hybridinfer.engines.binaries import find_llama_binary
+from hybridinfer.probe import GpuInfo, load_profile
 
 from conftest import run_cli
 
@@ -236,8 +237,8 @@ def test_serve_over_two_workers(workers, tmp_path):
     assert r.returncode == 0, r.stderr
     (tmp_path / "plan.json").write_text(r.stdout)
     d = json.loads(r.stdout)
-    assert d["rpc_servers"] == eps and d["command"][d["command"].index("--rpc") + 1] == rpc
-    assert [g for g in d["gpu_devices"].values()] == ["RPC0", "RPC1"]
+    assert d["compiled"]["rpc_servers"] == eps and d["command"][d["command"].index("--rpc") + 1] == rpc
+    assert [g for g in d["compiled"]["gpu_devices"].values()] == ["RPC0", "RPC1"]
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "engine.log"

@@ -211,7 +211,7 @@ def test_serve_plan_runs_the_planned_argv(tmp_path, tiny_model):
     """`plan --json > plan.json; serve --plan plan.json` runs plan.command: only the runtime flags differ."""
     from served import Served
 
-    from hybridinfer.probe import find_llama_binary
+    from hybridinfer.engines.binaries import find_llama_binary
 
     e = engines.get(engines.DEFAULT)
     if not find_llama_binary(e.server_binary):
@@ -237,7 +237,7 @@ def test_serve_plan_runs_the_planned_argv(tmp_path, tiny_model):
 @pytest.mark.engine
 def test_bench_serves_and_engine_benches_one_plan(tmp_path, tiny_model):
     """`bench --plan` hands the same plan to `serve` and to the engine's own benchmark: no second planning."""
-    from hybridinfer.probe import find_llama_binary
+    from hybridinfer.engines.binaries import find_llama_binary
 
     e = engines.get(engines.DEFAULT)
     if not (find_llama_binary(e.server_binary) and find_llama_binary(e.bench_binary)):

@@ -76,11 +76,11 @@ def test_plan_counts_the_prompt_cache(models):
     model = next(m for m in models.values() if m.is_moe)
     p = make_plan(hw, model, PlanOptions(engine="llama.cpp"))
     cpu = p.devices[0]
-    assert 0 < p.cache_ram <= 8 * 2**30 and cpu.prompt_cache == p.cache_ram
+    assert 0 < cpu.prompt_cache <= 8 * 2**30 and p.compiled["cache_ram_mib"] == cpu.prompt_cache // 2**20
     assert cpu.total >= cpu.weights + cpu.kv_cache + cpu.compute + cpu.runtime + cpu.prompt_cache
-    assert [r.figure for r in p.reasons if r.topic == "prompt-cache"] == [p.cache_ram // 2**20]
+    assert [r.figure for r in p.reasons if r.topic == "prompt-cache"] == [cpu.prompt_cache // 2**20]
     q = make_plan(hw, model, PlanOptions(engine="llama.cpp", cache_ram_mib=0))
-    assert q.cache_ram == 0 and q.devices[0].total == cpu.total - p.cache_ram
+    assert q.devices[0].prompt_cache == 0 and q.devices[0].total == cpu.total - cpu.prompt_cache
     cmd = q.command  # the engine's argv, fixed at plan time
     assert cmd[cmd.index("--cache-ram") + 1] == "0"
 

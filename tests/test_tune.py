@@ -7,7 +7,8 @@ import pytest
 from conftest import run_cli
 from hybridinfer.errors import HybridError
 from hybridinfer.plan import Plan, PlanOptions, make_plan
-from hybridinfer.probe import find_llama_binary, load_profile
+from hybridinfer.engines.binaries import find_llama_binary
+from hybridinfer.probe import load_profile
 from hybridinfer.tune import Candidate, Tuner, parse_budget
 
 needs_bench = pytest.mark.skipif(not find_llama_binary("llama-bench"), reason="llama-bench not installed")

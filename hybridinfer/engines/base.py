@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..predict import PredictionParams
 from ..probe import EngineInfo, HardwareProfile
+from .binaries import llama_device
 
 if TYPE_CHECKING:  # annotations only: the planner imports the engines, never the other way round
     from ..inspect_gguf import ModelInfo, Tensor
@@ -231,7 +232,7 @@ class Engine:
         out = []
         if self.needs_nvidia_gpu and not any(not g.remote for g in hw.gpus):
             out.append(f"no NVIDIA GPU: {self.name} needs CUDA")
-        remote = [g.llama_device for g in hw.gpus if g.remote]
+        remote = [llama_device(g) for g in hw.gpus if g.remote]
         if remote and not self.drives_rpc_devices:
             out.append(f"{', '.join(remote)} are llama.cpp RPC servers: only llama-server drives them")
         for cls, g in model.groups.items():
@@ -254,8 +255,9 @@ class Engine:
         """A short clause for the plan's "Why" when it is chosen (what makes it eligible here)."""
         return self.summary
 
-    def compile(self, plan: "Plan") -> dict:
-        """The placement in the engine's own form (JSON-able), stored on the plan as `plan.compiled`."""
+    def compile(self, plan: "Plan", hw: HardwareProfile | None = None) -> dict:
+        """The placement in the engine's own form (JSON-able), stored on the plan as `plan.compiled`: everything
+        engine-specific the command and the runner read, with what they need of the box (`hw`, the planned one)."""
         return {}
 
     def command(self, plan: "Plan") -> list[str]:

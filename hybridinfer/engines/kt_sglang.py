@@ -120,7 +120,7 @@ class KtSglang(KtEngine):
         return (f"kt-kernel ({self.variant} CPU kernels, method {METHOD} on the GGUF's experts) + {sg}; GPU side in "
                 f"the checkpoint's format (FP8 for DeepSeek V3/R1)")
 
-    def compile(self, plan: "Plan") -> dict:
+    def compile(self, plan: "Plan", hw=None) -> dict:
         gpu_blocks = sorted({int(n.split(".")[1]) for n, d in plan.device_of.items()
                              if d != "cpu" and module_of(n).endswith(".mlp.experts")})
         # It spreads GPU experts evenly over the layers: whole blocks planned there become a per-layer count.

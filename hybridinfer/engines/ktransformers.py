@@ -229,7 +229,7 @@ class KTransformers(KtEngine):
             why += f"; needs `hybridinfer patch ktransformers --apply` for {'/'.join(sorted(patch))}"
         return why
 
-    def compile(self, plan: "Plan") -> dict:
+    def compile(self, plan: "Plan", hw=None) -> dict:
         text = optimize_rules(plan.device_of, self.version, self.backend, self.marlin)
         return {"version": self.version.tag, "backend": self.backend, "marlin": self.marlin,
                 "model_dir": self.model_dir or f"<config folder of {hf_repo(plan.model_name)}>",

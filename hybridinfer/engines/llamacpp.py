@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from ..ggufio import IK_TYPES
 from ..predict import PredictionParams
-from ..probe import EngineInfo, binary_has_cuda, find_llama_binary
+from ..probe import EngineInfo
+from .binaries import binary_has_cuda, buffer_type, find_llama_binary, llama_device, rpc_of, rpc_servers
 from .base import GIB, Engine, NumaPolicy, Running, RunSettings, maps_weights
 from .llamacpp_args import Compiled, buffer_name, compile_placement
 
@@ -53,12 +54,12 @@ def compiled_of(plan: "Plan") -> Compiled:
         return Compiled(ngl=c["ngl"], overrides=[tuple(x) for x in c["overrides"]], cpu_moe=c["cpu_moe"],
                         devices=c.get("devices", []), split=c.get("split", []), buffers=c.get("buffers", {}),
                         layer=c.get("layer", []))
-    return compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers)
+    return compile_placement(plan.device_of, plan.n_layer, (c or {}).get("gpu_devices"), (c or {}).get("gpu_buffers"))
 
 
 def placement_args(plan: "Plan") -> list[str]:
     # --rpc first: llama.cpp registers the RPC devices while parsing it, and -dev/-ot look their names up.
-    rpc = ["--rpc", ",".join(plan.rpc_servers)] if plan.rpc_servers else []
+    rpc = ["--rpc", ",".join(rpc_of(plan))] if rpc_of(plan) else []
     return rpc + compiled_of(plan).args()
 
 
@@ -161,11 +162,17 @@ class LlamaCpp(Engine):
         return "runs every GGUF quant type on CPU and CUDA"
 
     # --- the command ------------------------------------------------------------------------------------
-    def compile(self, plan: "Plan") -> dict:
-        c = compile_placement(plan.device_of, plan.n_layer, plan.gpu_devices, plan.gpu_buffers,
-                              counts_output=self.ngl_counts_output)
+    def compile(self, plan: "Plan", hw: "HardwareProfile | None" = None) -> dict:
+        # Every GPU of the box -> its llama.cpp device name and buffer type (CUDA0, RPC0[host:port], ...), the RPC
+        # servers to pass, and the prompt cache the plan counted in RAM (--cache-ram; the engine's default is 8 GiB).
+        gpus = hw.gpus if hw else []
+        names = {f"gpu:{g.index}": llama_device(g) for g in gpus}
+        buffers = {f"gpu:{g.index}": buffer_type(g) for g in gpus}
+        c = compile_placement(plan.device_of, plan.n_layer, names, buffers, counts_output=self.ngl_counts_output)
         return {"ngl": c.ngl, "overrides": [list(o) for o in c.overrides], "cpu_moe": c.cpu_moe,
-                "devices": c.devices, "split": c.split, "buffers": c.buffers, "layer": c.layer}
+                "devices": c.devices, "split": c.split, "buffers": c.buffers, "layer": c.layer,
+                "gpu_devices": names, "gpu_buffers": buffers, "rpc_servers": rpc_servers(gpus),
+                "cache_ram_mib": None if self.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20}
 
     def command(self, plan: "Plan") -> list[str]:
         binary = self.binary()
@@ -186,8 +193,9 @@ class LlamaCpp(Engine):
             cmd += ["--jinja"]
         if self.has_flag(binary, "--reasoning-format"):
             cmd += ["--reasoning-format", "none"]  # hybridinfer's server splits <think> itself, for any engine
-        if plan.cache_ram is not None and self.has_flag(binary, "--cache-ram"):
-            cmd += ["--cache-ram", str(plan.cache_ram // 2**20)]  # the plan counts it in RAM; the engine's default is 8 GiB
+        cache_mib = (plan.compiled or {}).get("cache_ram_mib")
+        if cache_mib is not None and self.has_flag(binary, "--cache-ram"):
+            cmd += ["--cache-ram", str(cache_mib)]
         return cmd
 
     def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:
@@ -233,10 +241,10 @@ class LlamaCpp(Engine):
     def runner(self, plan: "Plan", settings: RunSettings) -> "Running":
         from .supervisor import Supervisor  # httpx & co. load only when something runs
 
-        if plan.rpc_servers:  # one line naming an unreachable worker, before anything loads
+        if rpc_of(plan):  # one line naming an unreachable worker, before anything loads
             from .rpc import check_reachable
 
-            check_reachable(plan.rpc_servers)
+            check_reachable(rpc_of(plan))
         return Supervisor(self, plan, settings)
 
     # --- llama-bench ------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ class LlamaCpp(Engine):
         return cmd + self.bench_kv_args(plan) + self.bench_load_args(plan, exe)
 
     def bench_rpc_args(self, plan: "Plan") -> list[str]:
-        return ["-rpc", ",".join(plan.rpc_servers)] if plan.rpc_servers else []
+        return ["-rpc", ",".join(rpc_of(plan))] if rpc_of(plan) else []
 
     def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
         out = c.layout_args(sep="/")  # llama-bench: ',' separates values to test, '/' the devices of one run

@@ -60,13 +60,14 @@ def device_of_buffer(buffer: str, plan) -> str:
     """A buffer type or device name -> the plan's device ("cpu", "gpu:N"); "?" if the plan has no such device."""
     if buffer.startswith("CPU") or buffer.endswith("_Host"):  # CPU, CPU_Mapped, CPU_REPACK, CUDA_Host (pinned RAM)
         return "cpu"
-    for d, b in plan.gpu_buffers.items():
+    compiled = plan.compiled or {}
+    for d, b in compiled.get("gpu_buffers", {}).items():
         if b == buffer:
             return d
-    for d, n in plan.gpu_devices.items():
+    for d, n in compiled.get("gpu_devices", {}).items():
         if n == buffer:
             return d
-    if not plan.gpu_devices and re.fullmatch(r"CUDA\d+", buffer):
+    if not compiled.get("gpu_devices") and re.fullmatch(r"CUDA\d+", buffer):
         return "gpu:" + buffer[4:]
     return "?"
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import HybridError
-from ..probe import GpuInfo, HardwareProfile, find_llama_binary
+from ..probe import GpuInfo, HardwareProfile
+from .binaries import find_llama_binary
 from ..util import is_loopback
 
 DEFAULT_PORT = 50052

@@ -22,6 +22,7 @@ import orjson
 
 from ..errors import HybridError
 from .base import EngineFailed, EngineRejected, EngineTimeout, Running, RunSettings
+from .binaries import rpc_of
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -40,7 +41,7 @@ def engine_env(plan: "Plan") -> dict | None:
     """None (inherit), or with an RPC worker on this machine, OpenMP threads that do not spin (rpc.passive_env)."""
     from .rpc import passive_env, shares_cores
 
-    return passive_env() if plan.rpc_servers and shares_cores(plan.rpc_servers) else None
+    return passive_env() if rpc_of(plan) and shares_cores(rpc_of(plan)) else None
 
 
 def _die_with_parent():  # runs in the child before exec: no orphan engine if hybridinfer is killed
@@ -216,7 +217,7 @@ class Supervisor(Running):
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, preexec_fn=_die_with_parent, env=engine_env(self.plan))
         self._tasks = [asyncio.create_task(self._pump_log(self.proc)), asyncio.create_task(self._watch(self.proc))]
-        if self.plan.rpc_servers:
+        if rpc_of(self.plan):
             self._tasks.append(asyncio.create_task(self._watch_workers(self.proc)))
 
     async def _watch_workers(self, proc, every: float = 1.0) -> None:
@@ -227,7 +228,7 @@ class Supervisor(Running):
 
         await self._ready.wait()
         while proc.returncode is None and not self._stopping:
-            dead = await asyncio.to_thread(dead_links, proc.pid, self.plan.rpc_servers)
+            dead = await asyncio.to_thread(dead_links, proc.pid, rpc_of(self.plan))
             if dead and proc.returncode is None and not self._stopping:
                 log.error("RPC worker %s dropped its connection: stopping %s", ", ".join(dead), self.label)
                 self.state = "down"
@@ -290,10 +291,10 @@ class Supervisor(Running):
         """An RPC worker unreachable now: the engine failed for want of it, not for the model; wait and restart."""
         from .rpc import check_reachable
 
-        if not self.plan.rpc_servers:
+        if not rpc_of(self.plan):
             return False
         try:
-            await asyncio.to_thread(check_reachable, self.plan.rpc_servers)
+            await asyncio.to_thread(check_reachable, rpc_of(self.plan))
             return False
         except HybridError:
             return True
@@ -303,9 +304,9 @@ class Supervisor(Running):
         from .rpc import check_reachable
 
         said = None
-        while self.plan.rpc_servers and not self._stopping:
+        while rpc_of(self.plan) and not self._stopping:
             try:
-                await asyncio.to_thread(check_reachable, self.plan.rpc_servers)
+                await asyncio.to_thread(check_reachable, rpc_of(self.plan))
                 return
             except HybridError as e:
                 if e.problem != said:

@@ -84,7 +84,7 @@ def _settings(args, plan, model, engine, demo: bool):
     think = model.opens_think or engine.starts_in_think(plan)
     return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
                     starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
-                    cache_ram_mib=None if plan.cache_ram is None else plan.cache_ram // 2**20)
+                    cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20)
 
 
 def _run_server(args, settings, running, api_key: str | None) -> None:
