@@ -21,7 +21,7 @@ import httpx
 import orjson
 
 from ..errors import HybridError
-from .base import EngineFailed, EngineRejected, EngineTimeout, Running, RunSettings
+from .base import EngineFailed, EngineRejected, EngineTimeout, RunningBase, RunSettings
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -120,7 +120,7 @@ def load_error(tail) -> str:
     return lines[-1] if lines else "no output"
 
 
-class Supervisor(Running):
+class Supervisor(RunningBase):
     """Runs llama-server as a child on a private loopback port, streams its log, restarts it if it dies.
 
     Used as an async context manager by the server's lifespan. `state`: starting | loading | ready | down | stopped.

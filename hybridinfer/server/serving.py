@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import anyio
 import orjson
 
-from ..engines.base import EngineFailed, EngineRejected, EngineTimeout
+from ..engines.base import EngineFailed, EngineRejected, EngineTimeout, Running
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ThinkSplitter, split_text
@@ -109,9 +109,9 @@ class Stream:
 
 
 class Serving:
-    def __init__(self, settings: Settings, engine, metrics: ServerMetrics | None = None):
+    def __init__(self, settings: Settings, engine: Running, metrics: ServerMetrics | None = None):
         self.s = settings
-        self.engine = engine  # the interface in engines/base.py
+        self.engine = engine
         self.slots = asyncio.Semaphore(settings.parallel)
         self.admitted = 0  # queued + running: the one count admission decides on
         self.running = 0
