@@ -172,9 +172,10 @@ class KtSglang(Engine):
                 "--host", "127.0.0.1", "--port", str(DEFAULT_PORT)]
 
     def runner(self, plan: "Plan", settings: RunSettings):
-        from .kt_server import KtServer
+        from .kt_server import KtDialect
+        from .runner import ServerRunner
 
-        return KtServer(self, plan, settings, sglang=True)
+        return ServerRunner(KtDialect(self, plan, sglang=True), plan, settings)
 
 
 def hf_repo_name(plan: "Plan") -> str:
