@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import anyio
 import httpx
@@ -38,6 +38,20 @@ def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
     return out
 
 
+class ServerEngine(Protocol):
+    """What the default launch hooks ask of the engine: llama-server's family (engines/llamacpp.py) has it all;
+    a dialect for another server overrides those hooks instead."""
+
+    name: str
+    missing_metrics: tuple[str, ...]  # llamacpp:* metrics mainline reports and this build's server does not
+
+    def binary(self) -> str | None: ...
+
+    def unix_socket(self, binary: str) -> bool: ...
+
+    def launch_argv(self, command: list[str], host: str, port: int, settings: RunSettings) -> list[str]: ...
+
+
 class Dialect:
     """llama-server's API. `engine` is the engine object (engines/base.py Engine) the plan names."""
 
@@ -49,28 +63,32 @@ class Dialect:
     def __init__(self, engine: "Engine"):
         self.engine = engine
 
+    @property
+    def server(self) -> ServerEngine:
+        return self.engine  # type: ignore[return-value] — the default hooks run only for llama-server's family
+
     # --- launch -----------------------------------------------------------------------------------------
     def binary(self, argv0: str) -> str | None:
         """The planned binary; a bare name (planned where none was installed) is looked up here."""
-        return argv0 if os.sep in argv0 else self.engine.binary()
+        return argv0 if os.sep in argv0 else self.server.binary()
 
     def unix_socket(self, binary: str) -> bool:
         """Whether it can listen on a private Unix socket (no TCP Nagle/delayed-ACK stalls on the streamed tokens,
         no port another local user could reach)."""
-        return self.engine.unix_socket(binary)
+        return self.server.unix_socket(binary)
 
     def argv(self, command: list[str], host: str, port: int, settings: RunSettings) -> list[str]:
         """plan.command as planned: only the engine's runtime flags (endpoint, model id, verbosity) differ."""
-        return self.engine.launch_argv(command, host, port, settings)
+        return self.server.launch_argv(command, host, port, settings)
 
     def notes(self, label: str, sock: str | None, port: int) -> tuple[str, ...]:
         notes = []
         if not sock:
             notes.append(f"{label} cannot listen on a Unix socket: the engine runs on 127.0.0.1:{port} "
                          "(loopback only; hybridinfer opens a fresh no-delay connection per request)")
-        missing = getattr(self.engine, "missing_metrics", ())
+        missing = self.server.missing_metrics
         if missing:
-            notes.append(f"{self.engine.name}'s /metrics does not report " + ", ".join(missing) +
+            notes.append(f"{self.server.name}'s /metrics does not report " + ", ".join(missing) +
                          "; hybridinfer's own hybridinfer_* metrics count requests, tokens and latency for it")
         return tuple(notes)
 
