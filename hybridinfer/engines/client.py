@@ -5,7 +5,7 @@ usage, finish reasons, tokenizer, transport) it asks the engine's `Dialect` (eng
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncGenerator, AsyncIterator, Callable
 
 import anyio
 import httpx
@@ -62,11 +62,13 @@ class EngineClient:
 
     async def stream(self, path: str, body: dict) -> AsyncIterator[dict]:
         events = self.events(path, self.dialect.stream_request(path, body))
+        chunks = self.dialect.chunks(self, path, body, events)
         try:
-            async for chunk in self.dialect.chunks(self, path, body, events):
+            async for chunk in chunks:
                 yield chunk
         finally:
             with anyio.CancelScope(shield=True):  # closing the engine connection is what stops its generation
+                await chunks.aclose()
                 await events.aclose()
 
     async def tokenize(self, text: str) -> list[int]:
@@ -95,7 +97,7 @@ class EngineClient:
             raise rejected(r)
         return r.json()
 
-    async def events(self, path: str, body: dict) -> AsyncIterator[dict]:
+    async def events(self, path: str, body: dict) -> AsyncGenerator[dict, None]:
         """The engine's stream as it sends it: one dict per `data:` event, up to `[DONE]`."""
         r = None
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncGenerator, Protocol
 
 import anyio
 import httpx
@@ -127,7 +127,8 @@ class Dialect:
         code = str(e.get("code", ""))
         return EngineRejected(int(code) if code.isdigit() else 500, e.get("message") or str(e), e.get("type"))
 
-    def chunks(self, client: "EngineClient", path: str, body: dict, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    def chunks(self, client: "EngineClient", path: str, body: dict,
+               events: AsyncGenerator[dict, None]) -> AsyncGenerator[dict, None]:
         """The engine's events -> OpenAI chunks (finish reasons, usage once at the end). llama-server's already are."""
         return events
 
