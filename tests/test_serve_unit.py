@@ -98,7 +98,7 @@ def test_serve_bad_options_are_one_line(args, fragment):
 
 
 def test_stale_socket_dirs_are_cleaned(tmp_path):
-    from hybridinfer.engines.supervisor import clean_stale_sockdirs
+    from hybridinfer.engines.sockdir import clean_stale_sockdirs
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -5,26 +5,16 @@ An engine is one object (`ENGINE` in its module, listed in `engines.REGISTRY`) w
 how it is launched (`command`, computed once at plan time and stored on the frozen Plan), and how the server drives
 it while it runs (`runner` -> a `Running`).
 
-A running engine is an async context manager with:
-  state          starting | loading | ready | down | stopped
-  restarts       how many times it was restarted after dying
-  started_at / ready_at   monotonic seconds (load time = ready_at - started_at)
-  fatal          a load failure no restart can fix (None otherwise)
-  notes          what the engine lacks and how hybridinfer adapts (printed in serve's banner)
-  command()      what it runs, for the banner (argv list)
-  wait_ready(timeout) -> bool
-  complete(path, body) -> dict                     one OpenAI-shaped response
-  stream(path, body)   -> async iterator of dict   OpenAI-shaped chunks, the last one carrying `usage`
-  tokenize(text) -> list[int]                      the model's tokenizer (no BOS)
-  metrics_text() -> str                            the engine's own Prometheus text ("" if none)
-`path` is "/v1/chat/completions" or "/v1/completions"; `body` is the OpenAI request body.
+A running engine is the `Running` protocol below (an async context manager). Engines run as a supervised HTTP
+server share one implementation of it (engines/runner.py, with a per-engine `Dialect`); an in-process engine
+writes its own on `RunningBase`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Mapping, Protocol, runtime_checkable
 
 from ..predict import PredictionParams
 from ..probe import EngineInfo, HardwareProfile
@@ -55,12 +45,58 @@ class EngineTimeout(EngineFailed):
     """The engine did not answer within the request timeout (it is still running; the request was dropped)."""
 
 
-class Running:
+@runtime_checkable
+class Running(Protocol):
+    """A running engine, as the server drives it (what `Engine.runner` returns). Every method is the engine's
+    own; `path` is "/v1/chat/completions" or "/v1/completions" and `body` the OpenAI request body."""
+
+    state: str  # starting | loading | ready | down | stopped
+    restarts: int  # how many times it was restarted after dying
+    started_at: float  # monotonic seconds; load time = ready_at - started_at
+    ready_at: float
+    fatal: str | None  # a load failure no restart can fix (None otherwise)
+    notes: tuple[str, ...]  # what the engine lacks and how hybridinfer adapts (printed in serve's banner)
+
+    def command(self) -> list[str]:
+        """What it runs, for the banner."""
+        ...
+
+    async def wait_ready(self, timeout: float | None = None) -> bool: ...
+
+    async def complete(self, path: str, body: dict) -> dict:
+        """One OpenAI-shaped response."""
+        ...
+
+    def stream(self, path: str, body: dict) -> AsyncIterator[dict]:
+        """OpenAI-shaped chunks, the last one carrying `usage`."""
+        ...
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The model's tokenizer (no BOS)."""
+        ...
+
+    async def metrics_text(self) -> str:
+        """The engine's own Prometheus text ("" if none)."""
+        ...
+
+    async def __aenter__(self) -> "Running": ...
+
+    async def __aexit__(self, *exc) -> None: ...
+
+
+class RunningBase:
     """What every running engine shares: async-context-manager lifecycle and waiting for readiness.
     Subclasses define start(), stop() and set `self._ready` (an asyncio.Event) when loaded."""
 
     fatal: str | None = None
     notes: tuple[str, ...] = ()  # what this engine lacks that hybridinfer works around, said once at start
+    _ready: asyncio.Event
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
 
     async def __aenter__(self):
         await self.start()

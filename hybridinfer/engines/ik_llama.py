@@ -86,8 +86,10 @@ class IkLlamaCpp(LlamaCpp):
         return ([bad] if bad else []) + super().blockers(model, placement, hw)
 
     def runner(self, plan: "Plan", settings):
-        from .ik_runner import IkSupervisor  # httpx & co. load only when something runs
-        return IkSupervisor(self, plan, settings)
+        from .ik_runner import IkDialect  # httpx & co. load only when something runs
+        from .runner import ServerRunner
+
+        return ServerRunner(IkDialect(self), plan, settings)
 
     def chosen_because(self, model, hw) -> str:
         return "FlashMLA-3 and fused-MoE CPU kernels, run-time repacking when no tensor is on a GPU"

@@ -1,4 +1,4 @@
-"""The supervised ik_llama.cpp server: mainline's supervisor plus what its chat endpoint reports differently.
+"""ik_llama.cpp's server dialect: llama-server's (engines/dialect.py) plus what its chat endpoint reports differently.
 
 ik_llama.cpp's OpenAI chat responses say finish_reason "stop" whenever generation stopped, a max_tokens cut
 included (examples/server/server-task.cpp, to_json_oaicompat_chat_final/_stream test `if (stop)`, where mainline
@@ -9,7 +9,7 @@ token reads as a cut too).
 
 from __future__ import annotations
 
-from .supervisor import Supervisor
+from .dialect import Dialect
 
 NOTE = ("its chat endpoint reports finish_reason \"stop\" for a max_tokens cut: hybridinfer reports \"length\" when "
         "a completion used all of max_tokens")
@@ -27,21 +27,20 @@ def _fix(obj: dict, limit: int | None, usage: dict | None) -> None:
                 c["finish_reason"] = "length"
 
 
-class IkSupervisor(Supervisor):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.notes = self.notes + (NOTE,)
+class IkDialect(Dialect):
+    def notes(self, label: str, sock: str | None, port: int) -> tuple[str, ...]:
+        return super().notes(label, sock, port) + (NOTE,)
 
-    async def complete(self, path: str, body: dict) -> dict:
-        out = await super().complete(path, body)
+    async def complete(self, client, path: str, body: dict) -> dict:
+        out = await super().complete(client, path, body)
         if path.endswith("chat/completions"):
             _fix(out, _limit(body), out.get("usage"))
         return out
 
-    async def stream(self, path: str, body: dict):
+    async def chunks(self, client, path: str, body: dict, events):
         limit = _limit(body) if path.endswith("chat/completions") else None
         held = None  # the finishing chunk, until the usage that tells a cut from a stop arrives
-        async for chunk in super().stream(path, body):
+        async for chunk in events:
             if chunk.get("usage") and any(not c.get("finish_reason") for c in chunk.get("choices") or []):
                 # ik repeats the running usage on every chunk; OpenAI (and our assembler, which sums the usage of
                 # each prompt of a multi-prompt request) expects it once, at the end

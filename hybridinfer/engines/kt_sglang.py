@@ -148,9 +148,10 @@ class KtSglang(KtEngine):
                 "--host", "127.0.0.1", "--port", str(DEFAULT_PORT)]
 
     def runner(self, plan: "Plan", settings: RunSettings):
-        from .kt_server import KtServer
+        from .kt_server import KtDialect
+        from .runner import ServerRunner
 
-        return KtServer(self, plan, settings, sglang=True)
+        return ServerRunner(KtDialect(self, plan, sglang=True), plan, settings)
 
 
 def _checkpoint_problem(model_dir: str | None, model: "ModelInfo", hw: "HardwareProfile") -> str:

@@ -262,9 +262,10 @@ class KTransformers(KtEngine):
         return "--force_think" in plan.command  # it appends "<think>\n" to the prompt itself
 
     def runner(self, plan: "Plan", settings: RunSettings):
-        from .kt_server import KtServer
+        from .kt_server import KtDialect
+        from .runner import ServerRunner
 
-        return KtServer(self, plan, settings)
+        return ServerRunner(KtDialect(self, plan), plan, settings)
 
 
 def _config_dir_problem(model_dir: str | None, model: "ModelInfo", hw: "HardwareProfile") -> str:

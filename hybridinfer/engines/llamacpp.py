@@ -239,13 +239,14 @@ class LlamaCpp(Engine):
         return argv + (["-v"] if settings.verbose else [])
 
     def runner(self, plan: "Plan", settings: RunSettings) -> "Running":
-        from .supervisor import Supervisor  # httpx & co. load only when something runs
+        from .dialect import Dialect  # httpx & co. load only when something runs
+        from .runner import ServerRunner
 
         if rpc_of(plan):  # one line naming an unreachable worker, before anything loads
             from .rpc import check_reachable
 
             check_reachable(rpc_of(plan))
-        return Supervisor(self, plan, settings)
+        return ServerRunner(Dialect(self), plan, settings)
 
     # --- llama-bench ------------------------------------------------------------------------------------
     def bench_binary_path(self) -> str | None:

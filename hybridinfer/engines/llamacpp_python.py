@@ -24,7 +24,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING
 
 from ..probe import EngineInfo
-from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, Running, RunSettings, maps_weights
+from .base import Engine, EngineFailed, EngineRejected, NumaPolicy, RunningBase, RunSettings, maps_weights
 from .llamacpp import LlamaCpp, compiled_of
 from .llamacpp_args import buffer_name
 
@@ -116,7 +116,7 @@ def buffer_types(llama_cpp) -> dict[str, int]:
     return out
 
 
-class InProcess(Running):
+class InProcess(RunningBase):
     """A llama-cpp-python `Llama` behind the engine interface of engines/base.py."""
 
     def __init__(self, plan: "Plan", log_file: str | None = None, on_line=None):

@@ -16,7 +16,8 @@ from typing import AsyncIterator
 import anyio
 import orjson
 
-from ..engines.base import EngineFailed, EngineRejected, EngineTimeout
+from ..engines.base import EngineFailed, EngineRejected, EngineTimeout, Running
+from ..engines.chunks import add_usage
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 from .reasoning import ThinkSplitter, split_text
@@ -109,9 +110,9 @@ class Stream:
 
 
 class Serving:
-    def __init__(self, settings: Settings, engine, metrics: ServerMetrics | None = None):
+    def __init__(self, settings: Settings, engine: Running, metrics: ServerMetrics | None = None):
         self.s = settings
-        self.engine = engine  # the interface in engines/base.py
+        self.engine = engine
         self.slots = asyncio.Semaphore(settings.parallel)
         self.admitted = 0  # queued + running: the one count admission decides on
         self.running = 0
@@ -327,94 +328,23 @@ class Serving:
         return Stream(self._relay(endpoint, ticket, first, it, split, state, finish), finish)
 
     async def _relay(self, endpoint, ticket, first, it, split, state, finish) -> AsyncIterator[bytes]:
-        t0 = ticket.t_admit
-        t_first = t_last = None
-        n_out = 0
-        splitters: dict[int, ThinkSplitter] = {}
-        raw_open: set[int] = set()  # choices that already got the "<think>\n" prefix (raw format)
-        model_id = self.s.model_id
+        """The engine's chunks as SSE bytes, then [DONE]; whatever breaks ends the stream with an error event."""
+        clock = _Clock(self.metrics, ticket.t_admit)
         chat = endpoint == "chat"
-
-        async def chunks():
-            if first is not None:
-                yield first
-            async for c in it:
-                yield c
-
+        think = _Think(split, self.s.starts_in_think) if chat and split is not None else None
         try:
-            async for chunk in chunks():
-                if not isinstance(chunk, dict):
-                    continue  # llama-server sends `data: null` between the prompts of a multi-prompt request
-                chunk["model"] = model_id
-                chunk.pop("timings", None)  # llama.cpp's own field; usage carries the counts
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    acc = state["usage"]
-                    for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                        acc[k] = acc.get(k, 0) + (u.get(k) or 0)
-                    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                    if cached:
-                        d = acc.setdefault("prompt_tokens_details", {"cached_tokens": 0})
-                        d["cached_tokens"] += cached
-                choices = chunk.get("choices")
-                if not choices:
-                    yield sse(chunk)
-                    continue
-                out = []
-                for ch in choices:
-                    idx = ch.get("index", 0)
-                    delta = ch.get("delta") or {}
-                    text = delta.get("content") if chat else ch.get("text")
-                    if text:
-                        t_last = time.perf_counter()
-                        n_out += 1
-                        if t_first is None:
-                            t_first = t_last
-                            self.metrics.ttft.observe(t_first - t0)
-                    if not chat or split is None:
-                        out.append(ch)
-                        continue
-                    if not split:  # raw: the template opened <think> in the prompt, give it back to the client
-                        if text and self.s.starts_in_think and idx not in raw_open:
-                            delta["content"] = "<think>\n" + text
-                            raw_open.add(idx)
-                        out.append(ch)
-                        continue
-                    sp = splitters.setdefault(idx, ThinkSplitter(self.s.starts_in_think))
-                    parts = sp.feed(text) if text else ("", "")
-                    if ch.get("finish_reason"):
-                        fr, fc = sp.flush()
-                        parts = (parts[0] + fr, parts[1] + fc)
-                    if parts[0]:
-                        out.append(_choice(ch, {"reasoning_content": parts[0]}, None))
-                    if parts[1]:
-                        out.append(_choice(ch, {"content": parts[1]}, None))
-                    if ch.get("finish_reason") or (not text and "role" in delta):
-                        out.append(_choice(ch, {k: v for k, v in delta.items() if k != "content"}, ch.get("finish_reason")))
-                for ch in out:
-                    c = dict(chunk)
-                    c["choices"] = [ch]
-                    if ch is not out[-1]:
-                        c.pop("usage", None)
-                    yield sse(c)
+            async for chunk in _chained(first, it):
+                for event in self._events(chunk, chat, think, clock, state["usage"]):
+                    yield event
             yield DONE
             state["status"] = 200
-            self.metrics.e2e.observe(time.perf_counter() - t0)
-            toks = state["usage"].get("completion_tokens", 0)
-            if t_first is not None and t_last is not None and toks > 1 and t_last > t_first:
-                self.metrics.decode.observe((toks - 1) / (t_last - t_first))
+            clock.done(state["usage"].get("completion_tokens", 0))
         except EngineRejected as e:
             state["status"] = e.status
             yield sse(error_body(e.message, e.type, str(e.status)))
             yield DONE
         except EngineFailed as e:
-            problem = await self._engine_error(e)
-            state["status"] = problem.status
-            log.warning("engine stream broke: %s", e)
-            msg = problem.body["error"]["message"]
-            if problem.status == 502 and self.engine.state != "ready":
-                msg = "the engine stopped during generation; it is being restarted — retry the request"
-            yield sse(error_body(msg, problem.body["error"]["type"], problem.body["error"]["code"]))
+            yield await self._broke(e, state)
             yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             state["status"] = 499  # the client went away
@@ -426,6 +356,104 @@ class Serving:
             yield DONE
         finally:
             await finish()
+
+    def _events(self, chunk, chat: bool, think: "_Think | None", clock: "_Clock", usage: dict) -> list[bytes]:
+        """One engine chunk -> the SSE events the client gets (one per choice, usage on the last)."""
+        if not isinstance(chunk, dict):
+            return []  # llama-server sends `data: null` between the prompts of a multi-prompt request
+        chunk["model"] = self.s.model_id
+        chunk.pop("timings", None)  # llama.cpp's own field; usage carries the counts
+        if chunk.get("usage"):
+            add_usage(usage, chunk["usage"])
+        choices = chunk.get("choices")
+        if not choices:
+            return [sse(chunk)]
+        out = []
+        for ch in choices:
+            text = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+            if text:
+                clock.token()
+            out += think.rewrite(ch, text) if think else [ch]
+        events = []
+        for ch in out:
+            c = dict(chunk)
+            c["choices"] = [ch]
+            if ch is not out[-1]:
+                c.pop("usage", None)
+            events.append(sse(c))
+        return events
+
+    async def _broke(self, e: EngineFailed, state: dict) -> bytes:
+        """The error event ending a stream the engine broke off."""
+        problem = await self._engine_error(e)
+        state["status"] = problem.status
+        log.warning("engine stream broke: %s", e)
+        msg = problem.body["error"]["message"]
+        if problem.status == 502 and self.engine.state != "ready":
+            msg = "the engine stopped during generation; it is being restarted — retry the request"
+        return sse(error_body(msg, problem.body["error"]["type"], problem.body["error"]["code"]))
+
+
+async def _chained(first, it):
+    if first is not None:
+        yield first
+    async for c in it:
+        yield c
+
+
+class _Clock:
+    """A stream's first and last token times: its time to first token and decode speed."""
+
+    def __init__(self, metrics: ServerMetrics, t0: float):
+        self.metrics = metrics
+        self.t0 = t0
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+
+    def token(self) -> None:
+        self.t_last = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = self.t_last
+            self.metrics.ttft.observe(self.t_first - self.t0)
+
+    def done(self, completion_tokens: int) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.t0)
+        t_first, t_last = self.t_first, self.t_last
+        if t_first is not None and t_last is not None and completion_tokens > 1 and t_last > t_first:
+            self.metrics.decode.observe((completion_tokens - 1) / (t_last - t_first))
+
+
+class _Think:
+    """A chat stream's reasoning, per choice: split into reasoning_content and content (`split`), or the raw text
+    with the <think> the template opened in the prompt given back to the client."""
+
+    def __init__(self, split: bool, starts_in_think: bool):
+        self.split = split
+        self.starts_in_think = starts_in_think
+        self.splitters: dict[int, ThinkSplitter] = {}
+        self.raw_open: set[int] = set()  # choices that already got the "<think>\n" prefix (raw format)
+
+    def rewrite(self, ch: dict, text: str | None) -> list[dict]:
+        idx = ch.get("index", 0)
+        delta = ch.get("delta") or {}
+        if not self.split:
+            if text and self.starts_in_think and idx not in self.raw_open:
+                delta["content"] = "<think>\n" + text
+                self.raw_open.add(idx)
+            return [ch]
+        sp = self.splitters.setdefault(idx, ThinkSplitter(self.starts_in_think))
+        parts = sp.feed(text) if text else ("", "")
+        if ch.get("finish_reason"):
+            fr, fc = sp.flush()
+            parts = (parts[0] + fr, parts[1] + fc)
+        out = []
+        if parts[0]:
+            out.append(_choice(ch, {"reasoning_content": parts[0]}, None))
+        if parts[1]:
+            out.append(_choice(ch, {"content": parts[1]}, None))
+        if ch.get("finish_reason") or (not text and "role" in delta):
+            out.append(_choice(ch, {k: v for k, v in delta.items() if k != "content"}, ch.get("finish_reason")))
+        return out
 
 
 def _choice(ch: dict, delta: dict, finish_reason) -> dict:
