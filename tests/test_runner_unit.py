@@ -12,7 +12,7 @@ from hybridinfer.engines.base import Running, RunSettings
 from hybridinfer.engines.chunks import add_usage, assemble
 from hybridinfer.engines.kt_server import KtDialect
 from hybridinfer.engines.runner import ServerRunner
-from hybridinfer.probe import find_llama_binary
+from hybridinfer.engines.binaries import find_llama_binary
 
 CHAT = "/v1/chat/completions"
 
