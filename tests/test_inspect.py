@@ -4,6 +4,7 @@ import pytest
 
 from conftest import run_cli
 from hybridinfer.errors import HybridError
+from hybridinfer.engines import support_table
 from hybridinfer.inspect_gguf import inspect
 
 GIB = 1024**3
@@ -58,8 +59,8 @@ def test_other_architectures(models):
 def test_directory_and_engine_support(shapes_dir, models):
     m = inspect(os.path.dirname(shapes_dir["r1-ud-iq1_s"]))
     assert len(m.paths) == 3
-    assert models["r1-ud-iq1_s"].groups["routed_experts"].engines["ktransformers"] == "ok"
-    assert models["r1-ud-iq1_m"].groups["routed_experts"].engines["ktransformers"].startswith("refused: IQ1_M")
+    assert support_table(models["r1-ud-iq1_s"])["routed_experts"]["ktransformers"] == "ok"
+    assert support_table(models["r1-ud-iq1_m"])["routed_experts"]["ktransformers"].startswith("refused: IQ1_M")
 
 
 def test_tiny_model(tiny_model):
