@@ -124,6 +124,18 @@ class RunSettings:
     verbose: bool = False  # the engine's own verbose logging (per-tensor placement)
 
 
+def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
+    """argv without `flags` (flag -> whether it takes a value): the runtime flags a runner injects."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in flags:
+            i += 2 if flags[argv[i]] else 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def maps_weights(load_mode: str, streaming: bool, mixed: bool) -> bool:
     """Whether the engine maps the weights file (mmap) rather than reading it into RAM: asked for, needed for
     streaming, or (auto) unless experts stay on the CPU beside a GPU (`mixed`), where read-in weights run faster.

@@ -15,7 +15,7 @@ import anyio
 import httpx
 import orjson
 
-from .base import EngineRejected, EngineTimeout, RunSettings
+from .base import EngineRejected, EngineTimeout, RunSettings, strip_flags
 from .chunks import assemble
 
 if TYPE_CHECKING:
@@ -24,18 +24,6 @@ if TYPE_CHECKING:
 
 FAILURE_HINT = ("update the engine (./install.sh rebuilds it) if the model is newer than the build, "
                 "or use another GGUF")
-
-
-def strip_flags(argv: list[str], flags: dict[str, bool]) -> list[str]:
-    """argv without `flags` (flag -> whether it takes a value): the runtime flags a runner injects."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in flags:
-            i += 2 if flags[argv[i]] else 1
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 class ServerEngine(Protocol):

@@ -1,5 +1,6 @@
 """llama.cpp's `llama-server` as an engine: the plan as its exact command line (flags checked against the installed
-build's --help), `llama-bench` with the same placement; `supervisor.py` runs it.
+build's --help), `llama-bench` with the same placement; `runner.py` runs it (one supervisor, one HTTP client, the
+llama-server dialect of `dialect.py`).
 
 A sibling engine built from a llama.cpp fork (ik_llama.cpp) subclasses `LlamaCpp` and differs only in its binary
 names, flags and capabilities.
@@ -17,7 +18,7 @@ from ..ggufio import IK_TYPES
 from ..predict import PredictionParams
 from ..probe import EngineInfo
 from .binaries import binary_has_cuda, buffer_type, find_llama_binary, llama_device, rpc_of, rpc_servers
-from .base import GIB, Engine, NumaPolicy, Running, RunSettings, maps_weights
+from .base import GIB, Engine, NumaPolicy, Running, RunSettings, maps_weights, strip_flags
 from .llamacpp_args import Compiled, buffer_name, compile_placement
 
 if TYPE_CHECKING:
@@ -224,14 +225,7 @@ class LlamaCpp(Engine):
 
     def strip_runtime(self, argv: list[str]) -> list[str]:
         """argv without the flags `serve` injects (runtime_flags): what must equal plan.command stripped alike."""
-        out, i = [], 0
-        while i < len(argv):
-            if argv[i] in self.runtime_flags:
-                i += 2 if self.runtime_flags[argv[i]] else 1
-                continue
-            out.append(argv[i])
-            i += 1
-        return out
+        return strip_flags(argv, self.runtime_flags)
 
     def launch_argv(self, command: list[str], host: str, port: int, settings: RunSettings) -> list[str]:
         """plan.command with the server's endpoint, model id and verbosity: the only differences allowed."""
