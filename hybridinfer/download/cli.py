@@ -23,11 +23,16 @@ def cmd_download(args) -> int:
       hybridinfer download unsloth/DeepSeek-R1-GGUF --quant UD-IQ1_S --dir /data/models
       hybridinfer download unsloth/DeepSeek-R1-GGUF --plan-only          the quants, sizes and prediction
       hybridinfer download --kt-config deepseek-ai/DeepSeek-R1             config/tokenizer for KTransformers
+      hybridinfer download --list                                          known giant-MoE quants and sizes
     """
     from .flow import download_kt_config, download_quant, serve_command
 
+    if getattr(args, "list", False):
+        from .registry import catalog_lines
+        print("\n".join(catalog_lines()))
+        return 0
     if not args.repo and not args.kt_config:
-        raise HybridError("nothing to download", "give a repository (e.g. unsloth/DeepSeek-R1-GGUF --quant UD-IQ1_S) or --kt-config REPO")
+        raise HybridError("nothing to download", "give a repository (e.g. unsloth/DeepSeek-R1-GGUF --quant UD-IQ1_S) or --kt-config REPO; --list shows known giant-MoE quants")
     if args.keep_free < 0:
         raise HybridError(f"--keep-free must be 0 or more, not {args.keep_free}", "give GiB to leave free, e.g. --keep-free 2")
     hw = None
@@ -58,4 +63,5 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--force", action="store_true", help="download a quant this box cannot serve (e.g. for another machine)")
     p.add_argument("--kt-config", metavar="REPO", help="also fetch REPO's config/tokenizer/code without weights (the --model_path folder of the KT engines)")
     p.add_argument("--hardware", metavar="FILE|ID", help="predict for this hardware profile instead of this box")
+    p.add_argument("--list", action="store_true", help="list the known giant-MoE quants (repository, quant, size) and exit")
     p.add_argument("--keep-free", type=float, default=2.0, metavar="GIB", help="disk to leave free after the download (default: 2)")

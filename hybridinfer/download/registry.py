@@ -1,4 +1,5 @@
-"""Where verified downloads live: a small JSON file in the hybridinfer cache dir (HYBRIDINFER_CACHE).
+"""Where verified downloads live: a small JSON file in the hybridinfer cache dir (HYBRIDINFER_CACHE); and the
+catalog of known giant-MoE quants `hybridinfer download --list` shows (CATALOG).
 
 `serve --gguf REPO:QUANT` and `plan` find a downloaded quant here; the KTransformers engine finds the config
 folder of a repository through `kt_config_dir(repo)`. An entry is written only after verification, so a
@@ -11,7 +12,44 @@ import json
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from ..util import atomic_write, cache_dir
+
+
+@dataclass(frozen=True)
+class Known:
+    """One published quant worth knowing: where it is, the files to fetch, its size, the header shape the tests
+    plan it with (hybridinfer/demo/shapes.py) and where the size comes from."""
+    repo: str
+    quant: str
+    include: str  # file pattern, as `modelscope download --include` / `huggingface-cli download --include` take it
+    size: float  # published bytes (decimal GB as the hub lists them)
+    arch: str
+    shape: str
+    source: str
+
+
+def _catalog() -> tuple[Known, ...]:
+    from ..demo.shapes import FLAGSHIPS, MODELS
+
+    out = [Known("unsloth/DeepSeek-R1-GGUF", "UD-IQ1_S", "**UD-IQ1_S**", 131e9, "deepseek2", "r1-ud-iq1_s",
+                 "131 GB: Unsloth's 1.58-bit DeepSeek-R1 (README; unsloth.ai/blog/deepseekr1-dynamic)")]
+    for shape, (repo, quant, size, source) in FLAGSHIPS.items():
+        out.append(Known(repo, quant, f"**{quant}**", size, MODELS[shape][0], shape, source))
+    return tuple(out)
+
+
+CATALOG = _catalog()
+
+
+def catalog_lines() -> list[str]:
+    """`download --list`: one line per known quant, ready to paste into `download REPO --quant Q`."""
+    lines = [f"{'repository':44s} {'quant':11s} {'size':>9s}  arch"]
+    for k in CATALOG:
+        lines.append(f"{k.repo:44s} {k.quant:11s} {k.size / 1e9:6.1f} GB  {k.arch}")
+    lines.append("fetch one with: hybridinfer download REPO --quant QUANT [--plan-only]")
+    return lines
 
 
 def _path() -> Path:
