@@ -88,7 +88,13 @@ def render_model(m, support: dict[str, dict[str, str]], tensors: bool = False) -
     kv = m.kv
     console.print(f"  KV cache: {kv.form} form, {kv.values_per_token_per_layer} values/token/layer x {kv.layers} layers = "
                   + ", ".join(f"{k} {v:,} B/token" for k, v in kv.bytes_per_token.items())
-                  + f"  (32k context f16: {kv.bytes_per_token['f16'] * 32768 / 2**20:,.0f} MiB)")
+                  + f"  (32k context f16: {kv.bytes_at(32768, 'f16') / 2**20:,.0f} MiB)")
+    if kv.swa_layers:
+        console.print(f"  + {kv.swa_layers} sliding-window layers caching at most {kv.swa_window} tokens per slot")
+    if kv.state_layers:
+        console.print(f"  + {kv.state_layers} recurrent layers: {kv.state_bytes_per_slot / 2**20:,.1f} MiB of state per slot")
+    if kv.indexer_values_per_token_per_layer:
+        console.print(f"  (includes {kv.indexer_values_per_token_per_layer} indexer key values/token/layer)")
     if tensors:
         tt = Table("tensor", "shape", "type", "MiB", "class", box=None)
         for x in m.tensors:
