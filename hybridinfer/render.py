@@ -81,10 +81,17 @@ def render_model(m, support: dict[str, dict[str, str]], tensors: bool = False) -
     console.print("  quant types: " + ", ".join(f"{k} x{v}" for k, v in m.quant_types.items()))
     names = list(next(iter(support.values()))) if support else []  # the engine registry's, in order
     t = Table("group", "GiB", "share", "params (M)", "tensors", "types", *names, box=None)
+    arch_refusals = {n: v for row in support.values() for n, v in row.items() if v.startswith("refused: architecture")}
+
+    def cell(v: str) -> str:  # an engine that lacks the architecture: said once under the table, not per group
+        return "refused: architecture" if v in arch_refusals.values() else v
+
     for name, g in m.groups.items():
         t.add_row(name, _g(g.bytes), f"{g.bytes / m.bytes:.1%}", f"{g.params / 1e6:,.0f}", str(g.tensors),
-                  ", ".join(g.types), *(support[name].get(n, "") for n in names))
+                  ", ".join(g.types), *(cell(support[name].get(n, "")) for n in names))
     console.print(t)
+    for n, v in arch_refusals.items():
+        console.print(f"  {n}: {v}")
     kv = m.kv
     console.print(f"  KV cache: {kv.form} form, {kv.values_per_token_per_layer} values/token/layer x {kv.layers} layers = "
                   + ", ".join(f"{k} {v:,} B/token" for k, v in kv.bytes_per_token.items())
