@@ -1,48 +1,36 @@
 """Stage 2 — inspect: a GGUF header -> `ModelInfo`, the facts the planner needs.
 
 Bytes are grouped by what the planner places (embedding, head, attention, dense FFN, shared experts, router,
-routed experts, norms), and the KV cache's bytes per token are computed from the metadata, MLA-aware.
+routed experts, norms, MTP blocks), and the KV cache is sized from the metadata. What differs between
+architectures — tensor classes, the cache's form, whether the template opens a thought — is asked of the model's
+family (`archs.family_of`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
+from .archs import family_of
+from .archs.base import KV_TYPES, KvCache, block_of, nextn_layers
 from .ggufio import read_header
 from .util import from_dict, to_dict
 
-GROUPS = ("token_embd", "output", "attention", "norms", "dense_ffn", "shared_experts", "router", "routed_experts", "other")
-KV_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per cached value
+__all__ = ["GROUPS", "KV_TYPES", "Group", "KvCache", "ModelInfo", "Tensor", "inspect", "tensor_block", "tensor_class"]
 
-_BLK = re.compile(r"^blk\.(\d+)\.")
-_CLASSES = [  # first match wins
-    ("routed_experts", re.compile(r"\.ffn_(gate|up|down|gate_up)_(ch)?exps\.")),
-    ("shared_experts", re.compile(r"\.ffn_(gate|up|down|gate_inp)_shexp\.")),
-    ("router", re.compile(r"\.(ffn_gate_inp|exp_probs_b)\.")),
-    ("norms", re.compile(r"_norm\.|\.norm\.")),
-    ("attention", re.compile(r"\.attn_")),
-    ("dense_ffn", re.compile(r"\.ffn_(gate|up|down)\.")),
-]
+# The placement classes rules speak of, the one list (archs/ families classify into these). nextn: the MTP
+# (next-n prediction) blocks some families append after the trunk.
+GROUPS = ("token_embd", "output", "attention", "norms", "dense_ffn", "shared_experts", "router", "routed_experts",
+          "nextn", "other")
 
 
-def tensor_class(name: str) -> str:
-    if name.startswith("token_embd."):
-        return "token_embd"
-    if name.startswith("output."):
-        return "output"
-    if name.startswith("output_norm."):
-        return "norms"
-    for cls, rx in _CLASSES:
-        if rx.search(name):
-            return cls
-    return "other"
+def tensor_class(name: str, arch: str = "") -> str:
+    """A tensor's class by its name alone, as `arch`'s family classifies it (the generic family by default)."""
+    return family_of(arch).tensor_class(name)
 
 
 def tensor_block(name: str) -> int | None:
-    m = _BLK.match(name)
-    return int(m.group(1)) if m else None
+    return block_of(name)
 
 
 @dataclass(frozen=True)
@@ -62,14 +50,6 @@ class Group:
     params: int
     tensors: int
     types: dict[str, int]  # quant type -> bytes
-
-
-@dataclass(frozen=True)
-class KvCache:
-    form: str  # "mla" | "legacy-mha" (DeepSeek without MLA) | "gqa"
-    values_per_token_per_layer: int
-    layers: int
-    bytes_per_token: dict[str, int]  # cache type -> bytes per token (all layers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +83,8 @@ class ModelInfo:
     value_length: int = 0
     rope_dim: int = 0
     kv_lora_rank: int = 0  # MLA's compressed latent width (DeepSeek), 0 elsewhere
+    family: str = ""  # archs' family name ("" in JSON written before families)
+    nextn_layers: int = 0  # MTP blocks after the trunk (the last block_count - nextn_layers .. blocks); no KV cache
 
     @property
     def is_moe(self) -> bool:
@@ -134,40 +116,11 @@ class ModelInfo:
 _EMPTY = Group(bytes=0, params=0, tensors=0, types={})
 
 
-def _kv_cache(md: dict, arch: str, n_layer: int, n_embd: int, n_head: int) -> KvCache:
-    def g(key, default=0):
-        v = md.get(f"{arch}.{key}", default)
-        return v if not isinstance(v, list) else (max(v) if v else default)
-
-    if arch == "deepseek2":
-        kv_lora = int(g("attention.kv_lora_rank"))
-        rope = int(g("rope.dimension_count"))
-        if f"{arch}.attention.key_length_mla" in md:
-            # MLA form: one compressed latent + the rope key per token per layer.
-            vals, form = kv_lora + rope, "mla"
-        else:
-            # Legacy form (attn_kv_b): llama.cpp caches full per-head K (nope+rope) and V.
-            vals, form = n_head * (int(g("attention.key_length")) + int(g("attention.value_length"))), "legacy-mha"
-    else:
-        n_head_kv = int(g("attention.head_count_kv", n_head)) or n_head
-        head_dim = n_embd // n_head if n_head else 0
-        k = int(g("attention.key_length", head_dim))
-        v = int(g("attention.value_length", head_dim))
-        vals, form = n_head_kv * (k + v), "gqa"
-    return KvCache(form=form, values_per_token_per_layer=vals, layers=n_layer,
-                   bytes_per_token={t: int(round(vals * n_layer * b)) for t, b in KV_TYPES.items()})
-
-
-def _opens_think(template) -> bool:
-    if not isinstance(template, str):
-        return False
-    return "<｜Assistant｜><think>" in template or bool(re.search(r"add_generation_prompt.{0,200}<think>", template, re.S))
-
-
 def inspect(path) -> ModelInfo:
     h = read_header(path)
     md = h.metadata
     arch = str(md.get("general.architecture", "unknown"))
+    fam = family_of(arch)
 
     def g(key, default=0):
         v = md.get(f"{arch}.{key}", default)
@@ -177,10 +130,10 @@ def inspect(path) -> ModelInfo:
     groups: dict[str, dict] = {}
     qcount: dict[str, int] = {}
     for t in h.tensors:
-        cls = tensor_class(t.name)
+        cls = fam.tensor_class(t.name, md)
         tn = t.type_name
         tensors.append(Tensor(name=t.name, shape=list(t.shape), type=tn, nbytes=t.nbytes, n_elements=t.n_elements,
-                              cls=cls, block=tensor_block(t.name)))
+                              cls=cls, block=block_of(t.name)))
         gr = groups.setdefault(cls, {"bytes": 0, "params": 0, "tensors": 0, "types": {}})
         gr["bytes"] += t.nbytes
         gr["params"] += t.n_elements
@@ -204,10 +157,10 @@ def inspect(path) -> ModelInfo:
         expert_ffn_length=int(g("expert_feed_forward_length")), head_count=n_head,
         params=sum(t.n_elements for t in tensors), bytes=sum(t.nbytes for t in tensors), file_bytes=h.file_bytes,
         quant_types=dict(sorted(qcount.items(), key=lambda kv: -kv[1])), groups=group_objs,
-        kv=_kv_cache(md, arch, n_layer, n_embd, n_head),
-        has_chat_template="tokenizer.chat_template" in md, opens_think=_opens_think(md.get("tokenizer.chat_template")),
+        kv=fam.kv_cache(md, arch),
+        has_chat_template="tokenizer.chat_template" in md, opens_think=fam.opens_think(md.get("tokenizer.chat_template")),
         tensors=tensors,
         head_count_kv=int(g("attention.head_count_kv", n_head)), key_length=int(g("attention.key_length")),
         value_length=int(g("attention.value_length")), rope_dim=int(g("rope.dimension_count")),
-        kv_lora_rank=int(g("attention.kv_lora_rank")),
+        kv_lora_rank=int(g("attention.kv_lora_rank")), family=fam.name, nextn_layers=nextn_layers(md, arch),
     )

@@ -375,15 +375,26 @@ class _Blocked(Exception):
 class _Kv:
     """The KV cache and compute-buffer sizes at one context."""
     ctx: int
-    per_token: int  # bytes per token over all layers, in the engine's form
+    per_token: int  # bytes per token of the cache that grows with the context, in the engine's form
     per_layer: int  # bytes of one layer's cache at ctx (ctx is the total over all slots)
     compute: int  # the compute buffer on each device that computes
+    trunk: int = 0  # blocks that hold a cache: the trunk, not the MTP blocks after it (0: every block)
+
+    def holds_cache(self, block: int | None) -> bool:
+        return block is not None and (not self.trunk or block < self.trunk)
 
 
-def _kv(engine: Engine, model: ModelInfo, kv_type: str, ctx: int) -> _Kv:
+def _kv(engine: Engine, model: ModelInfo, kv_type: str, ctx: int, slots: int = 1, ubatch: int = 0) -> _Kv:
+    """The one place the cache is sized: the engine's bytes per token, and the model's cache at ctx (sliding-window
+    layers capped at their window, recurrent state per slot), spread evenly over the layers that hold it."""
     tok = engine.kv_bytes_per_token(model, kv_type)
-    return _Kv(ctx=ctx, per_token=tok, per_layer=int(tok * ctx / max(1, model.kv.layers)),
-               compute=_compute_bytes(model, ctx))
+    kv = model.kv
+    if kv.swa_layers or kv.state_layers:
+        per_layer = int(kv.bytes_at(ctx, kv_type, slots, per_token=tok, ubatch=ubatch) / max(1, kv.cache_layers))
+    else:
+        per_layer = int(tok * ctx / max(1, kv.layers))
+    return _Kv(ctx=ctx, per_token=tok, per_layer=per_layer, compute=_compute_bytes(model, ctx),
+               trunk=model.block_count - model.nextn_layers if model.nextn_layers else 0)
 
 
 def _gpu_runtime(engine: Engine, g) -> int:
@@ -397,7 +408,7 @@ def _place(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet, engine: Eng
 
     def cost(t: Tensor, dev: str) -> int:
         b = engine.tensor_bytes(t, dev)
-        if dev != "cpu" and t.name.endswith(".attn_norm.weight"):
+        if dev != "cpu" and t.name.endswith(".attn_norm.weight") and kv.holds_cache(t.block):
             b += kv.per_layer  # a block's KV cache lives where its attention does
         return b
 
@@ -429,7 +440,7 @@ def _device_memory(hw: HardwareProfile, model: ModelInfo, engine: Engine, dev_of
         groups[d][t.cls] = groups[d].get(t.cls, 0) + b
     # The KV cache of a layer lives on the device llama.cpp gives that layer (where its attention is).
     layer_dev = layer_devices(dev_of, model.block_count)
-    for b in {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight")}:
+    for b in {t.block for t in model.tensors if t.name.endswith(".attn_norm.weight") and kv.holds_cache(t.block)}:
         kv_of[layer_dev[b]] = kv_of.get(layer_dev[b], 0) + kv.per_layer
     gpus = []
     for g in hw.gpus:
@@ -590,8 +601,13 @@ def _run_reasons(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engin
         out.append(Reason("numa", engine.numa_policy(len(hw.numa_nodes)).reason))
     if opts.kv_type != "f16":
         out.append(Reason("kv", f"KV cache {opts.kv_type}: needs flash attention (on)"))
+    m = model.kv
+    bounded = ((f"; {m.swa_layers} sliding-window layer(s) cache at most {m.swa_window} tokens per slot"
+                if m.swa_layers else "")
+               + (f"; {m.state_layers} recurrent layer(s) keep {m.state_bytes_per_slot / MIB:.1f} MiB of state per slot"
+                  if m.state_layers else ""))
     out.append(Reason("context", f"context {kv.ctx} over {opts.parallel} slot(s); KV cache {engine.kv_form(model)} form, "
-                                 f"{kv.per_token:,} B/token", kv.ctx))
+                                 f"{kv.per_token:,} B/token" + bounded, kv.ctx))
     if cache_ram is not None:
         how = ("set by --cache-ram)" if opts.cache_ram_mib is not None else
                f"the KV cache size, at most {engine.prompt_cache_max / GIB:g} GiB)")
@@ -603,7 +619,7 @@ def _run_reasons(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engin
 def _plan_at(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules.RuleSet, engine: Engine,
              ctx: int) -> Plan:
     """One engine, one context: placement, device memory, RAM fit, threads, prediction, reasons."""
-    kv = _kv(engine, model, opts.kv_type, ctx)
+    kv = _kv(engine, model, opts.kv_type, ctx, opts.parallel, opts.ubatch or 0)
     placement = _place(hw, model, rs, engine, kv)
     dev_of = placement.device_of
     mem = _device_memory(hw, model, engine, dev_of, kv)

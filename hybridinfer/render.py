@@ -81,14 +81,27 @@ def render_model(m, support: dict[str, dict[str, str]], tensors: bool = False) -
     console.print("  quant types: " + ", ".join(f"{k} x{v}" for k, v in m.quant_types.items()))
     names = list(next(iter(support.values()))) if support else []  # the engine registry's, in order
     t = Table("group", "GiB", "share", "params (M)", "tensors", "types", *names, box=None)
+    arch_refusals = {n: v for row in support.values() for n, v in row.items() if v.startswith("refused: architecture")}
+
+    def cell(v: str) -> str:  # an engine that lacks the architecture: said once under the table, not per group
+        return "refused: architecture" if v in arch_refusals.values() else v
+
     for name, g in m.groups.items():
         t.add_row(name, _g(g.bytes), f"{g.bytes / m.bytes:.1%}", f"{g.params / 1e6:,.0f}", str(g.tensors),
-                  ", ".join(g.types), *(support[name].get(n, "") for n in names))
+                  ", ".join(g.types), *(cell(support[name].get(n, "")) for n in names))
     console.print(t)
+    for n, v in arch_refusals.items():
+        console.print(f"  {n}: {v}")
     kv = m.kv
     console.print(f"  KV cache: {kv.form} form, {kv.values_per_token_per_layer} values/token/layer x {kv.layers} layers = "
                   + ", ".join(f"{k} {v:,} B/token" for k, v in kv.bytes_per_token.items())
-                  + f"  (32k context f16: {kv.bytes_per_token['f16'] * 32768 / 2**20:,.0f} MiB)")
+                  + f"  (32k context f16: {kv.bytes_at(32768, 'f16') / 2**20:,.0f} MiB)")
+    if kv.swa_layers:
+        console.print(f"  + {kv.swa_layers} sliding-window layers caching at most {kv.swa_window} tokens per slot")
+    if kv.state_layers:
+        console.print(f"  + {kv.state_layers} recurrent layers: {kv.state_bytes_per_slot / 2**20:,.1f} MiB of state per slot")
+    if kv.indexer_values_per_token_per_layer:
+        console.print(f"  (includes {kv.indexer_values_per_token_per_layer} indexer key values/token/layer)")
     if tensors:
         tt = Table("tensor", "shape", "type", "MiB", "class", box=None)
         for x in m.tensors:

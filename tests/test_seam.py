@@ -97,9 +97,11 @@ def test_no_import_cycles():
 
 
 def test_early_stages_import_no_engine():
-    """probe, inspect, rules and predict come before the engines on the data path: nothing they run imports one."""
+    """probe, the model families, inspect, rules and predict come before the engines on the data path: nothing they
+    run imports one."""
     graph = _import_graph()
-    for start in ("hybridinfer.probe", "hybridinfer.inspect_gguf", "hybridinfer.rules", "hybridinfer.predict"):
+    for start in ("hybridinfer.probe", "hybridinfer.archs", "hybridinfer.inspect_gguf", "hybridinfer.rules",
+                  "hybridinfer.predict"):
         seen, todo = set(), [start]
         while todo:
             m = todo.pop()

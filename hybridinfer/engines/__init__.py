@@ -39,7 +39,9 @@ def probe_all() -> list[EngineInfo]:
 def support_table(model) -> dict[str, dict[str, str]]:
     """`inspect`'s table: tensor group -> engine -> "ok" / "ok after patch (...)" / "refused: ...", assembled here,
     where it is shown, so that inspect itself knows no engine."""
-    return {cls: {n: e.support(cls, set(g.types)) for n, e in REGISTRY.items()} for cls, g in model.groups.items()}
+    refused = {n: f"refused: {why}" for n, e in REGISTRY.items() if (why := e.runs_arch(model.arch))}
+    return {cls: {n: refused.get(n) or e.support(cls, set(g.types)) for n, e in REGISTRY.items()}
+            for cls, g in model.groups.items()}
 
 
 def options() -> list[EngineOption]:

@@ -195,11 +195,19 @@ class Engine:
     install_hint: str = "see docs/engines.md"
     options: tuple[EngineOption, ...] = ()  # what it adds to plan/serve/bench; values reach PlanOptions.engine_options
     probe_names: tuple[str, ...] = ()  # EngineInfo names in a hardware profile that mean it is installed
+    # GGUF architectures (general.architecture) its tree loads; None: any. Read through `runs_arch`.
+    archs: frozenset[str] | None = None
 
     # --- capabilities -------------------------------------------------------------------------------
     def runs(self, cls: str, type_: str, device: str) -> bool:
         """Whether its kernels compute tensors of class `cls` in quant type `type_` on `device` ("cpu" | "gpu")."""
         return True
+
+    def runs_arch(self, arch: str) -> str | None:
+        """None if it runs models of this GGUF architecture, else why not (a blocker; `inspect` shows it)."""
+        if self.archs is None or arch in self.archs:
+            return None
+        return f"architecture {arch}: not in {self.name}'s tree"
 
     def support(self, cls: str, types: set[str]) -> str:
         """For `inspect`: 'ok', 'ok after patch (...)' or 'refused: ...' for a tensor group with these types."""
@@ -277,7 +285,8 @@ class Engine:
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: HardwareProfile) -> list[str]:
         """Why it cannot run this model with this placement (tensor name -> device) on this box; [] = it can.
         With placement None, only what holds for any placement (architecture, quant types, GPU)."""
-        out = []
+        why = self.runs_arch(model.arch)
+        out = [why] if why else []
         if self.needs_nvidia_gpu and not any(not g.remote for g in hw.gpus):
             out.append(f"no NVIDIA GPU: {self.name} needs CUDA")
         remote = [llama_device(g) for g in hw.gpus if g.remote]

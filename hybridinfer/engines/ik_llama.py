@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from gguf.constants import GGMLQuantizationType
 
+from ..archs import family_of
 from ..ggufio import IK_TYPES
 from .llamacpp import LlamaCpp, help_text
 from .llamacpp_args import Compiled, buffer_name
@@ -43,6 +44,15 @@ CUDA_TYPES = frozenset("""F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q6_0 Q8_0 Q2_K Q3_K Q
     IQ2_XS IQ2_XXS IQ3_S IQ3_XXS IQ4_NL MXFP4 IQ4_XS IQ2_KL IQ3_KS IQ4_KS IQ4_KSS IQ5_KS IQ2_K IQ2_KS IQ1_KT IQ2_KT
     IQ3_KT IQ4_KT IQ3_K IQ4_K IQ5_K IQ6_K IQ1_BN IQ2_BN IQ2_K_R4 IQ3_K_R4 IQ4_K_R4 IQ4_KS_R4 IQ5_K_R4 IQ5_KS_R4 IQ1_S_R4
     IQ1_M_R4 I32 I16 I8""".split())
+# Every architecture its tree loads: LLM_ARCH_NAMES in src/llama-arch.cpp of the tree vendored in
+# ik-llama-cpp-python 0.1.5 (mainline's giant-MoE archs it lacks include deepseek32, deepseek4, kimi-linear,
+# grovemoe, lfm2moe, afmoe, hunyuan-moe-v3, bailingmoe3, minimax-m3).
+ARCHS = frozenset("""arctic baichuan bailingmoe2 bert bitnet bitnet-25 bitnet-b1.58 bloom chatglm codeshell cohere2
+    command-r dbrx deci deepseek2 dots1 ernie4_5 ernie4_5-moe falcon gemma gemma2 gemma3 gemma4 glm-dsa glm4 glm4moe
+    gpt-oss gpt2 gptj gptneox granite granitemoe grok hunyuan-moe internlm2 jais jina-bert-v2 llama llama4 mamba
+    mimo2 minicpm minimax-m2 mistral3 mistral4 mpt nomic-bert olmo openelm orion phi2 phi3 plamo qwen qwen2 qwen2moe
+    qwen2vl qwen3 qwen35 qwen35moe qwen3moe qwen3next qwen3vl qwen3vlmoe refact seed_oss smollm3 stablelm starcoder
+    starcoder2 step35 t5 t5encoder xverse""".split())
 AMB_MIB = 512  # the attention-buffer cap R1 users pass with a GPU; it bounds the MLA prefill buffer in VRAM
 
 
@@ -53,6 +63,7 @@ class IkLlamaCpp(LlamaCpp):
     # -ngl: layers n_layer-ngl.. go to the GPU, the output only when ngl > n_layer (src/llama.cpp of the
     # ik-llama-cpp-python 0.1.5 tree, llm_load_tensors)
     ngl_counts_output = False
+    archs = ARCHS
     server_binary = "ik-llama-server"  # HYBRIDINFER_IK_LLAMA_SERVER, the venv's bin/ (install.sh links it), PATH
     bench_binary = "ik-llama-bench"
     unlisted_flags = frozenset({"-ot", "--override-tensor", "-rtr"})  # common.cpp parses them; --help omits them
@@ -73,10 +84,10 @@ class IkLlamaCpp(LlamaCpp):
 
     def kv_form(self, model: "ModelInfo") -> str:
         # Legacy DeepSeek GGUFs (attn_kv_b only) get MLA tensors built at load: the compressed latent is cached.
-        return "mla" if model.arch == "deepseek2" else model.kv.form
+        return "mla" if is_mla(model.arch) else model.kv.form
 
     def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
-        if model.arch == "deepseek2" and model.kv.form == "legacy-mha" and model.kv_lora_rank:
+        if model.kv.form == "legacy-mha" and model.kv_lora_rank:
             per_value = model.kv.bytes_per_token[kv_type] / max(1, model.kv.values_per_token_per_layer * model.kv.layers)
             return int(round((model.kv_lora_rank + model.rope_dim) * model.kv.layers * per_value))
         return model.kv.bytes_per_token[kv_type]
@@ -97,7 +108,7 @@ class IkLlamaCpp(LlamaCpp):
     # --- the command ----------------------------------------------------------------------------------
     def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:
         out = []
-        mla = plan.arch == "deepseek2"
+        mla = is_mla(plan.arch)
         if mla and self.has_flag(binary, "-mla"):
             out += ["-mla", "3"]  # FlashMLA-3: the compressed latent cache, MLA kernels for prefill and decode
         if self.has_flag(binary, "-fa"):
@@ -139,13 +150,18 @@ class IkLlamaCpp(LlamaCpp):
 
     def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
         out = ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)] if c.overrides else []  # ','-joined
-        return out + (["-mla", "3", "-fa", "1"] if plan.arch == "deepseek2" else [])
+        return out + (["-mla", "3", "-fa", "1"] if is_mla(plan.arch) else [])
 
     def bench_kv_args(self, plan: "Plan") -> list[str]:
         return [] if plan.kv_type == "f16" else ["-ctk", plan.kv_type]
 
     def bench_load_args(self, plan: "Plan", exe: str) -> list[str]:
         return ["-rtr", "1"] if repacks(plan.device_of, plan.streaming, plan.load_mode) else []
+
+
+def is_mla(arch: str) -> bool:
+    """Whether the architecture's family uses DeepSeek's latent attention (where -mla applies)."""
+    return family_of(arch).mla
 
 
 def repacks(device_of: dict[str, str], streaming: bool, load_mode: str) -> bool:
@@ -157,7 +173,7 @@ def repacks(device_of: dict[str, str], streaming: bool, load_mode: str) -> bool:
 def incompatible_mla(model: "ModelInfo") -> str:
     """ik_llama.cpp's load-time check for mainline-converted DeepSeek MLA GGUFs (src/llama-hparams.cpp), before
     launch: the reason it would abort, or ""."""
-    if model.arch != "deepseek2" or model.head_count_kv != 1:
+    if model.kv.form != "mla" or model.head_count_kv != 1:
         return ""
     if (model.key_length, model.value_length, model.rope_dim) == (576, 512, 64) and model.head_count % 4 == 0:
         return ""

@@ -80,10 +80,17 @@ class KtEngine(Engine):
     def kv_bytes_per_token(self, model: "ModelInfo", kv_type: str) -> int:
         # Always the compressed MLA cache in 16 bits, whatever the GGUF's attention form (args.py sizes it so;
         # SGLang keeps it in bf16 too).
-        if model.arch == "deepseek2":
+        if model.kv.form in ("mla", "legacy-mha"):
             return MLA_VALUES * 2 * model.kv.layers
         return model.kv.bytes_per_token["f16"]
 
     def kv_form(self, model: "ModelInfo") -> str:
-        return "mla" if model.arch == "deepseek2" else model.kv.form
+        return "mla" if model.kv.form in ("mla", "legacy-mha") else model.kv.form
+
+    def runs_arch(self, arch: str) -> str | None:
+        # Its rules (optimize YAMLs) and the SGLang GPU side are compiled and sized for DeepSeek V2/V3/R1 only.
+        return None if arch == "deepseek2" else self.arch_refusal(arch)
+
+    def arch_refusal(self, arch: str) -> str:
+        return f"architecture {arch}: hybridinfer drives {self.name} for DeepSeek V2/V3/R1 only"
 

@@ -91,14 +91,17 @@ class KtSglang(KtEngine):
         return [probe_kt_kernel(), probe_sglang()]  # it runs as two packages
 
     # --- planning ---------------------------------------------------------------------------------------
+    def arch_refusal(self, arch: str) -> str:
+        return f"architecture {arch}: hybridinfer sizes the kt-sglang GPU side for DeepSeek V2/V3/R1 only"
+
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
         out = []
         if not hw.gpus:
             out.append("no NVIDIA GPU: SGLang runs the GPU side on CUDA")
         if not model.is_moe:
             out.append("dense model: no routed experts for kt-kernel")
-        if model.arch != "deepseek2":
-            out.append(f"architecture {model.arch}: hybridinfer sizes the kt-sglang GPU side for DeepSeek V2/V3/R1 only")
+        if why := self.runs_arch(model.arch):
+            out.append(why)
         if out:
             return out
         if self.installed(hw) and not self.sglang:

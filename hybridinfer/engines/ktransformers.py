@@ -146,6 +146,9 @@ class KTransformers(KtEngine):
         return probe_legacy()
 
     # --- planning ---------------------------------------------------------------------------------------
+    def arch_refusal(self, arch: str) -> str:
+        return f"architecture {arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only"
+
     def blockers(self, model: "ModelInfo", placement: dict[str, str] | None, hw: "HardwareProfile") -> list[str]:
         out = []
         if self.version_problem:
@@ -156,8 +159,8 @@ class KTransformers(KtEngine):
             out.append("no NVIDIA GPU: it runs attention on CUDA")
         if any(g.remote for g in hw.gpus):
             out.append("the profile has llama.cpp RPC devices: only llama-server drives them")
-        if model.arch != "deepseek2":
-            out.append(f"architecture {model.arch}: hybridinfer compiles its rules for DeepSeek V2/V3/R1 only")
+        if why := self.runs_arch(model.arch):
+            out.append(why)
         if out:
             return out
         routed = set(model.groups["routed_experts"].types)

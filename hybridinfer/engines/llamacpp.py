@@ -30,6 +30,21 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080  # in the printed command; `serve
 # Quant types only the ik_llama.cpp fork defines (IQ*_K, _KS, _KT, _R4/_R8 repacked rows; ids 31-33 mainline
 # dropped from GGUF files): mainline refuses to load a file holding any of them.
 FORK_TYPES = frozenset(n for n, *_ in IK_TYPES.values())
+# Every architecture its tree loads: LLM_ARCH_NAMES in src/llama-arch.cpp of the llama.cpp tree vendored in
+# llama-cpp-python 0.3.36, which install.sh builds (and llama-cpp-python runs in-process).
+ARCHS = frozenset("""afmoe apertus arcee arctic arwkv7 baichuan bailingmoe bailingmoe2 bailingmoe3 bert bitnet bloom
+    chameleon chatglm clip codeshell cogvlm cohere2 cohere2moe command-r dbrx deci deepseek deepseek2 deepseek2-ocr
+    deepseek32 deepseek4 dflash dots1 dots3note dream eagle3 ernie4_5 ernie4_5-moe eurobert exaone exaone-moe
+    exaone4 falcon falcon-h1 gemma gemma-embedding gemma2 gemma3 gemma3n gemma4 gemma4-assistant glm-dsa glm4
+    glm4moe glm5-next gpt-oss gpt2 gptj gptneox granite granite_swa granitehybrid granitemoe graniteswitch grok
+    grovemoe hrm_text hunyuan-dense hunyuan-moe hunyuan_vl hy_v3 hy_v4 internlm2 jais jais2 jamba jina-bert-v2
+    jina-bert-v3 kimi-k3 kimi-linear laguna lfm2 lfm2moe llada llada-moe llama llama-embed llama4 maincoder mamba
+    mamba2 maple mellum mimo2 minicpm minicpm3 minimax-01 minimax-m2 minimax-m3 mistral3 mistral4 modern-bert mpt
+    muse-glimmer nanbeige nemotron nemotron_h nemotron_h_moe neo-bert nomic-bert nomic-bert-moe olmo olmo2 olmoe
+    openelm orion paddleocr pangu-embedded phi2 phi3 phimoe plamo plamo2 plamo3 plm pockettts qwen qwen2 qwen2moe
+    qwen2vl qwen3 qwen35 qwen35moe qwen3moe qwen3next qwen3tts qwen3vl qwen3vlmoe qwen4exp refact rnd1 rwkv6
+    rwkv6qwen2 rwkv7 seed_oss smallthinker smollm3 spark2_5 stablelm starcoder starcoder2 step35 t5 t5encoder
+    talkie wavtokenizer-dec xverse""".split())
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,6 +81,7 @@ def placement_args(plan: "Plan") -> list[str]:
 
 class LlamaCpp(Engine):
     name = "llama.cpp"
+    archs = ARCHS
     summary = "llama.cpp's llama-server: every GGUF type on CPU and CUDA, -ot tensor placement, concurrent slots"
     kind = "server"
     drives_rpc_devices = True  # --rpc: a remote ggml device is one more GPU to -ngl/-dev/-ts/-ot

@@ -44,6 +44,7 @@ class LlamaCppPython(Engine):
     install_hint = "run ./install.sh --llama-cpp-python (builds it, ~10 min the first time)"
     prediction_params = LlamaCpp.prediction_params
     calibrate_as = LlamaCpp.name  # the same tree and build flags: llama-bench's figures are its kernels'
+    archs = LlamaCpp.archs  # the same tree (llama-cpp-python 0.3.36)
     gpu_runtime_bytes = LlamaCpp.gpu_runtime_bytes
     full_cpu_compute_buffer = LlamaCpp.full_cpu_compute_buffer
     compile = LlamaCpp.compile
