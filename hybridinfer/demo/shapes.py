@@ -382,7 +382,7 @@ FLAGSHIPS = {
     "qwen3-235b-a22b-2507-q4_k_m": (
         "unsloth/Qwen3-235B-A22B-Instruct-2507-GGUF", "Q4_K_M", 142e9,
         "142 GB: 'size_in_gb': 142 for unsloth's Q4_K_M/Qwen3-235B-A22B-Instruct-2507-Q4_K_M-0000[1-3]-of-00003.gguf in "
-        "a public llama.cpp benchmark inventory (GitHub, found by find_string); ~142 GB also quoted by two other "
+        "a public benchmark inventory (GitHub, found by find_string); ~142 GB also quoted by two other "
         "public notes. The HF tree page itself could not be read through the tools here."),
     "qwen3-next-80b-a3b-q4_k_m": (
         "Qwen/Qwen3-Next-80B-A3B-Thinking-GGUF", "Q4_K_M", 48.4e9,
