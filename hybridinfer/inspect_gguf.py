@@ -73,7 +73,7 @@ class ModelInfo:
     quant_types: dict[str, int]  # type -> tensor count
     groups: dict[str, Group]
     kv: KvCache
-    has_chat_template: bool
+    has_chat_template: bool  # False: a base model (no tokenizer.chat_template), meant for plain completions
     opens_think: bool  # the chat template opens <think> in the generation prompt (R1): output starts in a thought
     tensors: list[Tensor] = field(default_factory=list)
     # Attention head dimensions as the GGUF states them (an engine may accept only some shapes, e.g. ik_llama.cpp's
@@ -158,7 +158,7 @@ def inspect(path) -> ModelInfo:
         params=sum(t.n_elements for t in tensors), bytes=sum(t.nbytes for t in tensors), file_bytes=h.file_bytes,
         quant_types=dict(sorted(qcount.items(), key=lambda kv: -kv[1])), groups=group_objs,
         kv=fam.kv_cache(md, arch),
-        has_chat_template="tokenizer.chat_template" in md, opens_think=fam.opens_think(md.get("tokenizer.chat_template")),
+        has_chat_template=bool(md.get("tokenizer.chat_template")), opens_think=fam.opens_think(md.get("tokenizer.chat_template")),
         tensors=tensors,
         head_count_kv=int(g("attention.head_count_kv", n_head)), key_length=int(g("attention.key_length")),
         value_length=int(g("attention.value_length")), rope_dim=int(g("rope.dimension_count")),

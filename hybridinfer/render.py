@@ -79,6 +79,9 @@ def render_model(m, support: dict[str, dict[str, str]], tensors: bool = False) -
     else:
         console.print("  dense model (no experts): plans use a layer split")
     console.print("  quant types: " + ", ".join(f"{k} x{v}" for k, v in m.quant_types.items()))
+    if not m.has_chat_template:
+        console.print("  chat template: [yellow]none[/] — a base model: prompt it with /v1/completions (chat requests "
+                      "would run on the engine's fallback template)")
     names = list(next(iter(support.values()))) if support else []  # the engine registry's, in order
     t = Table("group", "GiB", "share", "params (M)", "tensors", "types", *names, box=None)
     arch_refusals = {n: v for row in support.values() for n, v in row.items() if v.startswith("refused: architecture")}

@@ -84,7 +84,17 @@ def _settings(args, plan, model, engine, demo: bool):
     think = model.opens_think or engine.starts_in_think(plan)
     return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
                     starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
-                    cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20)
+                    cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20,
+                    chat_template=model.has_chat_template,
+                    chat_note="" if model.has_chat_template else base_model_note(engine))
+
+
+def base_model_note(engine) -> str:
+    """What a chat request does when the GGUF has no chat template (a base model), for the banner and /v1/models."""
+    if engine.kind == "in-process":
+        return "no chat template in this GGUF (a base model): chat requests are refused (400); use /v1/completions"
+    return ("no chat template in this GGUF (a base model): chat requests run on the engine's fallback template "
+            "(ChatML in llama.cpp), which the model was not trained on; use /v1/completions")
 
 
 def _run_server(args, settings, running, api_key: str | None) -> None:
@@ -139,10 +149,16 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
     print(f"  engine: {shell(running.command())}")
     for note in running.notes:
         print(f"  note:   {note}")
+    if not model.has_chat_template:
+        print(f"  note:   {base_model_note(engine)}")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-          f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
+    if model.has_chat_template:
+        print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\":\"{alias}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":32}}'", flush=True)
+    else:
+        print(f"  try:    curl -s {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\":\"{alias}\",\"prompt\":\"Once upon a time\",\"max_tokens\":32}}'", flush=True)
 
 
 def _check_limits(args) -> None:

@@ -153,6 +153,8 @@ class Model(BaseModel):
     created: int
     owned_by: str
     max_model_len: int  # extension: context tokens per slot
+    chat_template: bool = True  # extension: False for a base model (its GGUF has no chat template)
+    chat_template_note: str | None = None  # extension: what chat requests do then, and to use /v1/completions
 
 
 class ModelList(BaseModel):

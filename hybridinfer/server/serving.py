@@ -40,6 +40,8 @@ class Settings:
     reasoning_model: bool = False  # apply R1 sampling defaults
     request_timeout: float = 600.0
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM (reported by /health)
+    chat_template: bool = True  # False: the GGUF has none (a base model); /v1/models says so with chat_note
+    chat_note: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -123,8 +125,11 @@ class Serving:
 
     # --- models / health -------------------------------------------------------------------------
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.s.model_id, "object": "model", "created": self.s.created,
-                                            "owned_by": "hybridinfer", "max_model_len": self.s.ctx_per_slot}]}
+        model = {"id": self.s.model_id, "object": "model", "created": self.s.created, "owned_by": "hybridinfer",
+                 "max_model_len": self.s.ctx_per_slot, "chat_template": self.s.chat_template}
+        if self.s.chat_note:
+            model["chat_template_note"] = self.s.chat_note
+        return {"object": "list", "data": [model]}
 
     def health(self) -> tuple[int, dict]:
         st = self.engine.state
