@@ -161,7 +161,7 @@ def _kv_cache(md: dict, arch: str, n_layer: int, n_embd: int, n_head: int) -> Kv
 def _opens_think(template) -> bool:
     if not isinstance(template, str):
         return False
-    return "<｜Assistant｜><think>" in template or bool(re.search(r"add_generation_prompt.{0,200}<think>", template, re.S))
+    return "<｜Assistant｜><think>" in template or bool(re.search(r"add_generation_prompt.{0,200}?<think>(?!\s*</think>)", template, re.S))
 
 
 def inspect(path) -> ModelInfo:
