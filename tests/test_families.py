@@ -256,3 +256,48 @@ def test_served_answers_and_splits(name, engine, servers, infos):
     m = r.choices[0].message
     assert r.usage.completion_tokens > 0
     assert (m.reasoning_content if infos[name].opens_think else m.content)  # a thought the template opened, unclosed
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("name", NAMES)
+def test_bench_against_served_family(name, servers, tmp_path):
+    import json
+    s = servers(name, "llama.cpp")
+    out = tmp_path / "bench.json"
+    # /v1/completions: raw text, no chat parser (random weights do not write gpt-oss's harmony by themselves)
+    r = run_cli("bench", "--url", s.url + "/v1", "--completions", "--requests", "3", "--max-tokens", "8",
+                "--prompt-tokens", "32", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    lv = json.loads(out.read_text())["runs"][0]["levels"][0]
+    assert lv["completed"] == 3 and lv["failed"] == 0 and lv["total_output_tokens"] == 3 * 8
+
+
+# --- on a real second device: llama.cpp's rpc-server on loopback stands in for a GPU (tests/test_rpc.py) -------------
+
+@pytest.mark.engine
+@pytest.mark.parametrize("rn", ["moe-experts-on-cpu", "moe-auto-fill"])
+def test_rules_on_an_rpc_device(rn, infos):
+    from hybridinfer.engines import llamacpp_log
+    from test_rpc import Workers, _check, _profile, needs_rpc
+
+    if needs_rpc.args[0]:
+        pytest.skip(needs_rpc.kwargs["reason"])
+    m = infos["qwen3moe"]
+    workers = Workers()
+    try:
+        ep = workers.start()
+        plan = make_plan(_profile([ep], [2 * GIB]), m, PlanOptions(rules="moe-experts-on-cpu", ctx=4096))
+        if rn == "moe-auto-fill":  # room for the attention side plus one and a half blocks of experts
+            per_block = sum(t.nbytes for t in m.tensors if t.cls == "routed_experts" and t.block == 0)
+            gpu = next(d for d in plan.devices if d.device == "gpu:0")
+            vram = gpu.total - gpu.runtime + int(0.75 * GIB) + int(1.5 * per_block)
+            plan = make_plan(_profile([ep], [vram]), m, PlanOptions(rules=rn, ctx=4096))
+        text, _ = llamacpp_log.load(plan)
+        r = _check(plan, text)
+        kv = {row.device: row.measured for row in r["memory"] if row.kind == "kv"}
+        assert kv["gpu:0"] > 0 and kv.get("cpu", 0) == 0
+        on_dev = {t.block for t in m.tensors if t.cls == "routed_experts" and plan.device_of[t.name] == "gpu:0"}
+        assert on_dev == (set() if rn == "moe-experts-on-cpu" else {0}), (rn, on_dev)
+        assert all(plan.device_of[t.name] == "gpu:0" for t in m.tensors if t.cls == "attention")
+    finally:
+        workers.stop_all()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGUFWriter, LlamaFileType
 from gguf.constants import ExpertGatingFuncType, GGMLQuantizationType as Q
 from gguf.quants import quantize
 
@@ -87,11 +87,12 @@ class _Tensors:
         self.w.add_tensor(name, a)
 
 
-def _open(path: str, arch: str, name: str) -> tuple[GGUFWriter, str]:
+def _open(path: str, arch: str, name: str, ftype: LlamaFileType = LlamaFileType.MOSTLY_Q8_0) -> tuple[GGUFWriter, str]:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = path + ".tmp"
     w = GGUFWriter(tmp, arch)
     w.add_name(name)
+    w.add_file_type(ftype)  # what the engines print as the model's type
     return w, tmp
 
 
@@ -287,7 +288,7 @@ def write_gpt_oss(path: str, seed: int = 0) -> None:
     llama.cpp renders <|channel|>, <|message|>, <|start|>, <|constrain|> even when special tokens are hidden and
     drops <|end|> from the end-of-generation set when <|return|> and <|call|> exist (src/llama-vocab.cpp)."""
     arch, E, H, KV, D, FE = "gpt-oss", 256, 4, 2, 64, 256
-    w, tmp = _open(path, arch, "hybridinfer tiny gpt-oss-architecture demo (random weights)")
+    w, tmp = _open(path, arch, "hybridinfer tiny gpt-oss-architecture demo (random weights)", LlamaFileType.MOSTLY_MXFP4_MOE)
     _common(w, arch, blocks=4, n_embd=E, n_ff=FE, n_head=H, n_head_kv=KV, head=D, rope=D, rope_base=150000.0,
             n_ff_exp=FE)
     w.add_uint32(f"{arch}.attention.sliding_window", 128)
