@@ -20,7 +20,8 @@ from served import Served, read_stream
 
 GIB = 1024**3
 NAMES = [n for n in FAMILIES if n != "deepseek2"]  # deepseek2 is the demo model every other test runs
-ARCH = {"qwen3moe": "qwen3moe", "glm4moe": "glm4moe", "gpt-oss": "gpt-oss", "qwen3next": "qwen3next"}
+ARCH = {"qwen3moe": "qwen3moe", "glm4moe": "glm4moe", "gpt-oss": "gpt-oss", "qwen3next": "qwen3next",
+        "deepseek32": "deepseek32"}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_templates_that_open_the_thought():
 
 
 def test_splitter_chosen_from_the_model(infos):
-    want = {"qwen3moe": "think", "glm4moe": "think", "gpt-oss": "harmony", "qwen3next": "think"}
+    want = {"qwen3moe": "think", "glm4moe": "think", "gpt-oss": "harmony", "qwen3next": "think", "deepseek32": "think"}
     for name, m in infos.items():
         assert reasoning_format(m) == want[name] == FAMILIES[name].reasoning
     assert splitter_for(infos["gpt-oss"]) is HarmonySplitter
@@ -128,7 +129,7 @@ def test_splitter_chosen_from_the_model(infos):
         family = type("F", (), {"reasoning": "none"})()
     assert splitter_for(WithFamily()) is PlainSplitter
     assert {n: infos[n].opens_think for n in infos} == {"qwen3moe": False, "glm4moe": False, "gpt-oss": False,
-                                                         "qwen3next": True}
+                                                         "qwen3next": True, "deepseek32": True}
 
 
 # --- write, inspect, plan, compile ----------------------------------------------------------------------------------
@@ -148,6 +149,8 @@ def test_written_and_inspected(name, infos):
     if name == "qwen3next":
         assert {"blk.0.ssm_conv1d.weight", "blk.0.ssm_a", "blk.3.attn_q.weight"} <= names
         assert "blk.3.ssm_a" not in names  # every fourth layer is full attention
+    if name == "deepseek32":
+        assert {"blk.1.indexer.proj.weight", "blk.1.indexer.attn_q_b.weight", "blk.1.attn_k_b.weight"} <= names
 
 
 def test_demo_cli_writes_each_family(tmp_path):
@@ -203,7 +206,7 @@ SHAPE = {
     "harmony": f'root ::= "<|channel|>analysis<|message|>" {WORD} "<|end|><|start|>assistant<|channel|>final<|message|>" {WORD}',
 }
 MSG = [{"role": "user", "content": "hello world"}]
-CASES = [(n, e) for n in NAMES for e in ("llama.cpp", "ik_llama.cpp")]
+CASES = [(n, e) for n in NAMES for e in ("llama.cpp", "ik_llama.cpp") if e == "llama.cpp" or FAMILIES[n].ik]
 
 
 @pytest.fixture(scope="module")

@@ -386,6 +386,57 @@ def write_deepseek2(path: str, seed: int = 0) -> None:
     tiny.write_tiny(path, seed=seed)
 
 
+# --- deepseek32 (DeepSeek-V3.2-Exp: DeepSeek Sparse Attention) ------------------------------------------------------
+
+class _Renamed:
+    """A GGUFWriter whose `deepseek2.*` keys are written as another architecture's (tiny.py writes its own arch's)."""
+
+    def __init__(self, w: GGUFWriter, old: str, new: str):
+        self._w, self._old, self._new = w, old + ".", new + "."
+
+    def __getattr__(self, attr):
+        f = getattr(self._w, attr)
+        if attr in ("add_uint32", "add_float32", "add_bool"):
+            return lambda key, val: f(self._new + key[len(self._old):] if key.startswith(self._old) else key, val)
+        return f
+
+
+def write_deepseek32(path: str, seed: int = 0) -> None:
+    """The demo model's MLA + MoE blocks (tiny.py) plus V3.2's lightning indexer per block. llama.cpp 0.3.36
+    src/models/deepseek32.cpp: MLA required; attention.indexer.{head_count, key_length, top_k} required;
+    `indexer.k_norm` (weight + bias, key length), `indexer.proj` (n_embd -> indexer heads), `indexer.attn_k`
+    (n_embd -> key length), `indexer.attn_q_b` (q_lora -> heads x key length). ik_llama.cpp 0.1.5 does not know
+    the architecture."""
+    arch = "deepseek32"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path + ".tmp"
+    w = GGUFWriter(tmp, arch)
+    w.add_name("hybridinfer tiny DeepSeek-V3.2-architecture demo (random weights)")
+    w.add_file_type(LlamaFileType.MOSTLY_Q8_0)
+    s = tiny._Shape(mla=True, blocks=4, n_embd=256, n_expert=8, n_ff_exp=128, kv_lora=512, rope=64)
+    rw = _Renamed(w, tiny.ARCH, arch)
+    tiny._add_hparams(rw, s)
+    n_idx_head, idx_dim = 4, 128
+    w.add_uint32(f"{arch}.attention.indexer.head_count", n_idx_head)
+    w.add_uint32(f"{arch}.attention.indexer.key_length", idx_dim)
+    w.add_uint32(f"{arch}.attention.indexer.top_k", 64)
+    tokens, merges = tiny._bpe(120)
+    specials = [tiny.BOS, tiny.EOS, tiny.USER, tiny.ASSISTANT, tiny.THINK, tiny.END_THINK]
+    vocab = tokens + specials
+    tiny._add_tokenizer(rw, vocab, [1] * len(tokens) + [3, 3, 4, 4, 4, 4], merges, "deepseek-v3")
+    rng = np.random.default_rng(seed)
+    tiny._add_tensors(w, s, len(vocab), rng, Q.Q8_0)
+    t = _Tensors(w, seed + 1)
+    for i in range(s.blocks):
+        p = f"blk.{i}.indexer."
+        t.vec(p + "k_norm.weight", idx_dim, value=1.0)
+        t.vec(p + "k_norm.bias", idx_dim, value=0.0)
+        t.mat(p + "proj.weight", n_idx_head, s.n_embd, q=Q.F32)
+        t.mat(p + "attn_k.weight", idx_dim, s.n_embd)
+        t.mat(p + "attn_q_b.weight", n_idx_head * idx_dim, s.q_lora)
+    _close(w, tmp, path)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("deepseek2", "deepseek2", "DeepSeek-V3/R1 (MLA, shared expert; R1's <think> template) — the demo model",
            "think", True, write_deepseek2),
@@ -397,6 +448,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "experts, harmony channels)", "harmony", True, write_gpt_oss),
     Family("qwen3next", "qwen3next", "Qwen3-Next-80B-A3B (gated delta-net linear attention 3:1, shared expert; "
            "Thinking template opens <think>)", "think", True, write_qwen3next),
+    Family("deepseek32", "deepseek32", "DeepSeek-V3.2-Exp (MLA + lightning-indexer sparse attention; llama.cpp "
+           "only)", "think", False, write_deepseek32),
 ]}
 
 
