@@ -1,7 +1,12 @@
-"""Split R1-style output into reasoning and answer, incrementally: `<think>…</think>` text is reasoning.
+"""Split a model's output into reasoning and answer, incrementally, in the model family's format:
 
-Works on stream chunks of any size (a tag may arrive split across chunks), on output that starts inside the
-thought (R1's template opens `<think>` in the prompt), and on output cut off before `</think>`.
+- "think": `<think>…</think>` text is reasoning (DeepSeek R1/V3.x, Qwen3, Qwen3-Next, GLM-4.5, ...) — `ThinkSplitter`;
+- "harmony": gpt-oss's channels, `analysis` is reasoning, `final` the answer — `HarmonySplitter`;
+- "none": everything is the answer — `PlainSplitter`.
+
+`splitter_for(model)` picks one from the model. Each works on stream chunks of any size (a tag may arrive split
+across chunks) and on output cut off mid-thought; ThinkSplitter also on output that starts inside the thought
+(R1's template opens `<think>` in the prompt).
 """
 
 from __future__ import annotations
