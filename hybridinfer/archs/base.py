@@ -97,7 +97,9 @@ class Family:
 
     name: str = "generic"
     archs: tuple[str, ...] = ()  # GGUF general.architecture values it covers
-    reasoning: str = "none"  # "think" (<think>...</think>) | "harmony" (gpt-oss channels) | "none"
+    # "think" (<think>...</think>) | "harmony" (gpt-oss channels) | "none". The generic family splits <think>: an
+    # R1 distill (llama, qwen2 archs) thinks in it, and for a model that never writes it the split is a no-op.
+    reasoning: str = "think"
     mla: bool = False  # DeepSeek's multi-head latent attention: engines with MLA kernels cache the latent
     # The family's own (class, regex) rules, tried before COMMON_RULES.
     rules: tuple[tuple[str, re.Pattern], ...] = ()
@@ -148,7 +150,7 @@ class Family:
         if not isinstance(template, str):
             return False
         return "<｜Assistant｜><think>" in template or bool(
-            re.search(r"add_generation_prompt.{0,200}<think>", template, re.S))
+            re.search(r"add_generation_prompt.{0,200}?<think>(?!\s*</think>)", template, re.S))
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {', '.join(self.archs) or 'any other architecture'}>"

@@ -77,13 +77,15 @@ def _plan_to_serve(args):
 def _settings(args, plan, model, engine, demo: bool):
     """What the API layer needs: the model id served (--alias, else the file name without a split suffix), slots,
     queue, whether answers open inside a thought, timeouts."""
+    from .reasoning import reasoning_format
     from .serving import Settings
 
     alias = args.alias or ("hybridinfer-demo" if demo else Path(plan.model_path).name.removesuffix(".gguf"))
     alias = re.sub(r"-0000\d-of-0000\d$", "", alias)
     think = model.opens_think or engine.starts_in_think(plan)
     return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
-                    starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
+                    starts_in_think=think, reasoning_model=think, reasoning=reasoning_format(model),
+                    request_timeout=args.request_timeout,
                     cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20,
                     chat_template=model.has_chat_template,
                     chat_note="" if model.has_chat_template else base_model_note(engine))

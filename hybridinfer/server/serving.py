@@ -20,7 +20,7 @@ from ..engines.base import EngineFailed, EngineRejected, EngineTimeout, Running
 from ..engines.chunks import add_usage
 from ..metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
-from .reasoning import ThinkSplitter, split_text
+from .reasoning import SPLITTERS, split_with
 
 log = logging.getLogger("hybridinfer.server")
 R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "min_p": 0.05}  # Unsloth's advice for R1 (1.58-bit)
@@ -38,6 +38,7 @@ class Settings:
     queue: int = 16
     starts_in_think: bool = False  # the chat template opens <think> in the generation prompt (R1)
     reasoning_model: bool = False  # apply R1 sampling defaults
+    reasoning: str = "think"  # the model's reasoning format: think | harmony | none (reasoning.reasoning_format)
     request_timeout: float = 600.0
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM (reported by /health)
     chat_template: bool = True  # False: the GGUF has none (a base model); /v1/models says so with chat_note
@@ -266,7 +267,7 @@ class Serving:
                     continue
                 text = msg.get("content") or ""
                 if split:
-                    reasoning, content = split_text(text, self.s.starts_in_think)
+                    reasoning, content = split_with(self.s.reasoning, text, self.s.starts_in_think)
                     msg["content"] = content
                     if reasoning is not None:
                         msg["reasoning_content"] = reasoning
@@ -336,7 +337,7 @@ class Serving:
         """The engine's chunks as SSE bytes, then [DONE]; whatever breaks ends the stream with an error event."""
         clock = _Clock(self.metrics, ticket.t_admit)
         chat = endpoint == "chat"
-        think = _Think(split, self.s.starts_in_think) if chat and split is not None else None
+        think = _Think(split, self.s.starts_in_think, self.s.reasoning) if chat and split is not None else None
         try:
             async for chunk in _chained(first, it):
                 for event in self._events(chunk, chat, think, clock, state["usage"]):
@@ -432,10 +433,11 @@ class _Think:
     """A chat stream's reasoning, per choice: split into reasoning_content and content (`split`), or the raw text
     with the <think> the template opened in the prompt given back to the client."""
 
-    def __init__(self, split: bool, starts_in_think: bool):
+    def __init__(self, split: bool, starts_in_think: bool, reasoning: str = "think"):
         self.split = split
+        self.splitter = SPLITTERS[reasoning]
         self.starts_in_think = starts_in_think
-        self.splitters: dict[int, ThinkSplitter] = {}
+        self.splitters: dict = {}
         self.raw_open: set[int] = set()  # choices that already got the "<think>\n" prefix (raw format)
 
     def rewrite(self, ch: dict, text: str | None) -> list[dict]:
@@ -446,7 +448,7 @@ class _Think:
                 delta["content"] = "<think>\n" + text
                 self.raw_open.add(idx)
             return [ch]
-        sp = self.splitters.setdefault(idx, ThinkSplitter(self.starts_in_think))
+        sp = self.splitters.setdefault(idx, self.splitter(self.starts_in_think))
         parts = sp.feed(text) if text else ("", "")
         if ch.get("finish_reason"):
             fr, fc = sp.flush()
