@@ -47,7 +47,7 @@ def test_registry_covers_every_family_arch_once():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2moe", "mixtral", "unknown", "no-such-arch"])
 def test_any_other_arch_is_the_generic_family(arch):
-    assert family_of(arch) is GENERIC and GENERIC.name == "generic" and GENERIC.reasoning == "none"
+    assert family_of(arch) is GENERIC and GENERIC.name == "generic" and GENERIC.reasoning == "think"
 
 
 # --- tensor classes -------------------------------------------------------------------------------------------
