@@ -376,8 +376,89 @@ def _v31_meta() -> dict:
     return md
 
 
+# DeepSeek-V3.2 (GGUF `deepseek32`). Shapes: deepseek-ai/DeepSeek-V3.2 config.json (DeepseekV32ForCausalLM) — V3's
+# trunk (hidden 7168, 61 layers, first_k_dense_replace 3, 128 heads, q_lora 1536, kv_lora 512, nope 128 / rope 64 /
+# v 128, 256 experts (8 used) of 2048 + 1 shared, vocab 129280, context 163840) plus the DSA lightning indexer
+# (index_n_heads 64, index_head_dim 128, index_topk 2048) and num_nextn_predict_layers 1. Config as quoted in a
+# public DeepSeek-V3.2 architecture write-up (GitHub, found by find_string '"index_n_heads": 64'); the same three
+# index_* values appear in a public Rust test fixture of DeepseekV32ForCausalLM.
+# Tensors and keys as the tree install.sh builds writes and reads them (llama.cpp 0.3.36):
+# - models/deepseek32.cpp load_arch_tensors: every block, the MTP one included, carries MLA attention plus
+#   indexer.k_norm {128} (weight and bias), indexer.proj {7168, 64}, indexer.attn_k {7168, 128} and
+#   indexer.attn_q_b {1536, 64*128}; blocks >= n_layer add nextn.{eh_proj {2*7168, 7168}, enorm, hnorm,
+#   embed_tokens {7168, vocab}, shared_head_head {7168, vocab}, shared_head_norm}.
+# - conversion/deepseek.py DeepseekV32Model: skip_mtp = False, block_count = 61 + 1 (the MTP layer is blk.61),
+#   nextn_predict_layers 1, attention.indexer.{head_count, key_length, top_k} from index_n_heads / index_head_dim /
+#   index_topk.
+# - src/llama-quant.cpp quantizes the indexer projections for deepseek32 (only GLM5_NEXT keeps them unquantized).
+# Type mix: NO published size of a DSA-carrying DeepSeek-V3.2 UD-Q2_K_XL (or other 2-bit) could be found through the
+# tools used here (searched: pages/docs/issues corpora for "unsloth DeepSeek-V3.2 GGUF UD-Q2_K_XL size", "DeepSeek-V3.2
+# how to run locally unsloth", the unsloth/DeepSeek-V3.2-GGUF tree pages; find_string for "DeepSeek-V3.2-UD-Q2_K_XL",
+# "DeepSeek-V3.2-UD-", "DeepSeek-V3.2-GGUF", "DeepSeek-V3.2-Q4_K_M": only file names and third-party notes turned up,
+# one of which says an early unsloth V3.2 upload (UD-TQ1_0) carries no indexer at all, i.e. was converted as
+# deepseek2 — so an unsloth size may not even be of this architecture). So no size is invented: the mix is V3.1
+# UD-Q2_K_XL's exactly (_r1_tensors(True, Q2_K, Q3_K, 51, UD_Q2)) plus what V3.2 adds — the indexer per block at
+# the attention types (projections Q4_K, k_norm F32) and the MTP block blk.61 as a V3.1 MoE block with Q3_K down
+# plus its nextn tensors (eh_proj Q8_0 as GLM's, embed_tokens Q4_K and shared_head_head Q6_K as the model's own).
+# tests/test_flagships.py holds the total to V3.1's plus exactly those bytes.
+V32_INDEXER = dict(n_head=64, head_dim=128, top_k=2048)
+
+
+def _v32_meta() -> dict:
+    a = "deepseek32"
+    md = {k.replace("deepseek2.", a + ".", 1): v for k, v in _r1_meta(True).items()}
+    md.update({"general.name": "DeepSeek V3.2", f"{a}.block_count": 62, f"{a}.nextn_predict_layers": 1,
+               f"{a}.attention.indexer.head_count": V32_INDEXER["n_head"],
+               f"{a}.attention.indexer.key_length": V32_INDEXER["head_dim"],
+               f"{a}.attention.indexer.top_k": V32_INDEXER["top_k"]})
+    return md
+
+
+def _v32_indexer(i: int) -> list[Spec]:
+    n_embd, q_lora, n_ih, ihd = 7168, 1536, V32_INDEXER["n_head"], V32_INDEXER["head_dim"]
+    p = f"blk.{i}.indexer."
+    return [Spec(p + "k_norm.weight", (ihd,), Q.F32), Spec(p + "k_norm.bias", (ihd,), Q.F32),
+            Spec(p + "proj.weight", (n_embd, n_ih), UD_Q2["attn"]),
+            Spec(p + "attn_k.weight", (n_embd, ihd), UD_Q2["attn"]),
+            Spec(p + "attn_q_b.weight", (q_lora, n_ih * ihd), UD_Q2["attn"])]
+
+
+def _v32_extra() -> list[Spec]:
+    """What V3.2 UD-Q2_K_XL holds beyond V3.1's tensors: the indexer of the 61 trunk blocks and the MTP block."""
+    n_embd, n_vocab = 7168, 129280
+    out = [s for i in range(61) for s in _v32_indexer(i)]
+    # blk.61: a full MoE block as _r1_tensors writes block 3 (with Q3_K down), renumbered, plus indexer and nextn
+    blk3 = [s for s in _r1_tensors(True, Q.Q2_K, Q.Q3_K, 51, UD_Q2) if s.name.startswith("blk.3.")]
+    out += [Spec("blk.61." + s.name[len("blk.3."):], s.shape, s.qtype) for s in blk3] + _v32_indexer(61)
+    p = "blk.61.nextn."
+    out += [Spec(p + "eh_proj.weight", (2 * n_embd, n_embd), Q.Q8_0),
+            Spec(p + "enorm.weight", (n_embd,), Q.F32), Spec(p + "hnorm.weight", (n_embd,), Q.F32),
+            Spec(p + "embed_tokens.weight", (n_embd, n_vocab), UD_Q2["embd"]),
+            Spec(p + "shared_head_head.weight", (n_embd, n_vocab), UD_Q2["out"]),
+            Spec(p + "shared_head_norm.weight", (n_embd,), Q.F32)]
+    return out
+
+
+def _v32() -> tuple[dict, list[Spec]]:
+    """DeepSeek-V3.2 UD-Q2_K_XL-shaped: V3.1's tensors with each block's indexer after its ffn_norm, the MTP block
+    blk.61 before output_norm/output (the order the converter writes blocks in)."""
+    extra = _v32_extra()
+    by_block: dict[int, list[Spec]] = {}
+    for s in extra:
+        by_block.setdefault(int(s.name.split(".")[1]), []).append(s)
+    t: list[Spec] = []
+    for s in _r1_tensors(True, Q.Q2_K, Q.Q3_K, 51, UD_Q2):
+        if s.name == "output_norm.weight":
+            t += by_block[61]
+        t.append(s)
+        if s.name.endswith(".ffn_norm.weight"):
+            t += [x for x in by_block[int(s.name.split(".")[1])] if ".indexer." in x.name]
+    return _v32_meta(), t
+
+
 # name -> (repo, quant, published bytes, source) for every flagship: what `download --list` shows and what
-# tests/test_flagships.py holds each header to (total within 1 %).
+# tests/test_flagships.py holds each header to (total within 1 %). Published bytes None: no published size was found
+# (the source says what was searched); the test holds that header to its computed size instead.
 FLAGSHIPS = {
     "qwen3-235b-a22b-2507-q4_k_m": (
         "unsloth/Qwen3-235B-A22B-Instruct-2507-GGUF", "Q4_K_M", 142e9,
@@ -400,6 +481,11 @@ FLAGSHIPS = {
         "unsloth/DeepSeek-V3.1-GGUF", "UD-Q2_K_XL", 245e9,
         "245 GB: https://unsloth.ai/docs/models/tutorials/deepseek-v3.1-how-to-run-locally ('The quantized "
         "dynamic 2-bit version uses 245GB'; its recommended 2-bit is UD-Q2_K_XL)"),
+    "deepseek-v3.2-ud-q2_k_xl": (
+        "unsloth/DeepSeek-V3.2-GGUF", "UD-Q2_K_XL", None,
+        "no published size found: searched unsloth's docs and the unsloth/DeepSeek-V3.2-GGUF tree pages, public "
+        "issues and code for DeepSeek-V3.2 UD-Q2_K_XL; the header is V3.1 UD-Q2_K_XL's mix plus the indexer "
+        "tensors and the MTP block (see the comment above _v32_meta)"),
 }
 
 MODELS.update({
@@ -410,6 +496,7 @@ MODELS.update({
     "gpt-oss-120b-q4_k_m": ("gpt-oss", _gpt_oss_120b, 2, "Q4_K_M/gpt-oss-120b-Q4_K_M"),
     "deepseek-v3.1-ud-q2_k_xl": ("deepseek2", lambda: (_v31_meta(), _r1_tensors(True, Q.Q2_K, Q.Q3_K, 51, UD_Q2)), 6,
                                  "UD-Q2_K_XL/DeepSeek-V3.1-UD-Q2_K_XL"),
+    "deepseek-v3.2-ud-q2_k_xl": ("deepseek32", _v32, 6, "UD-Q2_K_XL/DeepSeek-V3.2-UD-Q2_K_XL"),
 })
 
 

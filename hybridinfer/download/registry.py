@@ -24,7 +24,7 @@ class Known:
     repo: str
     quant: str
     include: str  # file pattern, as `modelscope download --include` / `huggingface-cli download --include` take it
-    size: float  # published bytes (decimal GB as the hub lists them)
+    size: float | None  # published bytes (decimal GB as the hub lists them); None: no published size found
     arch: str
     shape: str
     source: str
@@ -47,7 +47,8 @@ def catalog_lines() -> list[str]:
     """`download --list`: one line per known quant, ready to paste into `download REPO --quant Q`."""
     lines = [f"{'repository':44s} {'quant':11s} {'size':>9s}  arch"]
     for k in CATALOG:
-        lines.append(f"{k.repo:44s} {k.quant:11s} {k.size / 1e9:6.1f} GB  {k.arch}")
+        size = f"{k.size / 1e9:6.1f} GB" if k.size else f"{'n/a':>9s}"
+        lines.append(f"{k.repo:44s} {k.quant:11s} {size}  {k.arch}")
     lines.append("fetch one with: hybridinfer download REPO --quant QUANT [--plan-only]")
     return lines
 
