@@ -112,6 +112,9 @@ class Prediction:
 
 
 def frac(model: ModelInfo, cls: str) -> float:
+    """The share of a tensor class's weights a token reads."""
+    if cls == "nextn":  # an MTP block: the engines load it only to draft (llama.cpp: TENSOR_SKIP), never read it
+        return 0.0
     if cls == "routed_experts" and model.expert_count:
         return model.expert_used_count / model.expert_count
     if cls == "token_embd":
@@ -123,9 +126,10 @@ def in_prefill(model: ModelInfo, t) -> bool:
     """Whether a tensor works on every prompt token. llama.cpp-family engines compute logits only for the tokens
     that need them and cut the last block's rows to those before its FFN (`inp_out_ids`), so the output layer and the
     last block's FFN see one token of a prompt."""
-    if t.cls == "output":
+    if t.cls in ("output", "nextn"):
         return False
-    return not (t.block == model.block_count - 1 and t.cls in ("dense_ffn", "shared_experts", "routed_experts", "router"))
+    last = model.block_count - 1 - model.nextn_layers  # the last block of the trunk (an MTP block follows it)
+    return not (t.block == last and t.cls in ("dense_ffn", "shared_experts", "routed_experts", "router"))
 
 
 def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRates, cores: int,
@@ -137,7 +141,7 @@ def calibrated_cpu(model: ModelInfo, device_of: dict[str, str], rates: EngineRat
     dec = dec_exp = pre = 0.0
     blocks = set()
     for t in model.tensors:
-        if device_of[t.name] != "cpu":
+        if device_of[t.name] != "cpu" or t.cls == "nextn":
             continue
         if t.block is not None:
             blocks.add(t.block)
@@ -208,6 +212,8 @@ def _traffic(inp: PredictInput) -> _Traffic:
     type_cost = dict(p.cpu_type_cost) if cpu_only else {}  # measured for CPU-only plans only
     tr = _Traffic()
     for t in model.tensors:
+        if t.cls == "nextn":  # not computed per token (frac): neither read nor a block of the token's path
+            continue
         dev = inp.device_of[t.name]
         f = frac(model, t.cls)
         if t.block is not None:

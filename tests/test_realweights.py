@@ -97,7 +97,7 @@ def test_serve_names_a_base_model(base_tiny, tmp_path):
     try:
         banner = "\n".join(s.lines)
         assert "note:   no chat template in this GGUF (a base model): chat requests run on the engine's fallback " \
-               "template (ChatML in llama.cpp)" in banner
+               "template (usually ChatML)" in banner
         assert "try:    curl -s " + s.url + "/v1/completions" in banner and "/v1/chat/completions" not in banner
         c = s.client()
         [m] = c.models.list().data
@@ -117,7 +117,7 @@ def test_in_process_engine_refuses_chat_on_a_base_model():
     from hybridinfer.server.cli import base_model_note
 
     assert "refused (400); use /v1/completions" in base_model_note(get("llama-cpp-python"))
-    assert "fallback template (ChatML in llama.cpp)" in base_model_note(get("llama.cpp"))
+    assert "fallback template (usually ChatML)" in base_model_note(get("llama.cpp"))
 
 
 def test_gemma3_base_model_real_weights(tmp_path):

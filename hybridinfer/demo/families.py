@@ -448,8 +448,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
            "experts, harmony channels)", "harmony", True, write_gpt_oss),
     Family("qwen3next", "qwen3next", "Qwen3-Next-80B-A3B (gated delta-net linear attention 3:1, shared expert; "
            "Thinking template opens <think>)", "think", True, write_qwen3next),
-    Family("deepseek32", "deepseek32", "DeepSeek-V3.2-Exp (MLA + lightning-indexer sparse attention; llama.cpp "
-           "only)", "think", False, write_deepseek32),
+    Family("deepseek32", "deepseek32", "DeepSeek-V3.2-Exp (MLA + lightning-indexer sparse attention; not in every "
+           "engine's tree)", "think", False, write_deepseek32),
 ]}
 
 

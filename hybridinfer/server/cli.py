@@ -96,7 +96,7 @@ def base_model_note(engine) -> str:
     if engine.kind == "in-process":
         return "no chat template in this GGUF (a base model): chat requests are refused (400); use /v1/completions"
     return ("no chat template in this GGUF (a base model): chat requests run on the engine's fallback template "
-            "(ChatML in llama.cpp), which the model was not trained on; use /v1/completions")
+            "(usually ChatML), which the model was not trained on; use /v1/completions")
 
 
 def _run_server(args, settings, running, api_key: str | None) -> None:
