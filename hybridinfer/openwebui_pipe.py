@@ -122,6 +122,11 @@ class Pipe:
                         await r.aread()
                         raise httpx.HTTPStatusError("error", request=r.request, response=r)
                     async for line in r.aiter_lines():
+                        if line.startswith(": progress ") and shown.phase is None:
+                            note = progress_note(line)
+                            if note:
+                                await self._status(emit, note)
+                            continue
                         chunk = _event(line)
                         if chunk is _DONE:
                             break
@@ -173,6 +178,24 @@ class Pipe:
 
 
 _DONE = object()
+
+
+def progress_note(line: str) -> str | None:
+    """The status line for hybridinfer's prefill-progress comment, e.g.
+    `: progress {"stage":"prompt","processed":2700,"total":6000,"cached":0,"tokens_per_s":82.5,"eta_s":40.0}` ->
+    "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)"; None for anything else."""
+    try:
+        p = json.loads(line.split(" ", 2)[2])
+        done, total = int(p["processed"]), int(p["total"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+    if total <= 0:
+        return None
+    eta = p.get("eta_s")
+    left = ""
+    if isinstance(eta, (int, float)):
+        left = f", ~{eta:.0f} s left" if eta < 120 else f", ~{eta / 60:.0f} min left"
+    return f"reading the prompt: {100 * done // total} % ({done:,} of {total:,} tokens{left})"
 
 
 def _event(line: str):

@@ -199,7 +199,9 @@ class Serving:
     async def _engine_error(self, e: EngineRejected | EngineFailed) -> Err:
         """The client's answer when the engine refused the request or broke during it."""
         if isinstance(e, EngineRejected):
-            return err(e.status, e.message, e.type or "invalid_request_error", code=_code(e))
+            code = _code(e)
+            return err(e.status, _message(e), e.type or "invalid_request_error", code=code,
+                       param="response_format" if code == "invalid_json_schema" else None)
         if not isinstance(e, EngineTimeout):
             await asyncio.sleep(0.3)  # a broken connection comes just before the supervisor sees the engine exit
         if isinstance(e, EngineTimeout):
@@ -221,7 +223,7 @@ class Serving:
         if problem:
             self.metrics.request_done("chat", problem.status)
             return problem
-        body = req.model_dump(exclude_none=True, exclude={"reasoning_format", "max_completion_tokens", "stream_options"})
+        body = req.model_dump(exclude_none=True, by_alias=True, exclude={"reasoning_format", "max_completion_tokens", "stream_options"})
         body["model"] = self.s.model_id
         if max_tokens:
             body["max_tokens"] = max_tokens
@@ -483,7 +485,7 @@ class Serving:
             clock.done(state["usage"].get("completion_tokens", 0))
         except EngineRejected as e:
             state["status"] = e.status
-            yield sse(error_body(e.message, e.type or "invalid_request_error", _code(e)))
+            yield sse(error_body(_message(e), e.type or "invalid_request_error", _code(e)))
             yield DONE
         except EngineFailed as e:
             yield await self._broke(e, state)
@@ -540,6 +542,16 @@ def _cancelling() -> bool:
     """Whether this task itself is being cancelled (its client left), not only something it awaited."""
     task = asyncio.current_task()
     return bool(task and task.cancelling())
+
+
+def _message(e: EngineRejected) -> str:
+    """The engine's refusal, said about the request: llama-server words a bad response_format schema as "Unable to
+    generate parser for this template. Automatic parser generation failed: JSON schema error at #/…: …"."""
+    m = e.message or ""
+    i = m.find("JSON schema error")
+    if i >= 0:
+        return f"response_format.json_schema is not a usable JSON schema: {m[i:]}"
+    return m
 
 
 def _code(e: EngineRejected) -> str:
