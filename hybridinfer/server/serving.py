@@ -418,8 +418,9 @@ class Serving:
                 async for chunk in gen:
                     q.put_nowait(("chunk", chunk))
             finally:
-                with anyio.CancelScope(shield=True):
-                    await gen.aclose()  # closing the engine connection is what stops its work
+                if hasattr(gen, "aclose"):
+                    with anyio.CancelScope(shield=True):
+                        await gen.aclose()  # closing the engine connection is what stops its work
             q.put_nowait(("end", None))
         except (EngineRejected, EngineFailed) as e:
             q.put_nowait(("error", e))
