@@ -78,9 +78,17 @@ def test_openai_client_with_short_read_timeout_completes_a_long_prefill(slow):
     assert took > 4.0, f"prefill too fast on this box to test the timeout ({took:.1f} s)"
 
 
-def test_too_long_prompt_is_still_an_http_400(slow):
+def test_too_long_prompt_is_still_an_http_400_even_when_queued(slow):
     r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 3, stream=True), timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # with the only slot busy reading a long prompt, the engine's tokenizer still refuses it at once
+    with httpx.stream("POST", slow.url + "/v1/chat/completions", json=_chat(_long("busy"), stream=True),
+                      timeout=30) as busy:
+        assert busy.status_code == 200
+        t0 = time.perf_counter()
+        r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 3, stream=True), timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert time.perf_counter() - t0 < 1.5 and "tokens" in r.json()["error"]["message"]
 
 
 def _engine_processing(slow, until, timeout):

@@ -185,6 +185,24 @@ class Serving:
                             f"ask for fewer, or restart serve with a larger --ctx", param="max_tokens")
         return self._too_long(chars) or self._unavailable()
 
+    async def _tokens_fit(self, texts: list[str]) -> Err | None:
+        """A prompt that cannot fit a slot, refused before it waits for one or reaches the engine: counted by the
+        engine's own tokenizer (llama-server tokenizes on its HTTP thread, not between the batches of a running
+        prompt), and only for a text long enough to need it (a token is at least one byte of UTF-8). The chat
+        template's tokens are not counted: a prompt refused here cannot fit whatever the template adds."""
+        for text in texts:
+            if len(text) * 4 + 1 < self.s.ctx_per_slot or len(text.encode()) < self.s.ctx_per_slot:
+                continue
+            try:
+                n = len(await self.engine.tokenize(text))
+            except (EngineRejected, EngineFailed, AttributeError, NotImplementedError):
+                return None  # the engine decides, as before
+            if n >= self.s.ctx_per_slot:
+                return err(400, f"the prompt has {n:,} tokens, more than a slot's context of {self.s.ctx_per_slot:,} "
+                                f"tokens can hold; shorten it, or restart serve with a larger --ctx",
+                           code="context_length_exceeded")
+        return None
+
     def admit(self) -> _Ticket | Err:
         """The one admission decision for every request kind: check and count with no await in between."""
         if self.draining:
@@ -219,7 +237,9 @@ class Serving:
         max_tokens = req.max_tokens or req.max_completion_tokens
         chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
                     for m in req.messages)
-        problem = self._check(req.model, max_tokens, chars)
+        texts = [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                 for m in req.messages]
+        problem = self._check(req.model, max_tokens, chars) or await self._tokens_fit(["".join(texts)])
         if problem:
             self.metrics.request_done("chat", problem.status)
             return problem
@@ -238,7 +258,7 @@ class Serving:
 
     async def completions(self, req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        problem = self._check(req.model, req.max_tokens, max(len(p) for p in prompts))
+        problem = self._check(req.model, req.max_tokens, max(len(p) for p in prompts)) or await self._tokens_fit(prompts)
         if problem:
             self.metrics.request_done("completions", problem.status)
             return problem
