@@ -29,7 +29,7 @@ class Pipe:
         BASE_URL: str = Field(default="http://127.0.0.1:8000/v1",
                               description="hybridinfer's OpenAI base URL (serve prints it at startup)")
         API_KEY: str = Field(default="", description="the key given to `hybridinfer serve --api-key`, if any")
-        REQUEST_TIMEOUT: float = Field(default=600.0, description="seconds to wait for a response (R1 thinks long)")
+        REQUEST_TIMEOUT: float = Field(default=600.0, description="seconds to wait for any part of a response (serve sends a keepalive every 2 s while it reads a long prompt)")
         SHOW_REASONING: bool = Field(default=True, description="show the model's reasoning as a thinking block")
         MODEL_FILTER: str = Field(default="", description="only list models whose id matches this regex (empty: all)")
 
