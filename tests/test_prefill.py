@@ -2,7 +2,7 @@
 a client that leaves mid-prefill stops the engine, /health shows the engine's own work, and SIGTERM drains.
 
 Real llama-server (mainline: it reports prefill progress) on the tiny demo model, made slow with one thread and
-small batches: a ~2,000-token prompt takes several seconds to read on this box."""
+small batches: a ~3,600-token prompt takes several seconds to read on this box."""
 
 import json
 import signal
@@ -16,8 +16,8 @@ import pytest
 from served import Served
 
 pytestmark = pytest.mark.engine
-# ~2,000 tokens of the demo model's vocabulary: under its 4,096-token training context, seconds to read at 1 thread.
-LONG = "the quick brown fox jumps over the lazy dog " * 150
+# ~3,600 tokens of the demo model's vocabulary: under its 4,096-token training context, seconds to read at 1 thread.
+LONG = "the quick brown fox jumps over the lazy dog " * 280
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +74,19 @@ def test_openai_client_with_short_read_timeout_completes_a_long_prefill(slow):
             text += chunk.choices[0].delta.content or ""
         usage = chunk.usage or usage
     took = time.perf_counter() - t0
-    assert usage and usage.prompt_tokens > 1500 and usage.prompt_tokens_details.cached_tokens < 100 and usage.completion_tokens == 4
+    assert usage and usage.prompt_tokens > 3000 and usage.prompt_tokens_details.cached_tokens < 100 and usage.completion_tokens == 4
     assert took > 4.0, f"prefill too fast on this box to test the timeout ({took:.1f} s)"
 
 
 def test_too_long_prompt_is_still_an_http_400_even_when_queued(slow):
-    r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 3, stream=True), timeout=30)
+    r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 2, stream=True), timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     # with the only slot busy reading a long prompt, the engine's tokenizer still refuses it at once
     with httpx.stream("POST", slow.url + "/v1/chat/completions", json=_chat(_long("busy"), stream=True),
                       timeout=30) as busy:
         assert busy.status_code == 200
         t0 = time.perf_counter()
-        r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 3, stream=True), timeout=30)
+        r = httpx.post(slow.url + "/v1/chat/completions", json=_chat(LONG * 2, stream=True), timeout=30)
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert time.perf_counter() - t0 < 1.5 and "tokens" in r.json()["error"]["message"]
 

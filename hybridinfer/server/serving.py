@@ -466,11 +466,8 @@ class Serving:
         ka = self.s.keepalive_s
         item = first
         try:
-            if item is None or (item[0] == "chunk" and isinstance(item[1], dict) and "prompt_progress" in item[1]):
-                if item is not None:
-                    progress.update(item[1]["prompt_progress"])
-                    item = None
-                yield progress.comment(ticket.running)  # the first byte: headers are flushed with it
+            if item is None:  # no engine answer within keepalive_s: the status line went out; say why it waits
+                yield progress.comment(ticket.running)
             last = time.monotonic()
             while True:
                 if item is None:
