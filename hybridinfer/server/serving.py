@@ -598,6 +598,7 @@ class _Progress:
         if not isinstance(p, dict) or not isinstance(p.get("total"), int):
             return False
         self.p = p
+        self.t = time.monotonic()
         return True
 
     def comment(self, running: bool) -> bytes:
@@ -608,10 +609,14 @@ class _Progress:
             return b": keepalive\n\n"
         total, cached, done = p["total"], p.get("cache", 0), p.get("processed", 0)
         secs = (p.get("time_ms") or 0) / 1000
-        rate = (done - cached) / secs if secs > 0 and done > cached else self.prefill_tps
-        eta = round((total - done) / rate, 1) if rate else None
+        measured = (done - cached) / secs if secs > 0 and done > cached else None
+        rate = measured or self.prefill_tps  # before the engine's first batch: the plan's predicted speed
+        # the rest at that rate, counted down from the engine's last report (it reports once per batch)
+        eta = (total - done) / rate - (time.monotonic() - self.t) if rate else None
+        eta = round(eta, 1) if eta is not None and (eta > 0 or done >= total) else None  # None: overdue
+        eta = max(eta, 0.0) + 0.0 if eta is not None else None  # no -0.0
         out = {"stage": "prompt", "processed": done, "total": total, "cached": cached,
-               "tokens_per_s": round(rate, 1) if rate else None, "eta_s": eta}
+               "tokens_per_s": round(measured, 1) if measured else None, "eta_s": eta}
         return b": progress " + orjson.dumps(out) + b"\n\n"
 
 
