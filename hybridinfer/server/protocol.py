@@ -195,6 +195,9 @@ class Health(BaseModel):
     in_flight: int
     queued: int
     slots: int
+    request_timeout_s: float | None = None  # serve's limit for a whole non-streamed answer
+    engine_processing: int | None = None  # requests the engine itself is working on (None: it does not say)
+    engine_processing_age_s: float | None = None  # how old that figure is (the engine answers between batches)
 
 
 class ErrorDetail(BaseModel):
