@@ -76,6 +76,8 @@ def test_stream_reasoning_then_answer_with_status(source, server):
     out, events = asyncio.run(collect(make(source, server.url), body))
     assert out == "<think>\ntwo plus two\n</think>\n\n is four"
     desc = [e["data"]["description"] for e in events]
+    # on a loaded box even this short prompt may take long enough to be reported
+    desc = [d for d in desc if not d.startswith("reading the prompt: ")]
     assert desc[:3] == ["Waiting for hybridinfer…", "Thinking…", "Answering…"]
     assert re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · TTFT [\d.]+ s", desc[-1]) and events[-1]["data"]["done"]
     assert all(e["type"] == "status" for e in events)

@@ -52,7 +52,7 @@ def test_status_line_first_then_progress_comments_then_answer(slow):
     first_data = next(i for i, ln in enumerate(lines) if ln.startswith("data:"))
     assert progress and first_data > 0 and lines[-1] == "data: [DONE]"
     assert all(p["stage"] == "prompt" and 0 <= p["processed"] <= p["total"] for p in progress)
-    assert progress[-1]["processed"] > progress[0]["processed"] and progress[-1]["eta_s"] is not None
+    assert progress[-1]["processed"] > progress[0]["processed"] and any(p["eta_s"] is not None for p in progress)
     gaps = [b - a for a, b in zip([t_status] + times, times)]
     assert max(gaps) < 2.0, gaps  # never silent for long, whatever the prefill takes
     # no progress chunk leaks into the answer as a data event

@@ -491,7 +491,9 @@ class Serving:
                 if kind == "crash":
                     raise val
                 if isinstance(val, dict) and val.get("prompt_progress") is not None:
-                    if progress.update(val["prompt_progress"]) and time.monotonic() - last >= 0.5:
+                    p = val["prompt_progress"]
+                    if progress.update(p) and p.get("processed", 0) > p.get("cache", 0) \
+                            and time.monotonic() - last >= 0.5:  # a report with news, not more often than 2/s
                         yield progress.comment(True)
                         last = time.monotonic()
                     continue  # llama-server's progress chunks carry no text: the client gets the comment only
