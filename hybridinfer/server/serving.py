@@ -330,11 +330,14 @@ class Serving:
         self.jobs[job] = ticket
         try:
             try:
-                result = await job  # a client that leaves cancels this, and with it the job
+                result = await asyncio.shield(job)  # the job ends as below, never half-cancelled from here
             except asyncio.CancelledError:
                 if job in self.shut and not _cancelling():
                     result = self._shutdown_err()
-                else:
+                else:  # the client left: stop the engine's work (its connection closes) before the slot is freed
+                    job.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.gather(job, return_exceptions=True)
                     raise
             if isinstance(result, Err):
                 status = result.status
