@@ -575,7 +575,7 @@ def _placement_reasons(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet,
     for g in hw.gpus:
         if g.remote and f"gpu:{g.index}" not in set(dev_of.values()) | set(kv_devices):
             out.append(Reason("rpc", f"gpu:{g.index} = {llama_device(g)} on RPC worker {g.endpoint}: unused — the "
-                                     f"rules {rs.name} placed nothing there; llama.cpp drops its connection after "
+                                     f"rules {rs.name} placed nothing there; the engine drops its connection after "
                                      f"loading, and serve does not watch it"))
         elif g.remote:
             out.append(Reason("rpc", f"gpu:{g.index} = {llama_device(g)} on RPC worker {g.endpoint}: "
