@@ -29,7 +29,7 @@ class Pipe:
         BASE_URL: str = Field(default="http://127.0.0.1:8000/v1",
                               description="hybridinfer's OpenAI base URL (serve prints it at startup)")
         API_KEY: str = Field(default="", description="the key given to `hybridinfer serve --api-key`, if any")
-        REQUEST_TIMEOUT: float = Field(default=600.0, description="seconds to wait for a response (R1 thinks long)")
+        REQUEST_TIMEOUT: float = Field(default=600.0, description="seconds to wait for any part of a response (serve sends a keepalive every 2 s while it reads a long prompt)")
         SHOW_REASONING: bool = Field(default=True, description="show the model's reasoning as a thinking block")
         MODEL_FILTER: str = Field(default="", description="only list models whose id matches this regex (empty: all)")
 
@@ -122,6 +122,11 @@ class Pipe:
                         await r.aread()
                         raise httpx.HTTPStatusError("error", request=r.request, response=r)
                     async for line in r.aiter_lines():
+                        if line.startswith(": progress ") and shown.phase is None:
+                            note = progress_note(line)
+                            if note:
+                                await self._status(emit, note)
+                            continue
                         chunk = _event(line)
                         if chunk is _DONE:
                             break
@@ -173,6 +178,24 @@ class Pipe:
 
 
 _DONE = object()
+
+
+def progress_note(line: str) -> str | None:
+    """The status line for hybridinfer's prefill-progress comment, e.g.
+    `: progress {"stage":"prompt","processed":2700,"total":6000,"cached":0,"tokens_per_s":82.5,"eta_s":40.0}` ->
+    "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)"; None for anything else."""
+    try:
+        p = json.loads(line.split(" ", 2)[2])
+        done, total = int(p["processed"]), int(p["total"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
+    if total <= 0:
+        return None
+    eta = p.get("eta_s")
+    left = ""
+    if isinstance(eta, (int, float)):
+        left = f", ~{eta:.0f} s left" if eta < 120 else f", ~{eta / 60:.0f} min left"
+    return f"reading the prompt: {100 * done // total} % ({done:,} of {total:,} tokens{left})"
 
 
 def _event(line: str):

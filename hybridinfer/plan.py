@@ -584,7 +584,11 @@ def _placement_reasons(hw: HardwareProfile, model: ModelInfo, rs: rules.RuleSet,
                                        f"({ranges(moved) or 'none: no spare VRAM'}), the other "
                                        f"{len(model.moe_blocks) - len(moved)} on the CPU", len(moved)))
     for g in hw.gpus:
-        if g.remote and f"gpu:{g.index}" in set(dev_of.values()) | set(kv_devices):
+        if g.remote and f"gpu:{g.index}" not in set(dev_of.values()) | set(kv_devices):
+            out.append(Reason("rpc", f"gpu:{g.index} = {llama_device(g)} on RPC worker {g.endpoint}: unused — the "
+                                     f"rules {rs.name} placed nothing there; the engine drops its connection after "
+                                     f"loading, and serve does not watch it"))
+        elif g.remote:
             out.append(Reason("rpc", f"gpu:{g.index} = {llama_device(g)} on RPC worker {g.endpoint}: "
                                      f"{g.vram_free / GIB:.1f} GiB as it reports; link {g.network_rtt_ms:g} ms round trip, "
                                      f"{g.network_gbs:g} GB/s assumed, {pred.breakdown_ms.get('network', 0):g} ms/token in "

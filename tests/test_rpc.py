@@ -299,3 +299,35 @@ def test_saved_plan_with_a_gone_worker_is_one_line(workers, tmp_path):
     r = run_cli("serve", "--plan", str(tmp_path / "plan.json"), "--port", str(_free_port()), timeout=60)
     err = r.stderr.strip()
     assert r.returncode == 2 and "\n" not in err and f"RPC worker {ep} is unreachable" in err
+
+
+@needs_rpc
+def test_serve_leaves_an_unused_worker_alone(workers, tmp_path):
+    """Two workers, a plan that puts everything on one: llama.cpp closes its connection to the other after loading;
+    serve must not read that as a dropped worker (it used to restart the engine forever)."""
+    eps = [workers.start(), workers.start()]
+    r = run_cli("plan", "--rpc", ",".join(eps), "--ctx", "4096", "--json")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "plan.json").write_text(r.stdout)
+    from hybridinfer.engines.binaries import rpc_used
+    from hybridinfer.plan import Plan
+    plan = Plan.from_json(r.stdout)
+    used = rpc_used(plan)
+    assert len(used) < len(eps), "the plan uses both workers: this test needs one left unused"
+    unused = [e for e in eps if e not in used]
+    assert any(x["topic"] == "rpc" and "unused" in x["text"] and unused[0] in x["text"]
+               for x in json.loads(r.stdout)["reasons"])
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(BIN / "hybridinfer"), "serve", "--plan", str(tmp_path / "plan.json"), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_health(base, 200)
+        time.sleep(4)  # several rounds of the worker watch
+        code, body = _health(base)
+        assert code == 200 and body["engine_restarts"] == 0, body
+        assert _chat(base).usage.completion_tokens > 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

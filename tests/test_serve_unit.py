@@ -167,3 +167,65 @@ def test_proxy_side_failure_mid_stream_ends_with_error_event_and_done():
     assert chunks[-1] == b"data: [DONE]\n\n"
     assert s.admitted == 0 and s.running == 0  # the slot came back
     assert 'status="500"' in s.metrics.render().decode()
+
+
+def test_silent_prefill_gets_keepalive_comments_and_a_late_refusal_an_error_event():
+    """A stand-in engine that reads its prompt silently (as ik_llama.cpp does: no progress) for longer than the
+    keepalive time, then answers — or refuses. The client has its 200 and comments meanwhile."""
+    import asyncio
+
+    from hybridinfer.engines.base import EngineRejected
+    from hybridinfer.server.protocol import CompletionRequest
+    from hybridinfer.server.serving import Serving, Settings, Stream
+
+    class Slow:
+        state, restarts = "ready", 0
+
+        def __init__(self, refuse):
+            self.refuse = refuse
+
+        async def stream(self, path, body):
+            await asyncio.sleep(0.7)
+            if self.refuse:
+                raise EngineRejected(400, "Unable to generate parser for this template. Automatic parser generation "
+                                          "failed: JSON schema error at #/a: unrecognized type x")
+            yield {"id": "x", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}
+
+    async def main(refuse):
+        s = Serving(Settings(model_id="m", ctx_per_slot=512, parallel=1, queue=0, keepalive_s=0.2), Slow(refuse))
+        t0 = asyncio.get_running_loop().time()
+        out = await s.completions(CompletionRequest(prompt="a", stream=True))
+        t_status = asyncio.get_running_loop().time() - t0
+        assert isinstance(out, Stream) and t_status < 0.5
+        chunks = [c async for c in out]
+        await out.aclose()
+        assert s.admitted == 0
+        return chunks
+
+    chunks = asyncio.run(main(False))
+    assert chunks[0] == b": keepalive\n\n" and chunks.count(b": keepalive\n\n") >= 2
+    assert b'"text":"ok"' in chunks[-2] and chunks[-1] == b"data: [DONE]\n\n"
+    chunks = asyncio.run(main(True))
+    err = json.loads(chunks[-2][6:])["error"]
+    assert err["code"] == "invalid_json_schema" and err["message"].startswith("response_format.json_schema")
+    assert chunks[-1] == b"data: [DONE]\n\n"
+
+
+def test_top_logprobs_limit_and_json_schema_shape():
+    with pytest.raises(ValidationError, match="less than or equal to 20"):
+        ChatCompletionRequest.model_validate({"messages": MSG, "logprobs": True, "top_logprobs": 21})
+    with pytest.raises(ValidationError, match="needs a json_schema object"):
+        ChatCompletionRequest.model_validate({"messages": MSG, "response_format": {"type": "json_schema"}})
+    r = ChatCompletionRequest.model_validate({"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    assert r.model_dump(by_alias=True, exclude_none=True)["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+
+def test_default_request_timeout_comes_from_the_plan():
+    from types import SimpleNamespace as NS
+
+    from hybridinfer.server.cli import default_request_timeout
+
+    plan = NS(ctx=32768, parallel=2, prediction=NS(prefill_tps=50.0, decode_tps=5.0))
+    assert default_request_timeout(plan) == pytest.approx(3 * (16384 / 50 + 16384 / 5), abs=1)
+    assert default_request_timeout(NS(ctx=4096, parallel=1, prediction=NS(prefill_tps=6000.0, decode_tps=1800.0))) == 600

@@ -58,3 +58,14 @@ def rpc_servers(gpus: list[GpuInfo]) -> list[str]:
 def rpc_of(plan) -> list[str]:
     """The RPC servers a plan's engine is given (its compiled part, from `rpc_servers`)."""
     return (plan.compiled or {}).get("rpc_servers", [])
+
+
+def rpc_used(plan) -> list[str]:
+    """The RPC servers holding something of the plan (a tensor or KV cache on their gpu:N). llama.cpp connects to
+    every --rpc server while loading and closes its connection to one it put nothing on, so only these are
+    watched once the engine serves."""
+    c = plan.compiled or {}
+    buffers = c.get("gpu_buffers") or {}
+    used = set(plan.device_of.values()) | {d.device for d in plan.devices if d.weights or d.kv_cache}
+    eps = {b[b.index("[") + 1:-1] for g, b in buffers.items() if g in used and "[" in b}
+    return [e for e in rpc_of(plan) if e in eps]

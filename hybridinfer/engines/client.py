@@ -83,6 +83,21 @@ class EngineClient:
         except (httpx.HTTPError, AttributeError):
             return ""
 
+    async def busy(self, timeout: float = 0.5) -> int | None:
+        """The engine's own count of requests it is processing (prompt or generation), from its /metrics. None if
+        it does not say, or does not answer within `timeout` (llama-server answers /metrics between two batches)."""
+        name = self.dialect.busy_metric
+        if not (name and self.dialect.metrics_path and self._client):
+            return None
+        try:
+            r = await self._client.get(self.base_url + self.dialect.metrics_path, timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        for line in r.text.splitlines() if r.status_code == 200 else []:
+            if line.startswith(name + " "):
+                return int(float(line.split()[1]))
+        return None
+
     # --- transport ------------------------------------------------------------------------------------------
     async def post(self, path: str, body: dict, timeout: float | None = None) -> dict:
         """One non-streamed request -> its JSON answer."""

@@ -47,6 +47,12 @@ class Dialect:
     ready_poll_s = 0.1
     metrics_path: str | None = "/metrics"
     failure_hint = FAILURE_HINT  # said with the engine's own reason when it dies before it is ready
+    # The request field that makes a streamed answer report the prefill's progress: llama-server sends chunks
+    # with `prompt_progress` {total, cache, processed, time_ms} after each batch of the prompt
+    # (tools/server/server-context.cpp, `return_progress`, llama.cpp as vendored by llama-cpp-python 0.3.36).
+    progress_field: str | None = "return_progress"
+    # Where the engine says how many requests it is working on (llama-server's Prometheus text); read by /health.
+    busy_metric: str | None = "llamacpp:requests_processing"
 
     def __init__(self, engine: "Engine"):
         self.engine = engine

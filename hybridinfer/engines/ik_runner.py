@@ -28,6 +28,10 @@ def _fix(obj: dict, limit: int | None, usage: dict | None) -> None:
 
 
 class IkDialect(Dialect):
+    # ik_llama.cpp's server sends no prefill progress (examples/server/server-task.cpp has it commented out, in
+    # ik_llama-cpp-python 0.1.5's tree): serve's keepalive comments carry the plan's estimate instead.
+    progress_field = None
+
     def notes(self, label: str, sock: str | None, port: int) -> tuple[str, ...]:
         return super().notes(label, sock, port) + (NOTE,)
 

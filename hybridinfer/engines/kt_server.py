@@ -36,6 +36,9 @@ RUNTIME_FLAGS = {"--host": True, "--port": True, "--model_name": True, "--served
 class KtDialect(Dialect):
     """The KTransformers server's API (or SGLang's, `sglang`), from plan.compiled["api"]."""
 
+    progress_field = None  # no prefill progress in KTransformers' / SGLang's OpenAI streams
+    busy_metric = None
+
     metrics_path = None  # its server exports none (balance_serve's scheduler metrics are on private ports)
     ready_poll_s = 0.2
 

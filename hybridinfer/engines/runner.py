@@ -82,6 +82,14 @@ class ServerRunner(RunningBase):
     async def wait_healthy(self, alive: Callable[[], bool]) -> bool:
         return await self.client.wait_healthy(alive)
 
+    @property
+    def progress_field(self) -> str | None:
+        return self.dialect.progress_field
+
+    async def engine_busy(self) -> int | None:
+        """Requests the engine itself is working on (its own count), None where it does not say."""
+        return await self.client.busy()
+
     # --- requests: the client's ----------------------------------------------------------------------------
     async def complete(self, path: str, body: dict) -> dict:
         return await self.client.complete(path, body)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 from ..errors import HybridError
 from .base import RunSettings
 from .sockdir import free_port  # noqa: F401 — where engines/llamacpp_log.py and tests import it from
-from .binaries import rpc_of
+from .binaries import rpc_of, rpc_used
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -176,9 +176,10 @@ class Supervisor:
         worker. Only once the engine is ready: it connects to the workers while loading."""
         from .rpc import dead_links
 
+        watched = rpc_used(self.plan)  # an unused worker's connection is closed by llama.cpp after loading
         await self.ready.wait()
-        while proc.returncode is None and not self._stopping:
-            dead = await asyncio.to_thread(dead_links, proc.pid, rpc_of(self.plan))
+        while watched and proc.returncode is None and not self._stopping:
+            dead = await asyncio.to_thread(dead_links, proc.pid, watched)
             if dead and proc.returncode is None and not self._stopping:
                 log.error("RPC worker %s dropped its connection: stopping %s", ", ".join(dead), self.label)
                 self.state = "down"

@@ -222,7 +222,7 @@ def _add_status_routes(app: FastAPI) -> None:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "engine not ready"}})
     async def health(request: Request):
-        status, body = request.app.state.serving.health()
+        status, body = await request.app.state.serving.health()
         return JSONResponse(body, status_code=status, headers={} if status == 200 else {"Retry-After": "2"})
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

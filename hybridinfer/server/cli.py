@@ -25,6 +25,8 @@ def cmd_serve(args) -> int:
 
     api_key = _check_serve_args(args)
     plan, model, engine = _plan_to_serve(args)
+    if args.request_timeout is None:
+        args.request_timeout = default_request_timeout(plan)
     demo = not args.gguf and not args.plan
     settings = _settings(args, plan, model, engine, demo)
     alias = settings.model_id
@@ -36,6 +38,16 @@ def cmd_serve(args) -> int:
     _banner(args, plan, model, engine, running, alias, api_key, demo)
     _run_server(args, settings, running, api_key)
     return 0
+
+
+def default_request_timeout(plan) -> float:
+    """No timeout of ours cuts a request the plan expects to finish: a full slot's prompt at the predicted prefill
+    speed plus a full slot of generated tokens at the predicted decode speed, times 3 (predictions are off by up
+    to ~2x on a loaded box), and never under 600 s."""
+    ctx = plan.ctx // max(1, plan.parallel)
+    p = plan.prediction
+    t = ctx / max(p.prefill_tps, 1e-3) + ctx / max(p.decode_tps, 1e-3)
+    return float(max(600, round(3 * t)))
 
 
 def _check_serve_args(args) -> str | None:
@@ -86,6 +98,7 @@ def _settings(args, plan, model, engine, demo: bool):
     return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
                     starts_in_think=think, reasoning_model=think, reasoning=reasoning_format(model),
                     request_timeout=args.request_timeout,
+                    keepalive_s=args.keepalive, prefill_tps=plan.prediction.prefill_tps or None,
                     cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20,
                     chat_template=model.has_chat_template,
                     chat_note="" if model.has_chat_template else base_model_note(engine))
@@ -118,10 +131,42 @@ def _run_server(args, settings, running, api_key: str | None) -> None:
                      say=lambda m: print(m, flush=True), on_fatal=on_fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=args.verbose)
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, app, args.shutdown_grace)
     server.run()
     if failed:
         raise HybridError(failed[0])  # one line, exit 2
+
+
+class _DrainingServer:
+    """uvicorn's Server, whose first SIGTERM / Ctrl-C drains before uvicorn shuts down: new requests get 503 with
+    Retry-After, queued ones 503 (or, on a stream already answered, an error event + [DONE]), running ones finish
+    within `grace` seconds or end the same way — so uvicorn finds no request to cancel. A second signal exits now."""
+
+    def __new__(cls, config, app, grace: float):
+        import asyncio
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            draining: asyncio.Task | None = None
+
+            def handle_exit(self, sig, frame) -> None:
+                serving = getattr(app.state, "serving", None)
+                if self.draining is not None or serving is None or self.should_exit:
+                    self.force_exit = self.draining is not None  # the second signal: no more waiting
+                    return super().handle_exit(sig, frame)
+                loop = asyncio.get_event_loop()
+
+                async def drain() -> None:
+                    print(f"  shutting down: refusing new requests, finishing {serving.admitted} "
+                          f"(up to {grace:g} s)…", flush=True)
+                    try:
+                        await serving.drain(grace)
+                    finally:
+                        self.should_exit = True
+
+                self.draining = loop.create_task(drain())
+
+        return Server(config)
 
 
 def _engine_log(label: str, verbose: bool):
@@ -171,7 +216,9 @@ def _check_limits(args) -> None:
                                                                 "or a positive number of waiting places")
     if not args.max_body_mb > 0:
         raise HybridError(f"--max-body-mb {args.max_body_mb:g} is not a positive size", "use e.g. --max-body-mb 4")
-    if not args.request_timeout > 0:
+    if not args.keepalive > 0 or not args.shutdown_grace >= 0:
+        raise HybridError("--keepalive must be positive and --shutdown-grace not negative", "e.g. --keepalive 2 --shutdown-grace 8")
+    if args.request_timeout is not None and not args.request_timeout > 0:
         raise HybridError(f"--request-timeout {args.request_timeout:g} is not a positive time", "use e.g. --request-timeout 600")
 
 
@@ -195,7 +242,15 @@ def register(sub, add, plan_args) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB", help="largest request body accepted, 413 beyond (default: 4)")
     p.add_argument("--metrics-public", action="store_true", help="with --api-key: serve /metrics without the key (default: it needs the key)")
     p.add_argument("--alias", metavar="NAME", help="model id to serve under (default: the file name)")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="engine request timeout (default: 600)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="longest wait for the engine: a whole non-streamed answer, or the silence between two engine "
+                        "events of a stream (default: from the plan — a full slot's prompt at the predicted prefill "
+                        "speed plus a full slot of tokens at the predicted decode speed, x3, at least 600)")
+    p.add_argument("--keepalive", type=float, default=2.0, metavar="S",
+                   help="a streamed answer's longest silence: an SSE comment (keepalive or prefill progress) after it "
+                        "(default: 2)")
+    p.add_argument("--shutdown-grace", type=float, default=8.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: how long running requests may finish before they are ended (default: 8)")
     p.add_argument("--engine-log", metavar="FILE", help="also write the engine's full log to FILE")
     p.add_argument("--engine-verbose", action="store_true", help="run the engine verbosely (per-tensor placement in its log)")
     p.add_argument("--verbose", action="store_true", help="show every engine log line and access log")

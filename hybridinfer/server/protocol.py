@@ -52,6 +52,25 @@ class Tool(BaseModel):
     function: FunctionDef
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str | None = None
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object: {\"name\": …, \"schema\": {…}}")
+        return self
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     include_usage: bool = False
@@ -79,6 +98,9 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="OpenAI's limit: at most 20")
+    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     # extension: "split" (default) puts <think>…</think> into reasoning_content; "raw" keeps it in content
@@ -175,6 +197,9 @@ class Health(BaseModel):
     in_flight: int
     queued: int
     slots: int
+    request_timeout_s: float | None = None  # serve's limit for a whole non-streamed answer
+    engine_processing: int | None = None  # requests the engine itself is working on (None: it does not say)
+    engine_processing_age_s: float | None = None  # how old that figure is (the engine answers between batches)
 
 
 class ErrorDetail(BaseModel):

@@ -43,6 +43,8 @@ class Settings:
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM (reported by /health)
     chat_template: bool = True  # False: the GGUF has none (a base model); /v1/models says so with chat_note
     chat_note: str = ""
+    keepalive_s: float = 2.0  # a streamed answer's longest silence: an SSE comment (keepalive or progress) after it
+    prefill_tps: float | None = None  # the plan's predicted prompt speed (the ETA before the engine reports one)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -120,6 +122,10 @@ class Serving:
         self.admitted = 0  # queued + running: the one count admission decides on
         self.running = 0
         self.metrics = metrics or ServerMetrics(self.live)
+        self.draining = False  # SIGTERM: refuse new requests, end the admitted ones within the grace period
+        self.jobs: dict[asyncio.Task, _Ticket] = {}  # each admitted request's engine work
+        self.shut: set[asyncio.Task] = set()  # jobs ended by the shutdown (their client gets 503 / an error event)
+        self.engine_status: dict = {}  # what the engine itself reports doing (its /metrics), kept by poll_engine
 
     def live(self) -> tuple[str, int, int, int]:
         return self.engine.state, self.engine.restarts, self.running, self.admitted - self.running
@@ -132,13 +138,31 @@ class Serving:
             model["chat_template_note"] = self.s.chat_note
         return {"object": "list", "data": [model]}
 
-    def health(self) -> tuple[int, dict]:
+    async def health(self) -> tuple[int, dict]:
         st = self.engine.state
-        body = {"status": {"ready": "ok", "down": "engine_down"}.get(st, st), "model": self.s.model_id,
+        status = "shutting_down" if self.draining else {"ready": "ok", "down": "engine_down"}.get(st, st)
+        body = {"status": status, "model": self.s.model_id,
                 "engine_restarts": self.engine.restarts, "in_flight": self.running,
                 "queued": self.admitted - self.running, "slots": self.s.parallel, "queue": self.s.queue,
-                "ctx_per_slot": self.s.ctx_per_slot, "cache_ram_mib": self.s.cache_ram_mib}
-        return (200 if st == "ready" else 503), body
+                "ctx_per_slot": self.s.ctx_per_slot, "cache_ram_mib": self.s.cache_ram_mib,
+                "request_timeout_s": self.s.request_timeout, **await self._engine_processing(st)}
+        return (200 if status == "ok" else 503), body
+
+    async def _engine_processing(self, st: str) -> dict:
+        """What the engine itself says it is working on (llama-server's requests_processing): a prompt it is still
+        reading for a client that left shows here, not in in_flight. The engine answers between two batches of a
+        prompt, so a busy engine may not answer within 0.5 s: then the last answer and its age."""
+        ask = getattr(self.engine, "engine_busy", None)
+        if ask is None or st != "ready":
+            return {"engine_processing": None}
+        n = await ask()
+        now = time.monotonic()
+        if n is not None:
+            self.engine_status = {"n": n, "t": now}
+        last = self.engine_status
+        if not last:
+            return {"engine_processing": None}
+        return {"engine_processing": last["n"], "engine_processing_age_s": round(now - last["t"], 1)}
 
     async def engine_metrics(self) -> str:
         return await self.engine.metrics_text()
@@ -167,8 +191,29 @@ class Serving:
                             f"ask for fewer, or restart serve with a larger --ctx", param="max_tokens")
         return self._too_long(chars) or self._unavailable()
 
+    async def _tokens_fit(self, texts: list[str]) -> Err | None:
+        """A prompt that cannot fit a slot, refused before it waits for one or reaches the engine: counted by the
+        engine's own tokenizer (llama-server tokenizes on its HTTP thread, not between the batches of a running
+        prompt), and only for a text long enough to need it (a token is at least one byte of UTF-8). The chat
+        template's tokens are not counted: a prompt refused here cannot fit whatever the template adds."""
+        for text in texts:
+            if len(text) * 4 + 1 < self.s.ctx_per_slot or len(text.encode()) < self.s.ctx_per_slot:
+                continue
+            try:
+                n = len(await self.engine.tokenize(text))
+            except (EngineRejected, EngineFailed, AttributeError, NotImplementedError):
+                return None  # the engine decides, as before
+            if n >= self.s.ctx_per_slot:
+                return err(400, f"the prompt has {n:,} tokens, more than a slot's context of {self.s.ctx_per_slot:,} "
+                                f"tokens can hold; shorten it, or restart serve with a larger --ctx",
+                           code="context_length_exceeded")
+        return None
+
     def admit(self) -> _Ticket | Err:
         """The one admission decision for every request kind: check and count with no await in between."""
+        if self.draining:
+            return err(503, "the server is shutting down; retry the request (on another instance, or once it is back)",
+                       type_="server_error", code="shutting_down", retry_after=5)
         if self.admitted >= self.s.parallel + self.s.queue:
             return err(429, f"server busy: {self.s.parallel} slots and {self.s.queue} queued requests in use; "
                             f"retry shortly", type_="rate_limit_error", code="queue_full", retry_after=1)
@@ -178,7 +223,9 @@ class Serving:
     async def _engine_error(self, e: EngineRejected | EngineFailed) -> Err:
         """The client's answer when the engine refused the request or broke during it."""
         if isinstance(e, EngineRejected):
-            return err(e.status, e.message, e.type, code=str(e.status))
+            code = _code(e)
+            return err(e.status, _message(e), e.type or "invalid_request_error", code=code,
+                       param="response_format" if code == "invalid_json_schema" else None)
         if not isinstance(e, EngineTimeout):
             await asyncio.sleep(0.3)  # a broken connection comes just before the supervisor sees the engine exit
         if isinstance(e, EngineTimeout):
@@ -196,11 +243,13 @@ class Serving:
         max_tokens = req.max_tokens or req.max_completion_tokens
         chars = sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
                     for m in req.messages)
-        problem = self._check(req.model, max_tokens, chars)
+        texts = [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                 for m in req.messages]
+        problem = self._check(req.model, max_tokens, chars) or await self._tokens_fit(["".join(texts)])
         if problem:
             self.metrics.request_done("chat", problem.status)
             return problem
-        body = req.model_dump(exclude_none=True, exclude={"reasoning_format", "max_completion_tokens", "stream_options"})
+        body = req.model_dump(exclude_none=True, by_alias=True, exclude={"reasoning_format", "max_completion_tokens", "stream_options"})
         body["model"] = self.s.model_id
         if max_tokens:
             body["max_tokens"] = max_tokens
@@ -215,7 +264,7 @@ class Serving:
 
     async def completions(self, req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        problem = self._check(req.model, req.max_tokens, max(len(p) for p in prompts))
+        problem = self._check(req.model, req.max_tokens, max(len(p) for p in prompts)) or await self._tokens_fit(prompts)
         if problem:
             self.metrics.request_done("completions", problem.status)
             return problem
@@ -244,6 +293,38 @@ class Serving:
         finally:
             self.metrics.request_done("tokenize", status)
 
+    # --- shutdown ---------------------------------------------------------------------------------
+    SHUTTING_DOWN = "the server is shutting down; retry the request"
+
+    def _shutdown_err(self) -> Err:
+        return err(503, self.SHUTTING_DOWN, type_="server_error", code="shutting_down", retry_after=5)
+
+    def _end_jobs(self, queued_only: bool) -> int:
+        """Ends admitted requests' engine work for the shutdown: the queued ones, or all. Their clients get 503 or,
+        on a stream already answered 200, an error event and [DONE]."""
+        n = 0
+        for job, ticket in list(self.jobs.items()):
+            if not job.done() and not (queued_only and ticket.running):
+                self.shut.add(job)
+                job.cancel()
+                n += 1
+        return n
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: admit nothing more (503), end the queued requests now, let the running ones finish for up to
+        `grace` seconds, then end them (error event + [DONE] / 503) and return once every request has answered."""
+        self.draining = True
+        self._end_jobs(queued_only=True)
+        deadline = time.monotonic() + grace
+        while self.admitted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.admitted:
+            log.warning("shutdown: ending %d request(s) still running after the %g s grace period", self.admitted, grace)
+            self._end_jobs(queued_only=False)
+            deadline = time.monotonic() + 3.0
+            while self.admitted and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+
     # --- forwarding ------------------------------------------------------------------------------
     async def _once(self, endpoint: str, path: str, body: dict, split: bool | None):
         ticket = self.admit()
@@ -251,29 +332,23 @@ class Serving:
             self.metrics.request_done(endpoint, ticket.status)
             return ticket
         status, usage = 500, None
+        job = asyncio.ensure_future(self._once_work(ticket, path, body, split))
+        self.jobs[job] = ticket
         try:
-            await ticket.slot()
-            t_engine = time.perf_counter()
             try:
-                data = await self.engine.complete(path, body)
-            except (EngineRejected, EngineFailed) as e:
-                problem = await self._engine_error(e)
-                status = problem.status
-                return problem
-            data["model"] = self.s.model_id
-            for ch in data.get("choices", []):
-                msg = ch.get("message")
-                if msg is None or split is None:
-                    continue
-                text = msg.get("content") or ""
-                if split:
-                    reasoning, content = split_with(self.s.reasoning, text, self.s.starts_in_think)
-                    msg["content"] = content
-                    if reasoning is not None:
-                        msg["reasoning_content"] = reasoning
-                elif self.s.starts_in_think:
-                    msg["content"] = "<think>\n" + text
-            usage = data.get("usage") or {}
+                result = await asyncio.shield(job)  # the job ends as below, never half-cancelled from here
+            except asyncio.CancelledError:
+                if job in self.shut and not _cancelling():
+                    result = self._shutdown_err()
+                else:  # the client left: stop the engine's work (its connection closes) before the slot is freed
+                    job.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await asyncio.gather(job, return_exceptions=True)
+                    raise
+            if isinstance(result, Err):
+                status = result.status
+                return result
+            data, usage, t_engine = result
             timings = data.pop("timings", None) or {}
             status = 200
             self.metrics.e2e.observe(time.perf_counter() - ticket.t_admit)
@@ -287,18 +362,46 @@ class Serving:
             self.metrics.cancelled.inc()
             raise
         finally:
+            self.jobs.pop(job, None)
+            self.shut.discard(job)
             ticket.release()
             self.metrics.request_done(endpoint, status, usage)
 
+    async def _once_work(self, ticket: _Ticket, path: str, body: dict, split: bool | None):
+        await ticket.slot()
+        t_engine = time.perf_counter()
+        try:
+            data = await self.engine.complete(path, body)
+        except (EngineRejected, EngineFailed) as e:
+            return await self._engine_error(e)
+        data["model"] = self.s.model_id
+        for ch in data.get("choices", []):
+            msg = ch.get("message")
+            if msg is None or split is None:
+                continue
+            text = msg.get("content") or ""
+            if split:
+                reasoning, content = split_with(self.s.reasoning, text, self.s.starts_in_think)
+                msg["content"] = content
+                if reasoning is not None:
+                    msg["reasoning_content"] = reasoning
+            elif self.s.starts_in_think:
+                msg["content"] = "<think>\n" + text
+        return data, data.get("usage") or {}, t_engine
+
     async def _stream(self, endpoint: str, path: str, body: dict, split: bool | None):
-        """Waits for the engine's first chunk before answering, so whatever the engine refuses before generating
-        (prompt longer than the context, bad grammar, ...) is an HTTP error, not a 200 with an error event."""
+        """Answers 200 as soon as the engine has accepted the request, or after `keepalive_s` at the latest, so a
+        client sees its status line and then SSE comments (keepalive, prefill progress) while the prompt is read.
+        What the engine refuses within that time (prompt longer than the context, bad grammar or schema, ...)
+        is still an HTTP error; a refusal or failure after it becomes an error event + [DONE]."""
         ticket = self.admit()
         if isinstance(ticket, Err):
             self.metrics.request_done(endpoint, ticket.status)
             return ticket
         state = {"status": 499, "usage": {}, "done": False}
-        it = None
+        q: asyncio.Queue = asyncio.Queue()
+        job = asyncio.ensure_future(self._pump(ticket, path, body, q))
+        self.jobs[job] = ticket
 
         async def finish(status: int | None = None) -> None:
             if state["done"]:
@@ -308,46 +411,110 @@ class Serving:
                 state["status"] = status
             if state["status"] == 499:
                 self.metrics.cancelled.inc()
-            if it is not None:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await it.aclose()  # closes the engine connection: the engine stops generating
-                    except Exception:  # noqa: BLE001 — the engine side is gone already
-                        pass
+            if not job.done():
+                job.cancel()  # inside the engine stream: its connection closes, and the engine stops the request
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(job, return_exceptions=True)
+            self.jobs.pop(job, None)
+            self.shut.discard(job)
             ticket.release()
             self.metrics.request_done(endpoint, state["status"], state["usage"])
 
         try:
-            await ticket.slot()
-            it = aiter(self.engine.stream(path, body))
             try:
-                first = await anext(it)
-            except StopAsyncIteration:
-                first = None
-        except (EngineRejected, EngineFailed) as e:
-            problem = await self._engine_error(e)
-            await finish(problem.status)
-            return problem
+                first = await asyncio.wait_for(q.get(), self.s.keepalive_s)
+            except asyncio.TimeoutError:
+                first = None  # still queued or reading the prompt: answer 200 now and keep the stream alive
+            if first is not None and first[0] == "error":
+                problem = await self._engine_error(first[1])
+                await finish(problem.status)
+                return problem
+            if first is not None and first[0] == "shutdown":
+                await finish(503)
+                return self._shutdown_err()
         except BaseException:
             await finish(499)
             raise
-        return Stream(self._relay(endpoint, ticket, first, it, split, state, finish), finish)
+        return Stream(self._relay(endpoint, ticket, first, q, split, state, finish), finish)
 
-    async def _relay(self, endpoint, ticket, first, it, split, state, finish) -> AsyncIterator[bytes]:
-        """The engine's chunks as SSE bytes, then [DONE]; whatever breaks ends the stream with an error event."""
+    async def _pump(self, ticket: _Ticket, path: str, body: dict, q: asyncio.Queue) -> None:
+        """The engine's side of a stream, as its own task: wait for a slot, then put each engine chunk on `q`,
+        then ("end", None); a refusal or failure as ("error", e); a shutdown as ("shutdown", None)."""
+        try:
+            await ticket.slot()
+            gen = self.engine.stream(path, self.engine_body(body))
+            try:
+                async for chunk in gen:
+                    q.put_nowait(("chunk", chunk))
+            finally:
+                if hasattr(gen, "aclose"):
+                    with anyio.CancelScope(shield=True):
+                        await gen.aclose()  # closing the engine connection is what stops its work
+            q.put_nowait(("end", None))
+        except (EngineRejected, EngineFailed) as e:
+            q.put_nowait(("error", e))
+        except asyncio.CancelledError:
+            if asyncio.current_task() in self.shut:
+                q.put_nowait(("shutdown", None))
+            raise
+        except Exception as e:  # noqa: BLE001 — reported to the client by the relay
+            q.put_nowait(("crash", e))
+
+    def engine_body(self, body: dict) -> dict:
+        """A streamed request as sent to the engine: with prefill progress where the engine reports it."""
+        field_ = getattr(self.engine, "progress_field", None)
+        return dict(body, **{field_: True}) if field_ else body
+
+    async def _relay(self, endpoint, ticket, first, q, split, state, finish) -> AsyncIterator[bytes]:
+        """The engine's chunks as SSE bytes, then [DONE]; an SSE comment after every `keepalive_s` of silence
+        (the prefill's progress once the engine reports it); whatever breaks ends the stream with an error event."""
         clock = _Clock(self.metrics, ticket.t_admit)
         chat = endpoint == "chat"
         think = _Think(split, self.s.starts_in_think, self.s.reasoning) if chat and split is not None else None
+        progress = _Progress(self.s.prefill_tps)
+        ka = self.s.keepalive_s
+        item = first
         try:
-            async for chunk in _chained(first, it):
-                for event in self._events(chunk, chat, think, clock, state["usage"]):
+            if item is None:  # no engine answer within keepalive_s: the status line went out; say why it waits
+                yield progress.comment(ticket.running)
+            last = time.monotonic()
+            while True:
+                if item is None:
+                    try:
+                        item = await asyncio.wait_for(q.get(), max(0.01, ka - (time.monotonic() - last)))
+                    except asyncio.TimeoutError:
+                        yield progress.comment(ticket.running)
+                        last = time.monotonic()
+                        continue
+                kind, val = item
+                item = None
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise val
+                if kind == "shutdown":
+                    state["status"] = 503
+                    yield sse(error_body(self.SHUTTING_DOWN, "server_error", "shutting_down"))
+                    yield DONE
+                    return
+                if kind == "crash":
+                    raise val
+                if isinstance(val, dict) and val.get("prompt_progress") is not None:
+                    p = val["prompt_progress"]
+                    if progress.update(p) and p.get("processed", 0) > p.get("cache", 0) \
+                            and time.monotonic() - last >= 0.5:  # a report with news, not more often than 2/s
+                        yield progress.comment(True)
+                        last = time.monotonic()
+                    continue  # llama-server's progress chunks carry no text: the client gets the comment only
+                for event in self._events(val, chat, think, clock, state["usage"]):
                     yield event
+                    last = time.monotonic()
             yield DONE
             state["status"] = 200
             clock.done(state["usage"].get("completion_tokens", 0))
         except EngineRejected as e:
             state["status"] = e.status
-            yield sse(error_body(e.message, e.type, str(e.status)))
+            yield sse(error_body(_message(e), e.type or "invalid_request_error", _code(e)))
             yield DONE
         except EngineFailed as e:
             yield await self._broke(e, state)
@@ -357,7 +524,7 @@ class Serving:
             raise
         except Exception as e:  # noqa: BLE001 — a proxy-side failure still ends the stream properly
             state["status"] = 500
-            log.exception("stream failed in the proxy")
+            log.error("stream failed in the proxy: %r", e)
             yield sse(error_body(f"internal error while streaming: {e.__class__.__name__}", "server_error", "internal_error"))
             yield DONE
         finally:
@@ -400,11 +567,68 @@ class Serving:
         return sse(error_body(msg, problem.body["error"]["type"], problem.body["error"]["code"]))
 
 
-async def _chained(first, it):
-    if first is not None:
-        yield first
-    async for c in it:
-        yield c
+def _cancelling() -> bool:
+    """Whether this task itself is being cancelled (its client left), not only something it awaited."""
+    task = asyncio.current_task()
+    return bool(task and task.cancelling())
+
+
+def _message(e: EngineRejected) -> str:
+    """The engine's refusal, said about the request: llama-server words a bad response_format schema as "Unable to
+    generate parser for this template. Automatic parser generation failed: JSON schema error at #/…: …"."""
+    m = e.message or ""
+    i = m.find("JSON schema error")
+    if i >= 0:
+        return f"response_format.json_schema is not a usable JSON schema: {m[i:]}"
+    return m
+
+
+def _code(e: EngineRejected) -> str:
+    """A proper OpenAI-style `code` for an engine's refusal (llama-server puts the HTTP status there)."""
+    m = (e.message or "").lower()
+    if "context" in m and ("exceed" in m or "too long" in m):
+        return "context_length_exceeded"
+    if "json schema" in m or "json_schema" in m:
+        return "invalid_json_schema"
+    if "grammar" in m:
+        return "invalid_grammar"
+    return "invalid_request" if e.status < 500 else "engine_error"
+
+
+class _Progress:
+    """A stream's prefill as the engine reports it (llama-server's `prompt_progress`: total, cache, processed,
+    time_ms — tools/server/server-task.cpp, result_prompt_progress), turned into the SSE comment the client gets:
+    `: progress {"stage": "prompt", "processed": N, "total": T, "cached": C, "tokens_per_s": R, "eta_s": E}`, or
+    `: queued` / `: keepalive` before anything is known."""
+
+    def __init__(self, prefill_tps: float | None):
+        self.prefill_tps = prefill_tps
+        self.p: dict | None = None
+
+    def update(self, p: dict) -> bool:
+        if not isinstance(p, dict) or not isinstance(p.get("total"), int):
+            return False
+        self.p = p
+        self.t = time.monotonic()
+        return True
+
+    def comment(self, running: bool) -> bytes:
+        if not running:
+            return b": queued\n\n"
+        p = self.p
+        if p is None:
+            return b": keepalive\n\n"
+        total, cached, done = p["total"], p.get("cache", 0), p.get("processed", 0)
+        secs = (p.get("time_ms") or 0) / 1000
+        measured = (done - cached) / secs if secs > 0 and done > cached else None
+        rate = measured or self.prefill_tps  # before the engine's first batch: the plan's predicted speed
+        # the rest at that rate, counted down from the engine's last report (it reports once per batch)
+        eta = (total - done) / rate - (time.monotonic() - self.t) if rate else None
+        eta = round(eta, 1) if eta is not None and (eta > 0 or done >= total) else None  # None: overdue
+        eta = max(eta, 0.0) + 0.0 if eta is not None else None  # no -0.0
+        out = {"stage": "prompt", "processed": done, "total": total, "cached": cached,
+               "tokens_per_s": round(measured, 1) if measured else None, "eta_s": eta}
+        return b": progress " + orjson.dumps(out) + b"\n\n"
 
 
 class _Clock:
