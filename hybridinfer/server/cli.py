@@ -25,6 +25,12 @@ def cmd_serve(args) -> int:
 
     api_key = _check_serve_args(args)
     plan, model, engine = _plan_to_serve(args)
+    if plan.prompt_cache_dir:
+        try:
+            os.makedirs(plan.prompt_cache_dir, exist_ok=True)
+        except OSError as e:
+            raise HybridError(f"the prompt cache directory {plan.prompt_cache_dir} cannot be made: {e.strerror}",
+                              "give --prompt-cache-dir a directory you can write, or drop it") from None
     demo = not args.gguf and not args.plan
     settings = _settings(args, plan, model, engine, demo)
     alias = settings.model_id
@@ -84,7 +90,9 @@ def _settings(args, plan, model, engine, demo: bool):
     think = model.opens_think or engine.starts_in_think(plan)
     return Settings(model_id=alias, ctx_per_slot=plan.ctx // plan.parallel, parallel=plan.parallel, queue=args.queue,
                     starts_in_think=think, reasoning_model=think, request_timeout=args.request_timeout,
-                    cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20)
+                    cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20,
+                    prompt_cache_dir=plan.prompt_cache_dir, prompt_cache_bytes=plan.prompt_cache_bytes,
+                    kv_bytes_per_token=engine.kv_bytes_per_token(model, plan.kv_type))
 
 
 def _run_server(args, settings, running, api_key: str | None) -> None:

@@ -40,6 +40,9 @@ class Settings:
     reasoning_model: bool = False  # apply R1 sampling defaults
     request_timeout: float = 600.0
     cache_ram_mib: int | None = None  # the engine's prompt cache in RAM (reported by /health)
+    prompt_cache_dir: str = ""  # the prompt cache on disk: its keyed directory (plan.prompt_cache_dir), "" = none
+    prompt_cache_bytes: int = 0  # its cap
+    kv_bytes_per_token: int = 0  # a saved state's size per token (the free-disk check before a save)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -71,8 +74,9 @@ class _Ticket:
         self.t_admit = time.perf_counter()
         self.running = False
         self.released = False
+        self.engine_slot = None  # the engine slot prompt_cache.py chose
 
-    async def slot(self) -> None:
+    async def slot(self, body: dict | None = None) -> None:
         await self.serving.slots.acquire()  # cancellable: a client that leaves drops its queue entry
         if self.released:  # released while waiting (cannot happen today, but never leak a slot)
             self.serving.slots.release()
@@ -80,6 +84,9 @@ class _Ticket:
         self.running = True
         self.serving.running += 1
         self.serving.metrics.queue_wait.observe(time.perf_counter() - self.t_admit)
+        cache = self.serving.prompt_cache
+        if cache and body is not None and "messages" in body:  # its engine slot, its state restored (prompt_cache.py)
+            self.engine_slot = await cache.enter(body)
 
     def release(self) -> None:
         if self.released:
@@ -90,6 +97,8 @@ class _Ticket:
         if self.running:
             s.running -= 1
             s.slots.release()
+        if self.engine_slot is not None:
+            s.prompt_cache.leave(self.engine_slot)
 
 
 class Stream:
@@ -117,6 +126,13 @@ class Serving:
         self.admitted = 0  # queued + running: the one count admission decides on
         self.running = 0
         self.metrics = metrics or ServerMetrics(self.live)
+        from .prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache.create(settings, engine)
+        if self.prompt_cache:
+            self.metrics.watch_prompt_cache(self.prompt_cache.report)
+            if self.prompt_cache.store and hasattr(engine, "before_stop"):
+                engine.before_stop.append(self.prompt_cache.save_all)  # saved at shutdown, before the engine stops
 
     def live(self) -> tuple[str, int, int, int]:
         return self.engine.state, self.engine.restarts, self.running, self.admitted - self.running
@@ -132,6 +148,8 @@ class Serving:
                 "engine_restarts": self.engine.restarts, "in_flight": self.running,
                 "queued": self.admitted - self.running, "slots": self.s.parallel, "queue": self.s.queue,
                 "ctx_per_slot": self.s.ctx_per_slot, "cache_ram_mib": self.s.cache_ram_mib}
+        if self.prompt_cache:
+            body["prompt_cache"] = self.prompt_cache.report()
         return (200 if st == "ready" else 503), body
 
     async def engine_metrics(self) -> str:
@@ -246,7 +264,7 @@ class Serving:
             return ticket
         status, usage = 500, None
         try:
-            await ticket.slot()
+            await ticket.slot(body)
             t_engine = time.perf_counter()
             try:
                 data = await self.engine.complete(path, body)
@@ -312,7 +330,7 @@ class Serving:
             self.metrics.request_done(endpoint, state["status"], state["usage"])
 
         try:
-            await ticket.slot()
+            await ticket.slot(body)
             it = aiter(self.engine.stream(path, body))
             try:
                 first = await anext(it)
