@@ -36,7 +36,7 @@ def _cached(answer: dict) -> int:
 
 
 def _serve(tmp_path, cache_dir, *extra):
-    return Served(["--engine", "llama.cpp", "--prompt-cache-dir", str(cache_dir), *extra], tmp_path)
+    return Served(["--engine", os.environ.get("HYBRIDINFER_TEST_ENGINE", "llama.cpp"), "--prompt-cache-dir", str(cache_dir), *extra], tmp_path)
 
 
 def _health(s) -> dict:
