@@ -222,3 +222,32 @@ def test_plan_shows_the_disk_cache(tmp_path):
     assert any(x["topic"] == "prompt-cache-disk" for x in plan["reasons"])
     r = run_cli("plan", "--engine", "llama-cpp-python", "--prompt-cache-dir", str(tmp_path / "pc"))
     assert "--prompt-cache-dir is ignored" in r.stdout + r.stderr or r.returncode != 0
+
+
+def _fake_state(store: DiskStore, name: str, size: int, chain: list[str]) -> None:
+    import struct
+
+    tmp = store.tmp_name()
+    with open(os.path.join(store.dir, tmp), "wb") as f:
+        f.write(struct.pack("<III", 0x67677371, 3, 5) + b"\0" * (size - 12))
+    store.commit(tmp, name, chain, 5)
+
+
+def test_lru_cap_removes_other_keys_then_least_recently_used(tmp_path):
+    import time as _t
+
+    old = DiskStore(str(tmp_path / "pc" / "ctx2048-f16-old"), 10_000, Stats())
+    _fake_state(old, "stale", 3000, ["s"])
+    store = DiskStore(str(tmp_path / "pc" / "ctx4096-f16-new"), 10_000, Stats())
+    _fake_state(store, "a", 3000, ["a"])
+    _t.sleep(0.02)
+    _fake_state(store, "b", 3000, ["b"])
+    assert set(store.entries()) == {"a", "b"} and set(old.entries()) == {"stale"}
+    _t.sleep(0.02)
+    store.touch("a")  # a restore: a is now the most recently used
+    _fake_state(store, "c", 3000, ["c"])  # 12,000 > cap: the other key's state goes first
+    assert set(old.entries()) == set() and set(store.entries()) == {"a", "b", "c"}
+    _fake_state(store, "d", 3000, ["d"])  # then the least recently used: b
+    assert set(store.entries()) == {"a", "c", "d"}
+    assert store.lookup(message_chain([SYSTEM])) == (None, 0)
+    assert store.check("a")["n_tokens"] == 5
