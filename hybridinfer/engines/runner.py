@@ -101,10 +101,15 @@ class ServerRunner(RunningBase):
     async def metrics_text(self) -> str:
         return await self.client.metrics_text()
 
+    @property
+    def takes_slot_ids(self) -> bool:
+        """Whether requests may name their slot (`id_slot`) and slots be saved and restored: llama-server's family."""
+        return bool(getattr(self.dialect.engine, "saves_slots", False))
+
     async def slot_action(self, slot: int, action: str, filename: str) -> dict:
         """llama-server's POST /slots/{id}?action=save|restore (files in its --slot-save-path): the prompt cache on
         disk (server/prompt_cache.py). Only the llama-server family has it (`Engine.saves_slots`)."""
-        if not getattr(self.dialect.engine, "saves_slots", False):
+        if not self.takes_slot_ids:
             raise EngineRejected(501, f"{self.dialect.engine.name} has no slot save/restore")
         return await self.client.post(f"/slots/{slot}?action={action}", {"filename": filename},
                                       timeout=self.settings.request_timeout)

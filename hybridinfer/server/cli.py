@@ -147,6 +147,9 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
     print(f"  engine: {shell(running.command())}")
     for note in running.notes:
         print(f"  note:   {note}")
+    if plan.prompt_cache_dir:
+        print(f"  cache:  conversations' KV states saved in {plan.prompt_cache_dir} (at most "
+              f"{plan.prompt_cache_bytes / 2**30:.2f} GiB) and restored when they return")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     print(f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "

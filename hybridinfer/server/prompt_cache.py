@@ -314,7 +314,7 @@ class PromptCache:
     @classmethod
     def create(cls, settings, engine) -> "PromptCache | None":
         """For an engine that takes `id_slot` and saves slots (llama-server's family), else None."""
-        if not getattr(engine, "slot_action", None):
+        if not getattr(engine, "takes_slot_ids", False):
             return None
         stats = Stats()
         store = None
