@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=6000, help="the conversation's length at its last turn (default: 6000)")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--interleaved-tokens", type=int, help="tokens per turn of the interleaved conversations "
+                    "(default: --tokens / --turns)")
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--skip", default="", help="phases to skip: comma-separated of warm,disk,nocache,interleaved")
     ap.add_argument("--out", help="JSON file (default: benchmarks/results/long_context-<cpu kind>.json)")
@@ -171,7 +173,8 @@ def main() -> int:
     s = Serve(base, log)
     plan_line = next((ln for ln in log.read_text().splitlines() if ln.strip().startswith("plan:")), "")
     texts = user_texts(s, a.turns, a.tokens // a.turns, seed=1)
-    other = {n: user_texts(s, 2, a.tokens // a.turns, seed=10 + i) for i, n in enumerate("ABCD")}
+    per_turn = a.interleaved_tokens or a.tokens // a.turns
+    other = {n: user_texts(s, 2, per_turn, seed=10 + i) for i, n in enumerate("ABCD")}
     s.stop()
     skip = set(filter(None, a.skip.split(",")))
     res: dict = {}
@@ -200,6 +203,7 @@ def main() -> int:
            "machine": {"host": platform.node(), "cpu": hw.cpu.model, "isa": hw.cpu.isa, "kind": cpu_kind(hw),
                        "physical_cores": hw.cpu.physical_cores},
            "config": {"model": gguf, "tokens": a.tokens, "turns": a.turns, "max_tokens": a.max_tokens,
+                      "interleaved_tokens_per_turn": per_turn,
                       "engine": a.engine, "plan": plan_line.strip()},
            "seconds": round(time.perf_counter() - t0, 1), "summary": summary, **res}
     out = Path(a.out) if a.out else HERE / "results" / f"long_context-{cpu_kind(hw)}.json"

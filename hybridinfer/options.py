@@ -42,8 +42,8 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--load-mode", default="auto", choices=list(LOAD_MODES),
                    help="weights mapped (mmap) or read into RAM (default: auto = RAM when experts stay on the CPU beside a GPU)")
     p.add_argument("--prompt-cache-dir", metavar="DIR", help="keep conversations' KV states in DIR across restarts: "
-                   "saved when a slot is reused and at shutdown, restored when the conversation returns (llama.cpp and "
-                   "ik_llama.cpp; default: none)")
+                   "saved when a slot is reused and at shutdown, restored when the conversation returns (engines that save "
+                   "slots; default: none)")
     p.add_argument("--prompt-cache-gb", type=float, metavar="GB", help="most the prompt cache on disk may hold, least "
                    "recently used states removed first (default: 20, cut to the free disk)")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)

@@ -569,8 +569,9 @@ def _prompt_cache_disk(model: ModelInfo, opts: PlanOptions, engine: Engine, kv: 
     if not opts.prompt_cache_dir:
         return _Disk()
     if not engine.saves_slots:
-        return _Disk(warnings=[f"{engine.name} cannot save a slot's KV state to disk: --prompt-cache-dir is ignored "
-                               "(llama.cpp and ik_llama.cpp can)"])
+        able = [e.name for e in engines.REGISTRY.values() if e.saves_slots]
+        return _Disk(warnings=[f"{engine.name} cannot save a slot's KV state to disk: --prompt-cache-dir is ignored"
+                               + (f" ({' and '.join(able)} can)" if able else "")])
     from .diskcache import cache_key, disk_free
 
     per_slot = kv.ctx // max(1, opts.parallel)
