@@ -37,6 +37,13 @@ TABLE: tuple[Metric, ...] = (
     Metric("engine_up", "bool", "1 when the engine answers, 0 while it loads or restarts"),
     Metric("engine_restarts", "restarts", "times the engine was restarted after dying while serving"),
     Metric("cache_ram_bytes", "bytes", "RAM the engine may use to keep prompt prefixes (its --cache-ram, as planned)"),
+    Metric("prompt_cache_restores", "restores", "conversations whose KV state was restored from the prompt cache on disk"),
+    Metric("prompt_cache_restored_tokens", "tokens", "tokens restored from the prompt cache on disk (not prefilled)"),
+    Metric("prompt_cache_saves", "saves", "KV states saved to the prompt cache on disk (slot reused, or shutdown)"),
+    Metric("prompt_cache_skipped", "saves", "saves skipped: over the cap, disk full, or the engine could not write"),
+    Metric("prompt_cache_rejected", "states", "saved states removed instead of restored (partial, corrupt, refused)"),
+    Metric("prompt_cache_disk_bytes", "bytes", "bytes of saved KV states on disk for this model, build and context"),
+    Metric("slot_affinity_hits", "requests", "chat requests sent to the free slot already holding their conversation"),
 )
 BY_NAME = {m.name: m for m in TABLE}
 
@@ -79,6 +86,10 @@ class ServerMetrics:
         if state is not None:
             r.register(_Live(state))
 
+    def watch_prompt_cache(self, report) -> None:
+        """The prompt cache's figures (server/prompt_cache.py `report`), read at scrape time."""
+        self.registry.register(_PromptCache(report))
+
     def request_done(self, endpoint: str, status: int, usage: dict | None = None) -> None:
         self.requests.labels(endpoint, str(status)).inc()
         usage = usage or {}
@@ -106,3 +117,24 @@ class _Live:
         yield CounterMetricFamily(prom("engine_restarts"), _help("engine_restarts"), value=restarts)
         yield GaugeMetricFamily(prom("requests_in_flight"), _help("requests_in_flight"), value=in_flight)
         yield GaugeMetricFamily(prom("requests_queued"), _help("requests_queued"), value=queued)
+
+
+class _PromptCache:
+    """The prompt cache on disk and slot affinity, from its report at scrape time."""
+
+    COUNTERS = {"prompt_cache_restores": "restores", "prompt_cache_restored_tokens": "restored_tokens",
+                "prompt_cache_saves": "saves", "prompt_cache_skipped": "skipped", "prompt_cache_rejected": "rejected",
+                "slot_affinity_hits": "slot_hits"}
+
+    def __init__(self, report):
+        self.report = report
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        r = self.report()
+        for name, key in self.COUNTERS.items():
+            if key in r:
+                yield CounterMetricFamily(prom(name), _help(name), value=r[key])
+        if "disk_bytes" in r:
+            yield GaugeMetricFamily(prom("prompt_cache_disk_bytes"), _help("prompt_cache_disk_bytes"), value=r["disk_bytes"])

@@ -18,7 +18,8 @@ from .probe import HardwareProfile, load_profile, probe
 # Plan options and their defaults; `serve --plan FILE` refuses any of them set (the plan already fixed them).
 PLAN_DEFAULTS = {"gguf": None, "hardware": None, "rules": None, "engine": engines.AUTO, "ctx": None, "parallel": 1,
                  "kv_type": "f16", "threads": None, "no_stream": False, **{o.key: None for o in engines.options()},
-                 "rpc": None, "cache_ram": None, "batch": None, "ubatch": None, "load_mode": "auto"}
+                 "rpc": None, "cache_ram": None, "batch": None, "ubatch": None, "load_mode": "auto",
+                 "prompt_cache_dir": None, "prompt_cache_gb": None}
 
 
 def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
@@ -40,6 +41,11 @@ def add_plan_args(p: argparse.ArgumentParser, saved_plan: bool = False) -> None:
     p.add_argument("--ubatch", type=int, metavar="N", help="engine physical batch for prefill (default: the engine's)")
     p.add_argument("--load-mode", default="auto", choices=list(LOAD_MODES),
                    help="weights mapped (mmap) or read into RAM (default: auto = RAM when experts stay on the CPU beside a GPU)")
+    p.add_argument("--prompt-cache-dir", metavar="DIR", help="keep conversations' KV states in DIR across restarts: "
+                   "saved when a slot is reused and at shutdown, restored when the conversation returns (engines that save "
+                   "slots; default: none)")
+    p.add_argument("--prompt-cache-gb", type=float, metavar="GB", help="most the prompt cache on disk may hold, least "
+                   "recently used states removed first (default: 20, cut to the free disk)")
     engines.add_plan_args(p)  # options engines bring (e.g. the model folder some engines need beside the GGUF)
     p.add_argument("--no-calibrate", action="store_true", help="do not measure this box on first use: predict its "
                    "speed from the published-figure model instead (the plan says so)")
@@ -54,7 +60,9 @@ def plan_options(args, serving: bool = False) -> PlanOptions:
     return PlanOptions(rules=args.rules, engine=args.engine, ctx=args.ctx, parallel=args.parallel,
                        kv_type=args.kv_type, threads=args.threads, allow_streaming=not args.no_stream, serving=serving,
                        engine_options=engines.options_from_args(args), cache_ram_mib=getattr(args, "cache_ram", None),
-                       batch=args.batch, ubatch=args.ubatch, load_mode=args.load_mode)
+                       batch=args.batch, ubatch=args.ubatch, load_mode=args.load_mode,
+                       prompt_cache_dir=getattr(args, "prompt_cache_dir", None),
+                       prompt_cache_gb=getattr(args, "prompt_cache_gb", None))
 
 
 def probe_box(measure: bool = False) -> HardwareProfile:

@@ -10,6 +10,7 @@ eligible engine is planned and the fastest unblocked one wins, each engine's ver
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 
 from . import engines, rules
@@ -27,6 +28,7 @@ LOAD_MODES = ("auto", "mmap", "ram")
 UBATCH = 512
 GPU_MARGIN = int(0.75 * GIB)  # VRAM left free for the driver and fragmentation
 MIN_RESIDENT_FOR_STREAMING = 0.20  # below this share of CPU weights in RAM, streaming is too slow to offer
+PROMPT_CACHE_GB = 20.0  # the disk prompt cache's default cap (--prompt-cache-gb), cut to the free disk at plan time
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class PlanOptions:
     batch: int | None = None  # engine logical/physical batch for prefill (None = the engine's default)
     ubatch: int | None = None
     load_mode: str = "auto"  # auto | mmap | ram (weights read into RAM rather than mapped)
+    prompt_cache_dir: str | None = None  # conversations' KV states saved here across restarts (None: not kept)
+    prompt_cache_gb: float | None = None  # the most that directory may hold (None: PROMPT_CACHE_GB, cut to free disk)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ class Plan:
     ubatch: int = 0
     load_mode: str = "auto"
     verdicts: list[Verdict] = field(default_factory=list)  # every engine's, the chosen one first
+    # The prompt cache on disk (serve saves a conversation's KV state there and restores it after a restart):
+    # the directory of this model + engine build + context per slot + KV type (server/prompt_cache.py), and its cap.
+    prompt_cache_dir: str = ""
+    prompt_cache_bytes: int = 0
 
     def to_dict(self, placement: bool = False) -> dict:
         d = to_dict(self)
@@ -178,6 +186,9 @@ def make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions = PlanOpt
     for flag, v in (("--batch", opts.batch), ("--ubatch", opts.ubatch)):
         if v is not None and v < 1:
             raise HybridError(f"{flag} must be at least 1, not {v}", f"drop {flag} for the engine's default")
+    if opts.prompt_cache_gb is not None and not opts.prompt_cache_gb > 0:
+        raise HybridError(f"--prompt-cache-gb {opts.prompt_cache_gb:g} is not a positive size",
+                          "drop --prompt-cache-dir to keep no prompt cache on disk, or give e.g. --prompt-cache-gb 20")
     if not opts.rules and len(hw.gpus) > 1 and model.is_moe:
         return _best_multi_gpu(hw, model, opts)
     try:
@@ -553,6 +564,48 @@ def _ram_fit(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, engine: E
     return _RamFit(cpu=cpu, streaming=streaming, resident=resident, cache_ram=cache_ram, warnings=warnings, notes=notes)
 
 
+@dataclass(frozen=True)
+class _Disk:
+    """Step 3b, the prompt cache on disk: its keyed directory, its cap, what the "Why" says about it."""
+    dir: str = ""
+    cap: int = 0
+    reasons: list[Reason] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _prompt_cache_disk(model: ModelInfo, opts: PlanOptions, engine: Engine, kv: _Kv) -> _Disk:
+    """Conversations' KV states saved to disk (on slot eviction and at shutdown) and restored when their prefix
+    returns, after a restart too. The directory is keyed by what a state is only valid for — model file, engine
+    build, context per slot, KV type — so a state is never restored into another (server/prompt_cache.py)."""
+    if not opts.prompt_cache_dir:
+        return _Disk()
+    if not engine.saves_slots:
+        able = [e.name for e in engines.REGISTRY.values() if e.saves_slots]
+        return _Disk(warnings=[f"{engine.name} cannot save a slot's KV state to disk: --prompt-cache-dir is ignored"
+                               + (f" ({' and '.join(able)} can)" if able else "")])
+    from .diskcache import cache_key, disk_free
+
+    per_slot = kv.ctx // max(1, opts.parallel)
+    key = cache_key(model.paths, engine.build_fingerprint(), per_slot, opts.kv_type)
+    root = os.path.abspath(os.path.expanduser(opts.prompt_cache_dir))
+    cap = int((opts.prompt_cache_gb if opts.prompt_cache_gb is not None else PROMPT_CACHE_GB) * GIB)
+    warnings = []
+    free = disk_free(root)
+    if free is not None and free < cap:
+        cut = max(0, int(free * 0.9) // MIB * MIB)
+        warnings.append(f"prompt cache on disk cut to {cut / GIB:.2f} GiB: {root} has {free / GIB:.2f} GiB free "
+                        f"(--prompt-cache-gb asked {cap / GIB:g})")
+        cap = cut
+    full = kv.per_token * per_slot  # a full slot's state, the largest one file gets
+    states = cap // full if full else 0
+    text = (f"prompt cache on disk {cap / GIB:.2f} GiB in {root} (least recently used states go first): a "
+            f"conversation's KV state is saved when its slot is reused and at shutdown, and restored when it returns; "
+            f"{kv.per_token * 1000 / MIB:.1f} MiB per 1,000 tokens, {full / MIB:.0f} MiB for a full slot "
+            f"({states} full slot(s) fit)")
+    return _Disk(dir=os.path.join(root, key), cap=cap, reasons=[Reason("prompt-cache-disk", text, round(cap / GIB, 2))],
+                 warnings=warnings)
+
+
 def _threads(hw: HardwareProfile, opts: PlanOptions) -> tuple[int, list[str]]:
     threads = opts.threads or hw.cpu.physical_cores
     if threads <= hw.cpu.physical_cores:
@@ -631,15 +684,17 @@ def _plan_at(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rules
     threads, thread_warnings = _threads(hw, opts)
     pred = _prediction(hw, model, opts, engine, dev_of, threads, ram, kv)
     nodes = max(1, len(hw.numa_nodes))
+    disk = _prompt_cache_disk(model, opts, engine, kv)
     reasons = ([Reason("memory", n) for n in ram.notes] + _placement_reasons(hw, model, rs, dev_of, mem.kv, pred)
-               + _run_reasons(hw, model, opts, engine, threads, kv, ram.cache_ram))
+               + _run_reasons(hw, model, opts, engine, threads, kv, ram.cache_ram) + disk.reasons)
     return Plan(
         model_name=model.name, model_path=model.paths[0], arch=model.arch, hardware=hw.id, engine=engine.name,
         rules=rs.name, rules_description=rs.description, ctx=ctx, parallel=opts.parallel, kv_type=opts.kv_type,
         threads=threads, numa=engine.numa_policy(nodes).flag if nodes > 1 else "", flash_attn=opts.kv_type != "f16",
         streaming=ram.streaming, resident_fraction=round(ram.resident, 3), devices=[ram.cpu, *mem.gpus], prediction=pred,
-        reasons=reasons, warnings=list(placement.warnings) + ram.warnings + thread_warnings,
+        reasons=reasons, warnings=list(placement.warnings) + ram.warnings + thread_warnings + disk.warnings,
         n_layer=model.block_count, n_expert=model.expert_count, moe_blocks=model.moe_blocks,
         routed_types=sorted(model.groups["routed_experts"].types) if model.is_moe else [], device_of=dict(dev_of),
         batch=opts.batch or 0, ubatch=opts.ubatch or 0, load_mode=opts.load_mode,
+        prompt_cache_dir=disk.dir, prompt_cache_bytes=disk.cap,
     )

@@ -185,6 +185,7 @@ class Engine:
     gpu_runtime_bytes: int = int(0.45 * GIB)  # CUDA context, cuBLAS workspace, ...
     cpu_runtime_bytes: int = int(0.5 * GIB)  # process memory beyond its buffers (Python and torch for some)
     prompt_cache_max: int | None = None  # bytes: a prompt cache in RAM it fills up to this unless told (--cache-ram)
+    saves_slots: bool = False  # can save a slot's KV state to a file and restore it (the prompt cache on disk)
     # Whether its CPU compute buffer holds logits for a whole ubatch (the planner's `compute` figure); False: only
     # activations, ~1/4 of it.
     full_cpu_compute_buffer: bool = True
@@ -276,6 +277,10 @@ class Engine:
         this one changed: the registry's instance runs saved plans and reports probes). Default: itself, for an
         engine with nothing per box."""
         return self
+
+    def build_fingerprint(self) -> str:
+        """What identifies the installed build (a saved KV state is restored only into the build that wrote it)."""
+        return ""
 
     def flags(self, binary: str | None) -> set[str]:
         """Flags the installed build accepts (from its --help); empty when there is no binary to ask."""

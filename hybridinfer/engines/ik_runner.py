@@ -27,6 +27,14 @@ def _fix(obj: dict, limit: int | None, usage: dict | None) -> None:
                 c["finish_reason"] = "length"
 
 
+def _cached(usage: dict | None, timings: dict) -> None:
+    """ik's usage has no prompt_tokens_details; its timings say how many prompt tokens it computed (prompt_n), the
+    rest it reused from the slot's cache (a warm or restored prefix)."""
+    if usage and "prompt_tokens_details" not in usage and isinstance(timings.get("prompt_n"), int) \
+            and usage.get("prompt_tokens") is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": max(0, usage["prompt_tokens"] - timings["prompt_n"])}
+
+
 class IkDialect(Dialect):
     # ik_llama.cpp's server sends no prefill progress (examples/server/server-task.cpp has it commented out, in
     # ik_llama-cpp-python 0.1.5's tree): serve's keepalive comments carry the plan's estimate instead.
@@ -44,7 +52,10 @@ class IkDialect(Dialect):
     async def chunks(self, client, path: str, body: dict, events):
         limit = _limit(body) if path.endswith("chat/completions") else None
         held = None  # the finishing chunk, until the usage that tells a cut from a stop arrives
+        timings: dict = {}
         async for chunk in events:
+            timings = chunk.get("timings") or timings
+            _cached(chunk.get("usage"), timings)
             if chunk.get("usage") and any(not c.get("finish_reason") for c in chunk.get("choices") or []):
                 # ik repeats the running usage on every chunk; OpenAI (and our assembler, which sums the usage of
                 # each prompt of a multi-prompt request) expects it once, at the end

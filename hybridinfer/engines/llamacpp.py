@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import subprocess
 from typing import TYPE_CHECKING
@@ -168,6 +169,28 @@ class LlamaCpp(Engine):
         # (older, or a fork) has no such cache to plan.
         return 8 * 2**30 if self.has_flag(self.binary(), "--cache-ram") else None
 
+    @property
+    def saves_slots(self) -> bool:
+        # POST /slots/{id}?action=save|restore with --slot-save-path (tools/server/server-context.cpp,
+        # SERVER_TASK_TYPE_SLOT_SAVE/RESTORE; ik_llama.cpp examples/server/server-context.cpp alike).
+        return self.has_flag(self.binary(), "--slot-save-path")
+
+    def build_fingerprint(self) -> str:
+        """The server binary and the libraries beside it (libllama, libggml*): path, size, modification time."""
+        from ..diskcache import file_fingerprint
+
+        binary = self.binary()
+        if not binary:
+            return "none"
+        real = os.path.realpath(binary)
+        files = [real]
+        for d in {os.path.dirname(real), os.path.join(os.path.dirname(real), "..", "lib")}:
+            try:
+                files += [os.path.join(d, f) for f in os.listdir(d) if f.startswith("lib") and ".so" in f]
+            except OSError:
+                pass
+        return f"{self.name}:{file_fingerprint(files)}"
+
     def has_flag(self, binary: str | None, flag: str) -> bool:
         # No binary to ask (planning where none is installed): write the current flag set.
         return not binary or flag in self.flags(binary)
@@ -213,6 +236,8 @@ class LlamaCpp(Engine):
         cache_mib = (plan.compiled or {}).get("cache_ram_mib")
         if cache_mib is not None and self.has_flag(binary, "--cache-ram"):
             cmd += ["--cache-ram", str(cache_mib)]
+        if plan.prompt_cache_dir and self.has_flag(binary, "--slot-save-path"):
+            cmd += ["--slot-save-path", plan.prompt_cache_dir + os.sep]  # serve creates it before the engine starts
         return cmd
 
     def kv_args(self, plan: "Plan", binary: str | None) -> list[str]:

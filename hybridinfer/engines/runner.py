@@ -4,15 +4,18 @@ plan.command plus the engine's runtime flags, on a private Unix socket or loopba
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from ..errors import HybridError
-from .base import RunningBase, RunSettings
+from .base import EngineRejected, RunningBase, RunSettings
 from .client import EngineClient
 from .sockdir import free_port, new_sockdir
 from .supervisor import Supervisor
+
+log = logging.getLogger("hybridinfer.engine")
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -42,6 +45,7 @@ class ServerRunner(RunningBase):
         self.client = EngineClient(dialect, self.sock, self.port, settings.request_timeout, settings.max_connections)
         self.supervisor = Supervisor(self, plan, settings, restart)
         self._ready = self.supervisor.ready
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []  # awaited, in order, while the engine still runs
 
     # --- what the server reads (the supervisor keeps it) ---------------------------------------------------
     @property
@@ -76,6 +80,8 @@ class ServerRunner(RunningBase):
         return [self.binary] + cmd[1:]
 
     def before_start(self) -> None:
+        if self.plan.prompt_cache_dir:  # --slot-save-path must name an existing directory (serve checked it can)
+            os.makedirs(self.plan.prompt_cache_dir, exist_ok=True)
         if self.sock and os.path.exists(self.sock):
             os.unlink(self.sock)  # left by a crashed engine
 
@@ -103,12 +109,31 @@ class ServerRunner(RunningBase):
     async def metrics_text(self) -> str:
         return await self.client.metrics_text()
 
+    @property
+    def takes_slot_ids(self) -> bool:
+        """Whether requests may name their slot (`id_slot`) and slots be saved and restored: llama-server's family."""
+        return bool(getattr(self.dialect.engine, "saves_slots", False))
+
+    async def slot_action(self, slot: int, action: str, filename: str) -> dict:
+        """llama-server's POST /slots/{id}?action=save|restore (files in its --slot-save-path): the prompt cache on
+        disk (server/prompt_cache.py). Only the llama-server family has it (`Engine.saves_slots`)."""
+        if not self.takes_slot_ids:
+            raise EngineRejected(501, f"{self.dialect.engine.name} has no slot save/restore")
+        return await self.client.post(f"/slots/{slot}?action={action}", {"filename": filename},
+                                      timeout=self.settings.request_timeout)
+
     # --- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         self.client.open()
         await self.supervisor.start()
 
     async def stop(self, timeout: float = 10.0) -> None:
+        for hook in self.before_stop:  # e.g. the prompt cache saving its slots while the engine still runs
+            if self.state == "ready":
+                try:
+                    await hook()
+                except Exception as e:  # noqa: BLE001 — stopping goes on whatever a hook does
+                    log.warning("before stopping the engine: %s", e)
         await self.supervisor.stop(timeout)
         await self.client.close()
         if self._sockdir:

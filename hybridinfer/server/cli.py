@@ -27,6 +27,12 @@ def cmd_serve(args) -> int:
     plan, model, engine = _plan_to_serve(args)
     if args.request_timeout is None:
         args.request_timeout = default_request_timeout(plan)
+    if plan.prompt_cache_dir:
+        try:
+            os.makedirs(plan.prompt_cache_dir, exist_ok=True)
+        except OSError as e:
+            raise HybridError(f"the prompt cache directory {plan.prompt_cache_dir} cannot be made: {e.strerror}",
+                              "give --prompt-cache-dir a directory you can write, or drop it") from None
     demo = not args.gguf and not args.plan
     settings = _settings(args, plan, model, engine, demo)
     alias = settings.model_id
@@ -100,6 +106,8 @@ def _settings(args, plan, model, engine, demo: bool):
                     request_timeout=args.request_timeout,
                     keepalive_s=args.keepalive, prefill_tps=plan.prediction.prefill_tps or None,
                     cache_ram_mib=None if engine.prompt_cache_max is None else plan.devices[0].prompt_cache // 2**20,
+                    prompt_cache_dir=plan.prompt_cache_dir, prompt_cache_bytes=plan.prompt_cache_bytes,
+                    kv_bytes_per_token=engine.kv_bytes_per_token(model, plan.kv_type),
                     chat_template=model.has_chat_template,
                     chat_note="" if model.has_chat_template else base_model_note(engine))
 
@@ -198,6 +206,9 @@ def _banner(args, plan, model, engine, running, alias, api_key, demo) -> None:
         print(f"  note:   {note}")
     if not model.has_chat_template:
         print(f"  note:   {base_model_note(engine)}")
+    if plan.prompt_cache_dir:
+        print(f"  cache:  conversations' KV states saved in {plan.prompt_cache_dir} (at most "
+              f"{plan.prompt_cache_bytes / 2**30:.2f} GiB) and restored when they return")
     print(f"  API:    {url}/v1   (model id '{alias}'; health {url}/health, metrics {url}/metrics)")
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     if model.has_chat_template:

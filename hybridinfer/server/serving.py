@@ -45,6 +45,9 @@ class Settings:
     chat_note: str = ""
     keepalive_s: float = 2.0  # a streamed answer's longest silence: an SSE comment (keepalive or progress) after it
     prefill_tps: float | None = None  # the plan's predicted prompt speed (the ETA before the engine reports one)
+    prompt_cache_dir: str = ""  # the prompt cache on disk: its keyed directory (plan.prompt_cache_dir), "" = none
+    prompt_cache_bytes: int = 0  # its cap
+    kv_bytes_per_token: int = 0  # a saved state's size per token (the free-disk check before a save)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -76,8 +79,9 @@ class _Ticket:
         self.t_admit = time.perf_counter()
         self.running = False
         self.released = False
+        self.engine_slot = None  # the engine slot prompt_cache.py chose
 
-    async def slot(self) -> None:
+    async def slot(self, body: dict | None = None) -> None:
         await self.serving.slots.acquire()  # cancellable: a client that leaves drops its queue entry
         if self.released:  # released while waiting (cannot happen today, but never leak a slot)
             self.serving.slots.release()
@@ -85,6 +89,9 @@ class _Ticket:
         self.running = True
         self.serving.running += 1
         self.serving.metrics.queue_wait.observe(time.perf_counter() - self.t_admit)
+        cache = self.serving.prompt_cache
+        if cache and body is not None and "messages" in body:  # its engine slot, its state restored (prompt_cache.py)
+            self.engine_slot = await cache.enter(body)
 
     def release(self) -> None:
         if self.released:
@@ -95,6 +102,8 @@ class _Ticket:
         if self.running:
             s.running -= 1
             s.slots.release()
+        if self.engine_slot is not None:
+            s.prompt_cache.leave(self.engine_slot)
 
 
 class Stream:
@@ -126,6 +135,13 @@ class Serving:
         self.jobs: dict[asyncio.Task, _Ticket] = {}  # each admitted request's engine work
         self.shut: set[asyncio.Task] = set()  # jobs ended by the shutdown (their client gets 503 / an error event)
         self.engine_status: dict = {}  # what the engine itself reports doing (its /metrics), kept by poll_engine
+        from .prompt_cache import PromptCache
+
+        self.prompt_cache = PromptCache.create(settings, engine)
+        if self.prompt_cache:
+            self.metrics.watch_prompt_cache(self.prompt_cache.report)
+            if self.prompt_cache.store and hasattr(engine, "before_stop"):
+                engine.before_stop.append(self.prompt_cache.save_all)  # saved at shutdown, before the engine stops
 
     def live(self) -> tuple[str, int, int, int]:
         return self.engine.state, self.engine.restarts, self.running, self.admitted - self.running
@@ -146,6 +162,8 @@ class Serving:
                 "queued": self.admitted - self.running, "slots": self.s.parallel, "queue": self.s.queue,
                 "ctx_per_slot": self.s.ctx_per_slot, "cache_ram_mib": self.s.cache_ram_mib,
                 "request_timeout_s": self.s.request_timeout, **await self._engine_processing(st)}
+        if self.prompt_cache:
+            body["prompt_cache"] = self.prompt_cache.report()
         return (200 if status == "ok" else 503), body
 
     async def _engine_processing(self, st: str) -> dict:
@@ -368,7 +386,7 @@ class Serving:
             self.metrics.request_done(endpoint, status, usage)
 
     async def _once_work(self, ticket: _Ticket, path: str, body: dict, split: bool | None):
-        await ticket.slot()
+        await ticket.slot(body)
         t_engine = time.perf_counter()
         try:
             data = await self.engine.complete(path, body)
@@ -441,7 +459,7 @@ class Serving:
         """The engine's side of a stream, as its own task: wait for a slot, then put each engine chunk on `q`,
         then ("end", None); a refusal or failure as ("error", e); a shutdown as ("shutdown", None)."""
         try:
-            await ticket.slot()
+            await ticket.slot(body)
             gen = self.engine.stream(path, self.engine_body(body))
             try:
                 async for chunk in gen:

@@ -1,0 +1,449 @@
+"""The prompt cache that survives restarts, and conversations finding their slot.
+
+A chat's KV state lives in an engine slot. With `--parallel N` hybridinfer picks the slot of every chat request
+itself (`id_slot` in the request, which llama-server and ik_llama.cpp's server honour: tools/server/
+server-context.cpp `task.id_slot = json_value(data, "id_slot", -1)`, examples/server/server-context.cpp alike):
+the free slot already holding the longest prefix of the conversation, so interleaved conversations do not
+overwrite each other's prefix while a slot holding it is free. With `--prompt-cache-dir`, a slot about to be
+given to another conversation is first saved to disk (`POST /slots/{id}?action=save`), every slot is saved at
+shutdown, and a conversation whose prefix is on disk is restored into its slot (`?action=restore`) before its
+request runs — after a restart too. The engine then reuses the restored tokens as it reuses a warm slot's
+(`timings.cache_n`, `usage.prompt_tokens_details.cached_tokens`): only the new turn is prefilled.
+
+Conversations are recognised by their messages: a chain of hashes, one per message prefix. A saved state is named
+by its conversation's chain and matched by the longest common chain prefix that includes a user message; the
+engine itself then compares tokens, so a state that matches less than hoped costs nothing but its read.
+
+On disk (`plan.prompt_cache_dir`, a directory keyed by model, engine build, context per slot and KV type —
+diskcache.py): `<chain>.slot`, the engine's file (magic 'ggsq', version, the tokens, the KV cells), and
+`<chain>.json`, its metadata (chain, tokens, bytes). The engine writes a temporary `tmp-<pid>-<random>.slot`;
+hybridinfer renames it and then its metadata into place under an exclusive lock on `<root>/.lock` (fcntl), so a
+crash mid-write leaves only a temporary file (removed at the next start once its process is gone) and two `serve`
+processes sharing the directory never see half a state. Before a restore: the metadata, the file's size, its
+header and token count are checked (anything else is removed and the request prefilled); the engine checks the
+shape (layers, K/V types and rows). The directory tree holds at most the cap: least recently used states go first,
+states of other keys (another model, build, context) before any of this one's. A save that does not fit (cap or
+free disk) or fails (read-only directory, full disk) is skipped and said once in the log and in /health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+
+from ..diskcache import disk_free
+from ..engines.base import EngineFailed, EngineRejected
+
+log = logging.getLogger("hybridinfer.server")
+MAGIC = 0x67677371  # 'ggsq': LLAMA_STATE_SEQ_MAGIC (include/llama.h), the first u32 of a slot file
+FREE_MARGIN = 256 * 2**20  # disk left free beyond a state's own bytes
+
+
+def message_chain(messages) -> list[str]:
+    """One hash per message prefix: chain[k] identifies messages[:k+1] (role and text)."""
+    out, h = [], hashlib.sha256()
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", "")
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", "")
+        if not isinstance(content, str):  # parts: their text
+            content = "".join((p.get("text") if isinstance(p, dict) else getattr(p, "text", "")) or "" for p in content or [])
+        h.update(f"\x00{role}\x01".encode() + (content or "").encode())
+        out.append(h.copy().hexdigest()[:32])
+    return out
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    """How many leading messages two chains share (hashes are cumulative: equal at k means equal up to k)."""
+    n = min(len(a), len(b))
+    while n and a[n - 1] != b[n - 1]:
+        n -= 1
+    return n
+
+
+def _first_user(messages) -> int:
+    for i, m in enumerate(messages):
+        if (m.get("role") if isinstance(m, dict) else getattr(m, "role", "")) == "user":
+            return i
+    return len(messages)
+
+
+@dataclass
+class Slot:
+    id: int
+    chain: list[str] = field(default_factory=list)  # the conversation (messages sent) whose state it holds
+    busy: bool = False
+    dirty: bool = False  # holds a state not on disk
+    last_used: float = 0.0
+    tokens_guess: int = 0  # about how many tokens it holds (for the free-disk check before a save)
+    pending: list[str] = field(default_factory=list)  # the chain of the request running in it
+
+
+@dataclass
+class Stats:
+    restores: int = 0  # conversations restored from disk into a slot
+    restored_tokens: int = 0
+    slot_hits: int = 0  # conversations that found their prefix in a free slot
+    saves: int = 0
+    saved_bytes: int = 0
+    skipped: int = 0  # saves skipped: cap, free disk, or the engine could not write
+    rejected: int = 0  # states removed instead of restored (corrupt, partial, refused by the engine)
+    last_problem: str = ""
+
+
+def _read_header(path: str) -> tuple[int, int, int] | None:
+    """(magic, version, token count) of a slot file (llama-context.cpp state_seq_save_file writes them first)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(12)
+    except OSError:
+        return None
+    return struct.unpack("<III", raw) if len(raw) == 12 else None
+
+
+class DiskStore:
+    """The saved states of one key directory, and the cap over the whole prompt cache directory."""
+
+    def __init__(self, keydir: str, cap: int, stats: Stats):
+        self.dir = keydir.rstrip(os.sep)
+        self.root = os.path.dirname(self.dir)
+        self.cap = cap
+        self.stats = stats
+        os.makedirs(self.dir, exist_ok=True)
+        self.writable = os.access(self.dir, os.W_OK)
+        self._said: set[str] = set()
+        with self.locked():
+            self._clean()
+
+    @contextlib.contextmanager
+    def locked(self):
+        """An exclusive lock over the directory tree, for renames and removals (other serve processes too)."""
+        try:
+            fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only directory: nothing here will be changed
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def say(self, problem: str) -> None:
+        """A problem said once in the log (and kept for /health)."""
+        self.stats.last_problem = problem
+        kind = problem.split(":")[0]
+        if kind not in self._said:
+            self._said.add(kind)
+            log.warning("prompt cache: %s", problem)
+
+    def _clean(self) -> None:
+        """Temporary files of processes that are gone (a crash mid-save) and halves of a pair."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for n in names:
+            p = os.path.join(self.dir, n)
+            if n.startswith("tmp-"):
+                try:
+                    pid = int(n.split("-")[1])
+                    os.kill(pid, 0)
+                    continue  # its process still runs: its save is under way
+                except (ValueError, IndexError, ProcessLookupError):
+                    pass
+                except PermissionError:
+                    continue
+                _remove(p)
+            elif n.endswith(".slot") and n[:-5] + ".json" not in names:
+                _remove(p)
+            elif n.endswith(".json") and n[:-5] + ".slot" not in names:
+                _remove(p)
+
+    # --- reading ---------------------------------------------------------------------------------------
+    def entries(self) -> dict[str, dict]:
+        """name -> metadata of every complete state (re-read each time: another process may have added some)."""
+        out = {}
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return out
+        for n in names:
+            if not n.endswith(".json") or n.startswith("tmp-"):
+                continue
+            try:
+                with open(os.path.join(self.dir, n)) as f:
+                    meta = json.load(f)
+                out[n[:-5]] = meta
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def lookup(self, chain: list[str]) -> tuple[str | None, int]:
+        """The saved state sharing the longest message prefix with `chain` -> (name, messages shared)."""
+        best, k = None, 0
+        for name, meta in self.entries().items():
+            c = common_prefix(chain, meta.get("chain") or [])
+            if c > k:
+                best, k = name, c
+        return best, k
+
+    def check(self, name: str) -> dict | None:
+        """The state's metadata when its file is whole (size, header, token count); otherwise it is removed."""
+        p = os.path.join(self.dir, name + ".slot")
+        try:
+            with open(os.path.join(self.dir, name + ".json")) as f:
+                meta = json.load(f)
+            size = os.path.getsize(p)
+        except FileNotFoundError:
+            return None  # another process removed it (LRU) since the lookup: a miss
+        except (OSError, ValueError):
+            meta, size = None, -1
+        head = _read_header(p)
+        if (not meta or size != meta.get("bytes") or head is None or head[0] != MAGIC
+                or head[2] != meta.get("n_packed")):
+            self.reject(name, f"{name}.slot is partial or corrupt (size {size}, header {head}): ignored and removed")
+            return None
+        return meta
+
+    def reject(self, name: str, why: str) -> None:
+        self.stats.rejected += 1
+        self.say(f"state rejected: {why}")
+        with self.locked():
+            for ext in (".slot", ".json"):
+                _remove(os.path.join(self.dir, name + ext))
+
+    def touch(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(os.path.join(self.dir, name + ".slot"))
+
+    # --- writing ---------------------------------------------------------------------------------------
+    def room_for(self, nbytes: int) -> str:
+        """Why a state of about `nbytes` cannot be saved ("" when it can)."""
+        if not self.writable:
+            return f"not saved: {self.dir} is not writable"
+        if nbytes > self.cap:
+            return f"not saved: a state of {nbytes / 2**20:.0f} MiB is larger than the cap of {self.cap / 2**30:.2f} GiB"
+        free = disk_free(self.dir)
+        if free is not None and free < nbytes + FREE_MARGIN:
+            return f"not saved: disk full ({free / 2**20:.0f} MiB free in {self.dir}, the state needs {nbytes / 2**20:.0f})"
+        return ""
+
+    def tmp_name(self) -> str:
+        return f"tmp-{os.getpid()}-{secrets.token_hex(6)}.slot"
+
+    def commit(self, tmp: str, name: str, chain: list[str], n_tokens: int) -> int:
+        """The engine's finished temporary file -> `name`, with its metadata; then the cap. -> bytes."""
+        tp = os.path.join(self.dir, tmp)
+        size = os.path.getsize(tp)
+        if size > self.cap:
+            _remove(tp)
+            return size
+        head = _read_header(tp)
+        if head is None or head[0] != MAGIC:
+            _remove(tp)
+            raise OSError(f"the engine wrote no slot file header ({head})")
+        # n_tokens: the engine's count; the header counts the serialized token list (server_tokens::serialize)
+        meta = {"chain": chain, "n_tokens": n_tokens, "n_packed": head[2], "bytes": size, "key": os.path.basename(self.dir),
+                "saved": time.time()}
+        mt = os.path.join(self.dir, f"tmp-{os.getpid()}-{secrets.token_hex(6)}.json")
+        with open(mt, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tp, "rb") as f:
+            os.fsync(f.fileno())  # the engine's bytes on disk before the name says they are whole
+        with self.locked():
+            os.replace(tp, os.path.join(self.dir, name + ".slot"))
+            os.replace(mt, os.path.join(self.dir, name + ".json"))
+            self._evict()
+        return size
+
+    def _evict(self) -> None:
+        """Least recently used states out until the tree is under the cap; other keys' states first."""
+        files = []
+        for d, _, names in os.walk(self.root):
+            for n in names:
+                if n.endswith(".slot") and not n.startswith("tmp-"):
+                    p = os.path.join(d, n)
+                    with contextlib.suppress(OSError):
+                        st = os.stat(p)
+                        files.append((d == self.dir, st.st_mtime, p, st.st_size))
+        total = sum(f[3] for f in files)
+        for mine, _, p, size in sorted(files):
+            if total <= self.cap:
+                break
+            _remove(p)
+            _remove(p[:-5] + ".json")
+            total -= size
+
+    def disk_bytes(self) -> tuple[int, int]:
+        """(bytes, states) of this key's directory."""
+        b = n = 0
+        with contextlib.suppress(OSError):
+            for e in os.scandir(self.dir):
+                if e.name.endswith(".slot") and not e.name.startswith("tmp-"):
+                    b += e.stat().st_size
+                    n += 1
+        return b, n
+
+
+def _remove(p: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(p)
+
+
+class PromptCache:
+    """Slot choice for every chat request, and the states on disk (None store: affinity only)."""
+
+    def __init__(self, engine, parallel: int, store: DiskStore | None, kv_bytes_per_token: int, stats: Stats):
+        self.engine = engine
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.store = store
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.stats = stats
+        self._restarts = engine.restarts
+
+    @classmethod
+    def create(cls, settings, engine) -> "PromptCache | None":
+        """For an engine that takes `id_slot` and saves slots (llama-server's family), else None."""
+        if not getattr(engine, "takes_slot_ids", False):
+            return None
+        stats = Stats()
+        store = None
+        if settings.prompt_cache_dir:
+            try:
+                store = DiskStore(settings.prompt_cache_dir, settings.prompt_cache_bytes, stats)
+            except OSError as e:
+                log.warning("prompt cache: %s cannot be used (%s): no states are saved", settings.prompt_cache_dir, e)
+        if settings.parallel < 2 and store is None:
+            return None  # one slot and nothing on disk: the engine's own reuse is all there is
+        return cls(engine, settings.parallel, store, settings.kv_bytes_per_token, stats)
+
+    # --- around each request -----------------------------------------------------------------------------
+    async def enter(self, body: dict) -> Slot:
+        """Before a request runs (its ticket holds one of the N slots): choose its engine slot, save the state
+        it replaces, restore the conversation's state from disk when that beats what any free slot holds."""
+        if self.engine.restarts != self._restarts:  # a restarted engine starts with empty slots
+            self._restarts = self.engine.restarts
+            for s in self.slots:
+                s.chain, s.dirty = [], False
+        messages = body.get("messages") or []
+        chain = message_chain(messages)
+        need = _first_user(messages) + 1  # a shared system prompt alone is no conversation
+        free = [s for s in self.slots if not s.busy]
+        best = max(free, key=lambda s: (common_prefix(chain, s.chain), s.last_used))
+        k_slot = common_prefix(chain, best.chain)
+        name, k_disk = self.store.lookup(chain) if self.store and chain else (None, 0)
+        if k_slot >= need and k_slot >= k_disk:
+            slot = best
+            slot.busy = True
+            self.stats.slot_hits += 1
+        else:
+            # Another slot: an empty one, else the least recently used (its state saved first).
+            slot = min(free, key=lambda s: (bool(s.chain), s.last_used))
+            slot.busy = True
+            try:
+                await self._save(slot)
+                if name and k_disk >= need:
+                    await self._restore(slot, name)
+            except BaseException:
+                slot.busy = False
+                raise
+        body["id_slot"] = slot.id
+        body.setdefault("cache_prompt", True)
+        slot.pending = chain
+        chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 0 for m in messages)
+        slot.tokens_guess = chars // 3 + int(body.get("max_tokens") or 0)
+        return slot
+
+    def leave(self, slot: Slot) -> None:
+        """After the request (answered, failed or cancelled): the slot holds (a prefix of) this conversation."""
+        slot.chain = slot.pending
+        slot.dirty = bool(slot.chain)
+        slot.last_used = time.monotonic()
+        slot.busy = False
+
+    async def save_all(self) -> None:
+        """At shutdown, before the engine stops: every slot's unsaved conversation to disk."""
+        if not self.store:
+            return
+        for s in self.slots:
+            if s.dirty and not s.busy:
+                s.busy = True
+                try:
+                    await self._save(s)
+                finally:
+                    s.busy = False
+
+    # --- the engine's slot actions -----------------------------------------------------------------------
+    async def _save(self, slot: Slot) -> None:
+        if not (self.store and slot.dirty and slot.chain):
+            return
+        slot.dirty = False
+        name = slot.chain[-1]
+        estimate = self.kv_bytes_per_token * slot.tokens_guess
+        why = self.store.room_for(estimate)
+        if why:
+            self.stats.skipped += 1
+            self.store.say(why)
+            return
+        tmp = self.store.tmp_name()
+        try:
+            r = await self.engine.slot_action(slot.id, "save", tmp)
+            n = int(r.get("n_saved") or 0)
+            if n == 0:
+                _remove(os.path.join(self.store.dir, tmp))
+                return
+            size = self.store.commit(tmp, name, slot.chain, n)
+            if size > self.store.cap:
+                self.stats.skipped += 1
+                self.store.say(f"not saved: a state of {size / 2**20:.1f} MiB is larger than the cap of "
+                               f"{self.store.cap / 2**20:.1f} MiB")
+                return
+        except (EngineRejected, EngineFailed, OSError) as e:
+            _remove(os.path.join(self.store.dir, tmp))
+            self.stats.skipped += 1
+            self.store.say(f"not saved: the engine could not write the state ({e})")
+            return
+        self.stats.saves += 1
+        self.stats.saved_bytes += size
+
+    async def _restore(self, slot: Slot, name: str) -> None:
+        meta = self.store.check(name)
+        if not meta:
+            return
+        try:
+            r = await self.engine.slot_action(slot.id, "restore", name + ".slot")
+        except EngineRejected as e:  # not a state of this shape, or not whole: the engine cleared the slot
+            self.store.reject(name, f"the engine refused {name}.slot ({e}): ignored and removed")
+            slot.chain = []
+            return
+        except EngineFailed as e:
+            self.store.say(f"restore failed: {e}")
+            slot.chain = []
+            return
+        n = int(r.get("n_restored") or 0)
+        self.store.touch(name)
+        slot.chain, slot.dirty = list(meta.get("chain") or []), False
+        self.stats.restores += 1
+        self.stats.restored_tokens += n
+
+    # --- what /health and /metrics show -------------------------------------------------------------------
+    def report(self) -> dict:
+        st = self.stats
+        out = {"slot_affinity": True, "slot_hits": st.slot_hits}
+        if self.store:
+            b, n = self.store.disk_bytes()
+            out.update({"dir": self.store.dir, "cap_bytes": self.store.cap, "disk_bytes": b, "states": n,
+                        "restores": st.restores, "restored_tokens": st.restored_tokens, "saves": st.saves,
+                        "skipped": st.skipped, "rejected": st.rejected, "last_problem": st.last_problem or None})
+        return out
+
