@@ -81,6 +81,16 @@ class _Tensors:
         else:
             self.w.add_tensor(name, quantize(a, q), raw_dtype=q)
 
+    def qkv(self, p: str, q_rows: int, kv_rows: int, n_embd: int, bias: bool = False) -> None:
+        """A block's attn_q/k/v (and their biases, after the three weights: the file order the families share)."""
+        self.mat(p + "attn_q.weight", q_rows, n_embd)
+        self.mat(p + "attn_k.weight", kv_rows, n_embd)
+        self.mat(p + "attn_v.weight", kv_rows, n_embd)
+        if bias:
+            self.vec(p + "attn_q.bias", q_rows)
+            self.vec(p + "attn_k.bias", kv_rows)
+            self.vec(p + "attn_v.bias", kv_rows)
+
     def vec(self, name: str, *shape: int, value: float | None = None) -> None:
         a = (np.full(shape, value, dtype=np.float32) if value is not None
              else (self.rng.standard_normal(shape) * 0.02).astype(np.float32))
@@ -201,9 +211,7 @@ def write_qwen3moe(path: str, seed: int = 0) -> None:
     for i in range(4):
         p = f"blk.{i}."
         t.vec(p + "attn_norm.weight", E, value=1.0)
-        t.mat(p + "attn_q.weight", H * D, E)
-        t.mat(p + "attn_k.weight", 2 * D, E)
-        t.mat(p + "attn_v.weight", 2 * D, E)
+        t.qkv(p, H * D, 2 * D, E)
         t.mat(p + "attn_output.weight", E, H * D)
         t.vec(p + "attn_q_norm.weight", D, value=1.0)
         t.vec(p + "attn_k_norm.weight", D, value=1.0)
@@ -241,12 +249,7 @@ def write_glm4moe(path: str, seed: int = 0) -> None:
     for i in range(blocks):
         p = f"blk.{i}."
         t.vec(p + "attn_norm.weight", E, value=1.0)
-        t.mat(p + "attn_q.weight", H * D, E)
-        t.mat(p + "attn_k.weight", KV * D, E)
-        t.mat(p + "attn_v.weight", KV * D, E)
-        t.vec(p + "attn_q.bias", H * D)
-        t.vec(p + "attn_k.bias", KV * D)
-        t.vec(p + "attn_v.bias", KV * D)
+        t.qkv(p, H * D, KV * D, E, bias=True)
         t.mat(p + "attn_output.weight", E, H * D)
         t.vec(p + "attn_q_norm.weight", D, value=1.0)
         t.vec(p + "attn_k_norm.weight", D, value=1.0)
@@ -299,12 +302,7 @@ def write_gpt_oss(path: str, seed: int = 0) -> None:
     for i in range(4):
         p = f"blk.{i}."
         t.vec(p + "attn_norm.weight", E, value=1.0)
-        t.mat(p + "attn_q.weight", H * D, E)
-        t.mat(p + "attn_k.weight", KV * D, E)
-        t.mat(p + "attn_v.weight", KV * D, E)
-        t.vec(p + "attn_q.bias", H * D)
-        t.vec(p + "attn_k.bias", KV * D)
-        t.vec(p + "attn_v.bias", KV * D)
+        t.qkv(p, H * D, KV * D, E, bias=True)
         t.mat(p + "attn_output.weight", E, H * D)
         t.vec(p + "attn_output.bias", E)
         t.vec(p + "attn_sinks.weight", H)
@@ -355,9 +353,7 @@ def write_qwen3next(path: str, seed: int = 0) -> None:
         t.vec(p + "attn_norm.weight", E, value=1.0)
         t.vec(p + "post_attention_norm.weight", E, value=1.0)
         if (i + 1) % 4 == 0:  # full (gated) attention
-            t.mat(p + "attn_q.weight", 2 * H * D, E)
-            t.mat(p + "attn_k.weight", KV * D, E)
-            t.mat(p + "attn_v.weight", KV * D, E)
+            t.qkv(p, 2 * H * D, KV * D, E)
             t.mat(p + "attn_output.weight", E, H * D)
             t.vec(p + "attn_q_norm.weight", D, value=1.0)
             t.vec(p + "attn_k_norm.weight", D, value=1.0)
