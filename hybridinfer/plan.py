@@ -296,7 +296,7 @@ def _make_plan(hw: HardwareProfile, model: ModelInfo, opts: PlanOptions, rs: rul
     # Fastest decode wins; on a tie an installed engine, then the registry's order.
     best_e, best = max(planned, key=lambda ep: (ep[1].prediction.decode_tps, bool(ep[0].installed(hw)),
                                                 -cands.index(ep[0])))
-    verdicts = _verdicts(hw, model, best_e, planned, requested) + blocked + skipped
+    verdicts = _verdicts(hw, model, best_e, best, planned, requested) + blocked + skipped
     best = replace(best, verdicts=verdicts)
     best = replace(best, compiled=best_e.compile(best, hw))
     return replace(best, command=best_e.command(best))
@@ -318,13 +318,14 @@ def _try_engine(hw, model, opts, rs, e: Engine) -> tuple[Plan | None, list[str],
     return p, e.blockers(model, p.device_of, hw), None
 
 
-def _verdicts(hw, model, best_e: Engine, planned: list[tuple[Engine, Plan]], requested: bool) -> list[Verdict]:
-    """The planned engines' verdicts, the chosen one first. Each figure is this box's calibration of the engine or
-    a prediction; `source` says which."""
-    best_tps = next(p.prediction.decode_tps for e, p in planned if e is best_e)
-    out = [Verdict(best_e.name, "requested" if requested else "chosen", best_tps,
-                   _basis(next(p for e, p in planned if e is best_e).prediction, hw), best_e.chosen_because(model, hw),
-                   installed=bool(best_e.installed(hw)), install_hint=best_e.install_hint)]
+def _verdicts(hw, model, best_e: Engine, best: Plan, planned: list[tuple[Engine, Plan]],
+              requested: bool) -> list[Verdict]:
+    """The planned engines' verdicts, the chosen one (`best_e`, planning `best`) first. Each figure is this box's
+    calibration of the engine or a prediction; `source` says which."""
+    best_tps = best.prediction.decode_tps
+    out = [Verdict(best_e.name, "requested" if requested else "chosen", best_tps, _basis(best.prediction, hw),
+                   best_e.chosen_because(model, hw), installed=bool(best_e.installed(hw)),
+                   install_hint=best_e.install_hint)]
     for e, p in planned:
         if e is not best_e:
             d = p.prediction.decode_tps
