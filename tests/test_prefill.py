@@ -62,10 +62,10 @@ def test_status_line_first_then_progress_comments_then_answer(slow):
 
 
 def test_openai_client_with_short_read_timeout_completes_a_long_prefill(slow):
-    """Scaled 'done when': a 2 s read timeout, a prefill several times longer; the official client ignores the
-    comments."""
+    """Scaled 'done when': a 1 s read timeout, a prefill at least twice as long; the official client ignores the
+    comments. The prefill's length depends on the CPU: a box too fast to outlast the timeout cannot test it."""
     c = openai.OpenAI(base_url=slow.url + "/v1", api_key="x", max_retries=0,
-                      timeout=2.0)  # seconds, for every read
+                      timeout=1.0)  # seconds, for every read (the keepalive comes every 0.5 s)
     t0 = time.perf_counter()
     text, usage = "", None
     for chunk in c.chat.completions.create(**_chat(stream=True, stream_options={"include_usage": True},
@@ -75,7 +75,8 @@ def test_openai_client_with_short_read_timeout_completes_a_long_prefill(slow):
         usage = chunk.usage or usage
     took = time.perf_counter() - t0
     assert usage and usage.prompt_tokens > 3000 and usage.prompt_tokens_details.cached_tokens < 100 and usage.completion_tokens == 4
-    assert took > 4.0, f"prefill too fast on this box to test the timeout ({took:.1f} s)"
+    if took <= 2.0:
+        pytest.skip(f"prefill took {took:.1f} s on this CPU: too fast to outlast a 1 s read timeout twice over")
 
 
 def test_too_long_prompt_is_still_an_http_400_even_when_queued(slow):
