@@ -144,6 +144,30 @@ def test_real_answer_in_openwebui(stack):
         shutil.copy(png, ROOT / "docs" / "openwebui-chat.png")
 
 
+def test_long_prompt_shows_reading_progress(stack):
+    """A prompt of ~5,000 tokens on SmolLM2 read in batches of 128 (several seconds of prefill here): the chat's
+    status history shows the pipe's "reading the prompt: N % (done of total tokens, ~S s left)" before the
+    answer, from serve's progress comments, then the answer and the speed line."""
+    _, ow, headers, token, d, smol = stack
+    long = Served(["--gguf", str(smollm2()), "--threads", "2", "--batch", "128", "--ubatch", "128", "--ctx", "8192"], d)
+    try:
+        _install_function(ow, headers, long.url)
+        facts = ("The river flows past the old mill, and the miller counts the sacks of grain before the market "
+                 "opens on Tuesday. ")
+        question = facts * 220 + "\nIn one word: what does the miller count?"
+        body = {"model": SMOL, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                "max_tokens": 8}
+        _, msg = _chat_in_ui(ow, headers, body, question)
+    finally:
+        long.stop()
+    statuses = [s["description"] for s in msg["statusHistory"]]
+    reading = [s for s in statuses if s.startswith("reading the prompt: ")]
+    assert statuses[0] == "Waiting for hybridinfer…" and reading, statuses
+    assert statuses.index(reading[-1]) < statuses.index("Answering…"), statuses
+    assert " tokens" in reading[-1] and " of " in reading[-1], reading
+    assert msg["content"].strip() and "tok/s" in statuses[-1] and msg["statusHistory"][-1]["done"]
+
+
 def test_server_down_shows_one_line(stack):
     serve, ow, headers, token, d, _ = stack
     _install_function(ow, headers, f"http://127.0.0.1:{free_port()}")

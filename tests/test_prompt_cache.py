@@ -11,7 +11,8 @@ import threading
 import httpx
 import pytest
 
-from hybridinfer.server.prompt_cache import DiskStore, Stats, common_prefix, message_chain
+from hybridinfer.server.prompt_cache import (IDLE_SAVE_S, DiskStore, Stats, common_prefix, message_chain, prompt_chain,
+                                             request_chain)
 from tests.served import Served
 
 pytestmark = pytest.mark.engine
@@ -202,6 +203,88 @@ def test_four_conversations_on_two_slots_find_their_slot_or_state(tmp_path):
         assert httpx.get(s.url + "/health", timeout=5).json()["prompt_cache"]["slot_hits"] == 1
     finally:
         s.stop()
+
+
+def _complete(url: str, prompt: str) -> dict:
+    r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_raw_prompts_find_their_slot_and_state(tmp_path):
+    """/v1/completions conversations (each turn's prompt extends the last): 2 interleaved on 2 slots land where
+    their prefix is; 4 on 2 slots come back from disk; a returning conversation after a restart is restored."""
+    cache = tmp_path / "pc"
+    turn1 = {n: _turn(f"Transcript {n}.\nUser:", 250) + "\nAssistant:" for n in "WXYZ"}
+    s = _serve(tmp_path, cache, "--parallel", "2")
+    try:
+        first = {n: _complete(s.url, turn1[n]) for n in "WX"}
+        for n in "WX":
+            answer = _complete(s.url, turn1[n] + first[n]["choices"][0]["text"] + "\nUser: go on\nAssistant:")
+            assert _cached(answer) >= first[n]["usage"]["prompt_tokens"] - 1, (n, answer["usage"])
+        assert _health(s)["slot_hits"] == 2
+        first.update({n: _complete(s.url, turn1[n]) for n in "YZ"})  # W, X saved as Y, Z take their slots
+        answer = _complete(s.url, turn1["W"] + first["W"]["choices"][0]["text"] + "\nUser: go on\nAssistant:")
+        assert _cached(answer) >= first["W"]["usage"]["prompt_tokens"] - 1, answer["usage"]
+        assert _health(s)["restores"] == 1
+    finally:
+        s.stop()
+    s = _serve(tmp_path, cache, "--parallel", "2")  # the same context per slot: the states' key
+    try:
+        answer = _complete(s.url, turn1["Z"] + first["Z"]["choices"][0]["text"] + "\nUser: and then?\nAssistant:")
+        assert _cached(answer) >= first["Z"]["usage"]["prompt_tokens"] - 1, answer["usage"]
+    finally:
+        s.stop()
+
+
+def test_idle_save_survives_a_killed_serve(tmp_path):
+    """A finished turn is on disk once the server has been idle for IDLE_SAVE_S: SIGKILL (no shutdown save) loses
+    nothing, and the next turn after a restart is restored. A later turn of the same conversation replaces the
+    earlier state (it holds its tokens too)."""
+    import signal
+    import time
+
+    cache = tmp_path / "pc"
+    msgs = _conversation("K")
+    s = _serve(tmp_path, cache)
+    try:
+        first = _chat(s.url, msgs)
+        deadline = time.monotonic() + IDLE_SAVE_S + 20
+        while _health(s)["saves"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert _health(s)["saves"] == 1 and len(_states(cache)) == 1
+        msgs = msgs + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "and then?"}]
+        second = _chat(s.url, msgs)
+        deadline = time.monotonic() + IDLE_SAVE_S + 20
+        while _health(s)["saves"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert _health(s)["saves"] == 2 and len(_states(cache)) == 1, _states(cache)  # turn 1's state superseded
+        s.proc.send_signal(signal.SIGKILL)
+        s.proc.wait(10)
+    finally:
+        s.stop()
+    follow = msgs + [{"role": "assistant", "content": second["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "more"}]
+    s = _serve(tmp_path, cache)
+    try:
+        answer = _chat(s.url, follow)
+        assert _health(s)["restores"] == 1
+        assert _cached(answer) >= second["usage"]["prompt_tokens"] - 1, answer["usage"]
+    finally:
+        s.stop()
+
+
+def test_raw_prompt_chain():
+    text = "x" * 1000
+    a, b = prompt_chain(text), prompt_chain(text + "y" * 600)
+    assert len(a) == 3 and common_prefix(b, a) == 3  # whole blocks only: the longer prompt extends the shorter
+    assert common_prefix(prompt_chain("z" + text[1:]), a) == 0
+    assert request_chain({"prompt": [text]}) == (a, 1) and request_chain({"prompt": text}) == (a, 1)
+    assert request_chain({"prompt": list(range(200))})[0] == prompt_chain(list(range(200)))
+    assert request_chain({"prompt": ["a", "b"]}) is None and request_chain({"input": "x"}) is None
+    msgs = [SYSTEM, {"role": "user", "content": "hi"}]
+    assert request_chain({"messages": msgs}) == (message_chain(msgs), 2)
 
 
 def test_chain_matching():

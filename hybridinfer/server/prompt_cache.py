@@ -10,9 +10,17 @@ shutdown, and a conversation whose prefix is on disk is restored into its slot (
 request runs — after a restart too. The engine then reuses the restored tokens as it reuses a warm slot's
 (`timings.cache_n`, `usage.prompt_tokens_details.cached_tokens`): only the new turn is prefilled.
 
-Conversations are recognised by their messages: a chain of hashes, one per message prefix. A saved state is named
-by its conversation's chain and matched by the longest common chain prefix that includes a user message; the
-engine itself then compares tokens, so a state that matches less than hoped costs nothing but its read.
+Conversations are recognised by their messages: a chain of hashes, one per message prefix. A raw completion's
+prompt (`/v1/completions`, one text or one token list) is chained the same way by blocks of its text or tokens:
+a client that sends the conversation so far plus the new turn extends the previous prompt. A saved state is named
+by its conversation's chain and matched by the longest common chain prefix that includes a user message (for a
+raw prompt: its first block); the engine itself then compares tokens, so a state that matches less than hoped
+costs nothing but its read. A state whose chain extends another's holds all of it (a restore reuses the common
+prefix of its tokens), so saving it removes the shorter one.
+
+Saved when it is about to be lost (its slot given to another conversation, shutdown) and, so that a killed or
+crashed `serve` loses no finished turn, once the server has been idle for IDLE_SAVE_S: never while a request
+runs, so a save (the engine writes the slot between two batches of its loop) never stalls a stream.
 
 On disk (`plan.prompt_cache_dir`, a directory keyed by model, engine build, context per slot and KV type —
 diskcache.py): `<chain>.slot`, the engine's file (magic 'ggsq', version, the tokens, the KV cells), and
@@ -28,6 +36,7 @@ free disk) or fails (read-only directory, full disk) is skipped and said once in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -45,6 +54,9 @@ from ..engines.base import EngineFailed, EngineRejected
 log = logging.getLogger("hybridinfer.server")
 MAGIC = 0x67677371  # 'ggsq': LLAMA_STATE_SEQ_MAGIC (include/llama.h), the first u32 of a slot file
 FREE_MARGIN = 256 * 2**20  # disk left free beyond a state's own bytes
+IDLE_SAVE_S = 2.0  # unsaved slots go to disk once no request has run for this long
+TEXT_BLOCK = 256  # characters per link of a raw prompt's chain
+TOKEN_BLOCK = 64  # tokens per link of a token-list prompt's chain
 
 
 def message_chain(messages) -> list[str]:
@@ -58,6 +70,46 @@ def message_chain(messages) -> list[str]:
         h.update(f"\x00{role}\x01".encode() + (content or "").encode())
         out.append(h.copy().hexdigest()[:32])
     return out
+
+
+def prompt_chain(prompt) -> list[str]:
+    """One hash per whole block of a raw prompt (text: TEXT_BLOCK characters, token ids: TOKEN_BLOCK): chain[k]
+    identifies its first k+1 blocks. A trailing part block is left out: the next turn's prompt extends it."""
+    if isinstance(prompt, str):
+        step, data = TEXT_BLOCK, prompt
+    else:
+        step, data = TOKEN_BLOCK, prompt
+    out, h = [], hashlib.sha256(b"prompt")
+    for i in range(0, len(data) - step + 1, step):
+        part = data[i:i + step]
+        h.update(part.encode() if isinstance(part, str) else struct.pack(f"<{len(part)}q", *part))
+        out.append(h.copy().hexdigest()[:32])
+    return out
+
+
+def request_chain(body: dict) -> tuple[list[str], int] | None:
+    """(chain, links a match must share) of a request the prompt cache can place: chat messages, or one raw prompt
+    (a text, or a list of token ids); None for anything else (several prompts: the engine spreads them)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return message_chain(messages), _first_user(messages) + 1  # a shared system prompt alone is no conversation
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+        return prompt_chain(prompt), 1
+    return None
+
+
+def _chars(body: dict) -> int:
+    """About how long a request's prompt is, in characters (a token counted as 3)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        return sum(len(m.get("content")) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return len(prompt) if isinstance(prompt, str) else 3 * len(prompt) if isinstance(prompt, list) else 0
 
 
 def common_prefix(a: list[str], b: list[str]) -> int:
@@ -263,8 +315,18 @@ class DiskStore:
         with self.locked():
             os.replace(tp, os.path.join(self.dir, name + ".slot"))
             os.replace(mt, os.path.join(self.dir, name + ".json"))
+            self._supersede(name, chain, n_tokens)
             self._evict()
         return size
+
+    def _supersede(self, name: str, chain: list[str], n_tokens: int) -> None:
+        """States of an earlier point of this conversation go: the new one holds their tokens too."""
+        for other, meta in self.entries().items():
+            c = meta.get("chain") or []
+            if other != name and len(c) < len(chain) and common_prefix(chain, c) == len(c) \
+                    and int(meta.get("n_tokens") or 0) <= n_tokens:
+                _remove(os.path.join(self.dir, other + ".slot"))
+                _remove(os.path.join(self.dir, other + ".json"))
 
     def _evict(self) -> None:
         """Least recently used states out until the tree is under the cap; other keys' states first."""
@@ -301,18 +363,26 @@ def _remove(p: str) -> None:
 
 
 class PromptCache:
-    """Slot choice for every chat request, and the states on disk (None store: affinity only)."""
+    """Slot choice for every request it can place (request_chain), and the states on disk (None store: affinity
+    only). `idle()` says whether the server has no request admitted: only then are slots saved ahead of need."""
 
-    def __init__(self, engine, parallel: int, store: DiskStore | None, kv_bytes_per_token: int, stats: Stats):
+    def __init__(self, engine, parallel: int, store: DiskStore | None, kv_bytes_per_token: int, stats: Stats,
+                 idle=lambda: True):
         self.engine = engine
         self.slots = [Slot(i) for i in range(parallel)]
         self.store = store
         self.kv_bytes_per_token = kv_bytes_per_token
         self.stats = stats
+        self.idle = idle
         self._restarts = engine.restarts
+        self._saving = asyncio.Lock()  # held by the idle saver while one slot is written
+        self._entering = 0
+        self._saver: asyncio.Task | None = None
+        self._quiet_since = 0.0
+        self._closing = False
 
     @classmethod
-    def create(cls, settings, engine) -> "PromptCache | None":
+    def create(cls, settings, engine, idle=lambda: True) -> "PromptCache | None":
         """For an engine that takes `id_slot` and saves slots (llama-server's family), else None."""
         if not getattr(engine, "takes_slot_ids", False):
             return None
@@ -325,19 +395,27 @@ class PromptCache:
                 log.warning("prompt cache: %s cannot be used (%s): no states are saved", settings.prompt_cache_dir, e)
         if settings.parallel < 2 and store is None:
             return None  # one slot and nothing on disk: the engine's own reuse is all there is
-        return cls(engine, settings.parallel, store, settings.kv_bytes_per_token, stats)
+        return cls(engine, settings.parallel, store, settings.kv_bytes_per_token, stats, idle)
 
     # --- around each request -----------------------------------------------------------------------------
-    async def enter(self, body: dict) -> Slot:
+    async def enter(self, body: dict) -> Slot | None:
         """Before a request runs (its ticket holds one of the N slots): choose its engine slot, save the state
-        it replaces, restore the conversation's state from disk when that beats what any free slot holds."""
+        it replaces, restore the conversation's state from disk when that beats what any free slot holds. None:
+        a request it cannot place (the engine chooses)."""
+        placed = request_chain(body)
+        if placed is None:
+            return None
+        chain, need = placed
+        self._entering += 1
+        try:
+            async with self._saving:  # an idle save under way finishes first (it stops after that slot)
+                pass
+        finally:
+            self._entering -= 1
         if self.engine.restarts != self._restarts:  # a restarted engine starts with empty slots
             self._restarts = self.engine.restarts
             for s in self.slots:
                 s.chain, s.dirty = [], False
-        messages = body.get("messages") or []
-        chain = message_chain(messages)
-        need = _first_user(messages) + 1  # a shared system prompt alone is no conversation
         free = [s for s in self.slots if not s.busy]
         best = max(free, key=lambda s: (common_prefix(chain, s.chain), s.last_used))
         k_slot = common_prefix(chain, best.chain)
@@ -346,6 +424,8 @@ class PromptCache:
             slot = best
             slot.busy = True
             self.stats.slot_hits += 1
+            if k_slot < len(slot.chain):  # a branch off its conversation: what it held beyond goes to disk first
+                await self._guarded_save(slot)
         else:
             # Another slot: an empty one, else the least recently used (its state saved first).
             slot = min(free, key=lambda s: (bool(s.chain), s.last_used))
@@ -360,9 +440,15 @@ class PromptCache:
         body["id_slot"] = slot.id
         body.setdefault("cache_prompt", True)
         slot.pending = chain
-        chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 0 for m in messages)
-        slot.tokens_guess = chars // 3 + int(body.get("max_tokens") or 0)
+        slot.tokens_guess = _chars(body) // 3 + int(body.get("max_tokens") or 0)
         return slot
+
+    async def _guarded_save(self, slot: Slot) -> None:
+        try:
+            await self._save(slot)
+        except BaseException:
+            slot.busy = False
+            raise
 
     def leave(self, slot: Slot) -> None:
         """After the request (answered, failed or cancelled): the slot holds (a prefix of) this conversation."""
@@ -370,18 +456,50 @@ class PromptCache:
         slot.dirty = bool(slot.chain)
         slot.last_used = time.monotonic()
         slot.busy = False
+        if self.store and slot.dirty:
+            self._kick()
 
-    async def save_all(self) -> None:
-        """At shutdown, before the engine stops: every slot's unsaved conversation to disk."""
-        if not self.store:
-            return
+    def _kick(self) -> None:
+        """(Re)start the idle saver's clock."""
+        self._quiet_since = time.monotonic()
+        if self._saver is None or self._saver.done():
+            try:
+                self._saver = asyncio.get_running_loop().create_task(self._save_when_idle())
+            except RuntimeError:  # no running loop (a unit test): nothing to schedule
+                self._saver = None
+
+    async def _save_when_idle(self) -> None:
+        """Once no request has ended for IDLE_SAVE_S and none is admitted, every unsaved slot to disk, one by one; a
+        request that arrives stops it after the slot being written (its `enter` waits for that one)."""
+        while (wait := self._quiet_since + IDLE_SAVE_S - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
         for s in self.slots:
-            if s.dirty and not s.busy:
+            if self._closing or self._entering or not self.idle() or any(x.busy for x in self.slots):
+                return
+            if not (s.dirty and s.chain):
+                continue
+            async with self._saving:
                 s.busy = True
                 try:
                     await self._save(s)
                 finally:
                     s.busy = False
+
+    async def save_all(self) -> None:
+        """At shutdown, before the engine stops: every slot's unsaved conversation to disk."""
+        if not self.store:
+            return
+        self._closing = True
+        async with self._saving:  # after the idle saver's slot under way, if any
+            if self._saver and not self._saver.done():
+                self._saver.cancel()  # it waits or sleeps: never mid-save while this holds the lock
+            for s in self.slots:
+                if s.dirty and not s.busy:
+                    s.busy = True
+                    try:
+                        await self._save(s)
+                    finally:
+                        s.busy = False
 
     # --- the engine's slot actions -----------------------------------------------------------------------
     async def _save(self, slot: Slot) -> None:

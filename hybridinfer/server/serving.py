@@ -90,7 +90,7 @@ class _Ticket:
         self.serving.running += 1
         self.serving.metrics.queue_wait.observe(time.perf_counter() - self.t_admit)
         cache = self.serving.prompt_cache
-        if cache and body is not None and "messages" in body:  # its engine slot, its state restored (prompt_cache.py)
+        if cache and body is not None:  # its engine slot, its state restored (prompt_cache.py)
             self.engine_slot = await cache.enter(body)
 
     def release(self) -> None:
@@ -137,7 +137,7 @@ class Serving:
         self.engine_status: dict = {}  # what the engine itself reports doing (its /metrics), kept by poll_engine
         from .prompt_cache import PromptCache
 
-        self.prompt_cache = PromptCache.create(settings, engine)
+        self.prompt_cache = PromptCache.create(settings, engine, idle=lambda: self.admitted == 0)
         if self.prompt_cache:
             self.metrics.watch_prompt_cache(self.prompt_cache.report)
             if self.prompt_cache.store and hasattr(engine, "before_stop"):
