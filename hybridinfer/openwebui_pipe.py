@@ -122,9 +122,9 @@ class Pipe:
                         await r.aread()
                         raise httpx.HTTPStatusError("error", request=r.request, response=r)
                     async for line in r.aiter_lines():
-                        if line.startswith(": progress ") and shown.phase is None:
-                            note = progress_note(line)
-                            if note:
+                        if line.startswith(":"):  # serve's comments while the prompt is read: a status line
+                            note = progress_note(line) if shown.phase is None else None
+                            if note and shown.note_due(note):
                                 await self._status(emit, note)
                             continue
                         chunk = _event(line)
@@ -178,23 +178,35 @@ class Pipe:
 
 
 _DONE = object()
+STATUS_EVERY = 2.0  # seconds between two status lines while the prompt is read (each is stored with the chat)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
 def progress_note(line: str) -> str | None:
-    """The status line for hybridinfer's prefill-progress comment, e.g.
+    """The status line for one of hybridinfer's comments while a prompt is read, e.g.
     `: progress {"stage":"prompt","processed":2700,"total":6000,"cached":0,"tokens_per_s":82.5,"eta_s":40.0}` ->
-    "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)"; None for anything else."""
+    "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)"; from an engine that reports no progress
+    `: keepalive {"stage":"prompt","elapsed_s":35}` -> "reading the prompt… 35 s"; `: queued {"waited_s":12}` ->
+    "waiting for a free slot… 12 s"; None for anything else."""
     try:
-        p = json.loads(line.split(" ", 2)[2])
+        kind, raw = line[1:].strip().split(" ", 1)
+        p = json.loads(raw)
+        if kind == "queued":
+            return f"waiting for a free slot… {_seconds(float(p['waited_s']))}"
+        if kind == "keepalive":
+            return f"reading the prompt… {_seconds(float(p['elapsed_s']))}" if p.get("stage") == "prompt" else None
+        if kind != "progress":
+            return None
         done, total = int(p["processed"]), int(p["total"])
-    except (IndexError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if total <= 0:
         return None
     eta = p.get("eta_s")
-    left = ""
-    if isinstance(eta, (int, float)):
-        left = f", ~{eta:.0f} s left" if eta < 120 else f", ~{eta / 60:.0f} min left"
+    left = f", ~{_seconds(eta)} left" if isinstance(eta, (int, float)) else ""
     return f"reading the prompt: {100 * done // total} % ({done:,} of {total:,} tokens{left})"
 
 
@@ -220,6 +232,15 @@ class _Shown:
         self.first = self.last = None
         self.phase = None
         self.in_think = False
+        self.noted, self.note_kind = float("-inf"), ""  # the last reading/waiting status line: when, which kind
+
+    def note_due(self, note: str) -> bool:
+        """A reading/waiting status line is shown when its kind changes, else at most every STATUS_EVERY s."""
+        now, kind = time.perf_counter(), note.split("…")[0].split(":")[0]
+        if kind == self.note_kind and now - self.noted < STATUS_EVERY:
+            return False
+        self.noted, self.note_kind = now, kind
+        return True
         self.usage: dict = {}
 
     def summary(self, t0: float) -> str:

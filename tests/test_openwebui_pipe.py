@@ -141,12 +141,17 @@ def test_progress_note_wording(source):
         "reading the prompt: 10 % (10 of 100 tokens, ~5 min left)"
     assert note(': progress {"processed":10,"total":100,"eta_s":null}') == "reading the prompt: 10 % (10 of 100 tokens)"
     assert note(": progress not json") is None and note(": keepalive") is None
+    # an engine that reports no progress (ik_llama.cpp, KTransformers): how long it has been reading
+    assert note(': keepalive {"stage":"prompt","elapsed_s":35.2}') == "reading the prompt… 35 s"
+    assert note(': keepalive {"stage":"prompt","elapsed_s":300}') == "reading the prompt… 5 min"
+    assert note(': queued {"stage":"queued","waited_s":12.4}') == "waiting for a free slot… 12 s"
+    assert note(': keepalive {"other":1}') is None and note(": ") is None
 
 
 def test_stream_shows_prefill_progress_then_the_answer(source):
     """A stand-in for serve's SSE (httpx.MockTransport): progress comments, then the answer."""
     mod = load_pipe(source)
-    sse = (': queued\n\n: keepalive\n\n'
+    sse = (': queued {"stage":"queued","waited_s":0.0}\n\n: keepalive\n\n'
            ': progress {"stage":"prompt","processed":2700,"total":6000,"cached":0,"tokens_per_s":82.5,"eta_s":40.0}\n\n'
            'data: {"choices":[{"index":0,"delta":{"content":"hello"}}]}\n\n'
            'data: {"choices":[],"usage":{"prompt_tokens":6000,"completion_tokens":1,"total_tokens":6001}}\n\n'
@@ -161,5 +166,5 @@ def test_stream_shows_prefill_progress_then_the_answer(source):
     out, events = asyncio.run(collect(p, body))
     desc = [e["data"]["description"] for e in events]
     assert out == "hello"
-    assert desc[:3] == ["Waiting for hybridinfer…", "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)",
-                        "Answering…"]
+    assert desc[:4] == ["Waiting for hybridinfer…", "waiting for a free slot… 0 s",
+                        "reading the prompt: 45 % (2,700 of 6,000 tokens, ~40 s left)", "Answering…"]

@@ -171,3 +171,31 @@ def test_sigterm_drains_streams_with_error_or_done(tmp_path, tiny_model):
     ended = [ln for _, lines in results for ln in lines if '"shutting_down"' in ln]
     assert len(ended) >= 18  # 2 were running (ended after the grace period), 18 queued (ended at once)
     assert "CancelledError" not in out and "Traceback" not in out, out[-2000:]
+
+
+def test_engine_without_progress_reports_how_long_it_has_been_reading(tmp_path, tiny_model):
+    """ik_llama.cpp reports no prefill progress (examples/server/server-task.cpp has it commented out): while it
+    reads, the keepalive comments say for how long, so a client (the Open-WebUI pipe) can show it."""
+    from hybridinfer.engines import get
+
+    if not get("ik_llama.cpp").binary():
+        pytest.skip("ik_llama.cpp is not installed (./install.sh builds it)")
+    s = Served(["--gguf", tiny_model, "--engine", "ik_llama.cpp", "--threads", "1", "--batch", "128", "--ubatch",
+                "128", "--ctx", "4096", "--keepalive", "0.2", "--no-calibrate"], tmp_path)
+    try:
+        t0 = time.perf_counter()
+        lines = []
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=_chat(_long("ik"), stream=True),
+                          timeout=30) as r:
+            assert r.status_code == 200
+            lines = [ln for ln in r.iter_lines() if ln]
+        took = time.perf_counter() - t0
+    finally:
+        s.stop()
+    first_data = next(i for i, ln in enumerate(lines) if ln.startswith("data:"))
+    waits = [json.loads(ln.split(" ", 2)[2]) for ln in lines[:first_data] if ln.startswith(": keepalive {")]
+    assert not any(ln.startswith(": progress") for ln in lines) and lines[-1] == "data: [DONE]"
+    if took < 0.5:
+        pytest.skip(f"the prompt was read in {took:.2f} s on this CPU: no keepalive due")
+    assert waits and all(w["stage"] == "prompt" for w in waits), lines[:first_data]
+    assert [w["elapsed_s"] for w in waits] == sorted(w["elapsed_s"] for w in waits) and waits[-1]["elapsed_s"] < took

@@ -203,7 +203,9 @@ def test_silent_prefill_gets_keepalive_comments_and_a_late_refusal_an_error_even
         return chunks
 
     chunks = asyncio.run(main(False))
-    assert chunks[0] == b": keepalive\n\n" and chunks.count(b": keepalive\n\n") >= 2
+    waits = [json.loads(c[len(b": keepalive "):]) for c in chunks if c.startswith(b": keepalive {")]
+    assert chunks[0].startswith(b": keepalive {") and len(waits) >= 2
+    assert all(w["stage"] == "prompt" for w in waits) and 0.1 <= waits[0]["elapsed_s"] < waits[-1]["elapsed_s"] < 0.8
     assert b'"text":"ok"' in chunks[-2] and chunks[-1] == b"data: [DONE]\n\n"
     chunks = asyncio.run(main(True))
     err = json.loads(chunks[-2][6:])["error"]
@@ -229,3 +231,22 @@ def test_default_request_timeout_comes_from_the_plan():
     plan = NS(ctx=32768, parallel=2, prediction=NS(prefill_tps=50.0, decode_tps=5.0))
     assert default_request_timeout(plan) == pytest.approx(3 * (16384 / 50 + 16384 / 5), abs=1)
     assert default_request_timeout(NS(ctx=4096, parallel=1, prediction=NS(prefill_tps=6000.0, decode_tps=1800.0))) == 600
+
+
+def test_prefill_eta_follows_the_growing_cost_per_token():
+    """Reports from a prompt whose per-token time grows with position (1 ms + 2 us * pos) after a first batch that
+    paid 3 s of warm-up: from the third report the ETA is the exact rest; before, the rate so far."""
+    from hybridinfer.server.serving import _Progress
+
+    def t(d, c=0):
+        return 3.0 + 0.001 * (d - c) + 0.000002 / 2 * (d * d - c * c)
+
+    for cached in (0, 1000):
+        p = _Progress(None)
+        for d in (512, 1024):
+            p.update({"total": 6000, "cache": cached, "processed": cached + d, "time_ms": t(cached + d, cached) * 1000})
+        assert p.remaining_s(cached + 1024, 6000, cached, 10.0) == pytest.approx((6000 - cached - 1024) / 10.0)
+        for d in (1536, 2048):
+            p.update({"total": 6000, "cache": cached, "processed": cached + d, "time_ms": t(cached + d, cached) * 1000})
+        done = cached + 2048
+        assert p.remaining_s(done, 6000, cached, 1.0) == pytest.approx(t(6000, cached) - t(done, cached), rel=1e-6)

@@ -78,6 +78,7 @@ class _Ticket:
         self.serving = serving
         self.t_admit = time.perf_counter()
         self.running = False
+        self.t_run: float | None = None  # when it got its slot
         self.released = False
         self.engine_slot = None  # the engine slot prompt_cache.py chose
 
@@ -87,6 +88,7 @@ class _Ticket:
             self.serving.slots.release()
             return
         self.running = True
+        self.t_run = time.perf_counter()
         self.serving.running += 1
         self.serving.metrics.queue_wait.observe(time.perf_counter() - self.t_admit)
         cache = self.serving.prompt_cache
@@ -494,14 +496,14 @@ class Serving:
         item = first
         try:
             if item is None:  # no engine answer within keepalive_s: the status line went out; say why it waits
-                yield progress.comment(ticket.running)
+                yield progress.comment(ticket, clock.t_first is not None)
             last = time.monotonic()
             while True:
                 if item is None:
                     try:
                         item = await asyncio.wait_for(q.get(), max(0.01, ka - (time.monotonic() - last)))
                     except asyncio.TimeoutError:
-                        yield progress.comment(ticket.running)
+                        yield progress.comment(ticket, clock.t_first is not None)
                         last = time.monotonic()
                         continue
                 kind, val = item
@@ -521,7 +523,7 @@ class Serving:
                     p = val["prompt_progress"]
                     if progress.update(p) and p.get("processed", 0) > p.get("cache", 0) \
                             and time.monotonic() - last >= 0.5:  # a report with news, not more often than 2/s
-                        yield progress.comment(True)
+                        yield progress.comment(ticket, False)
                         last = time.monotonic()
                     continue  # llama-server's progress chunks carry no text: the client gets the comment only
                 for event in self._events(val, chat, think, clock, state["usage"]):
@@ -614,39 +616,81 @@ def _code(e: EngineRejected) -> str:
 
 
 class _Progress:
-    """A stream's prefill as the engine reports it (llama-server's `prompt_progress`: total, cache, processed,
-    time_ms — tools/server/server-task.cpp, result_prompt_progress), turned into the SSE comment the client gets:
-    `: progress {"stage": "prompt", "processed": N, "total": T, "cached": C, "tokens_per_s": R, "eta_s": E}`, or
-    `: queued` / `: keepalive` before anything is known."""
+    """A stream's wait as the client sees it, as SSE comments (OpenAI clients skip them). While the prompt is read:
+    `: progress {"stage": "prompt", "processed": N, "total": T, "cached": C, "tokens_per_s": R, "eta_s": E}` from
+    the engine's report (llama-server's `prompt_progress`: total, cache, processed, time_ms — tools/server/
+    server-task.cpp, result_prompt_progress); before one, or from an engine that reports none,
+    `: keepalive {"stage": "prompt", "elapsed_s": S}`. Waiting for a slot: `: queued {"stage": "queued",
+    "waited_s": S}`. Once tokens flow, a silence gets a bare `: keepalive`."""
 
     def __init__(self, prefill_tps: float | None):
         self.prefill_tps = prefill_tps
         self.p: dict | None = None
+        self.points: list[tuple[int, float]] = []  # (processed, seconds) of each report with work done
 
     def update(self, p: dict) -> bool:
         if not isinstance(p, dict) or not isinstance(p.get("total"), int):
             return False
         self.p = p
         self.t = time.monotonic()
+        secs = (p.get("time_ms") or 0) / 1000
+        if secs > 0 and p.get("processed", 0) > p.get("cache", 0):
+            self.points.append((p["processed"], secs))
         return True
 
-    def comment(self, running: bool) -> bytes:
-        if not running:
-            return b": queued\n\n"
+    def remaining_s(self, done: int, total: int, cached: int, rate: float | None) -> float | None:
+        """Seconds to read the rest. Each token costs more the further in it sits (attention reads the whole
+        prefix): seconds(d) = w + a*(d - cached) + b*(d² - cached²)/2, w the first batch's warm-up, fitted by
+        least squares to the reports so far (from 3 on); with fewer, or a fit that makes no sense, the rest at
+        the rate so far."""
+        fit = _fit([(d - cached, (d * d - cached * cached) / 2, t) for d, t in self.points[-64:]]) \
+            if len(self.points) >= 3 else None
+        if fit and fit[1] >= 0 and fit[2] >= 0:
+            _, a, b = fit
+            return a * (total - done) + b / 2 * (total * total - done * done)
+        return (total - done) / rate if rate else None
+
+    def comment(self, ticket: "_Ticket", answering: bool) -> bytes:
+        now = time.perf_counter()
+        if not ticket.running:
+            return b": queued " + orjson.dumps({"stage": "queued", "waited_s": round(now - ticket.t_admit, 1)}) + b"\n\n"
+        if answering:
+            return b": keepalive\n\n"
         p = self.p
         if p is None:
-            return b": keepalive\n\n"
+            elapsed = round(now - (ticket.t_run or ticket.t_admit), 1)
+            return b": keepalive " + orjson.dumps({"stage": "prompt", "elapsed_s": elapsed}) + b"\n\n"
         total, cached, done = p["total"], p.get("cache", 0), p.get("processed", 0)
         secs = (p.get("time_ms") or 0) / 1000
         measured = (done - cached) / secs if secs > 0 and done > cached else None
         rate = measured or self.prefill_tps  # before the engine's first batch: the plan's predicted speed
-        # the rest at that rate, counted down from the engine's last report (it reports once per batch)
-        eta = (total - done) / rate - (time.monotonic() - self.t) if rate else None
+        # counted down from the engine's last report (it reports once per batch)
+        rest = self.remaining_s(done, total, cached, rate)
+        eta = rest - (time.monotonic() - self.t) if rest is not None else None
         eta = round(eta, 1) if eta is not None and (eta > 0 or done >= total) else None  # None: overdue
         eta = max(eta, 0.0) + 0.0 if eta is not None else None  # no -0.0
         out = {"stage": "prompt", "processed": done, "total": total, "cached": cached,
                "tokens_per_s": round(measured, 1) if measured else None, "eta_s": eta}
         return b": progress " + orjson.dumps(out) + b"\n\n"
+
+
+def _fit(rows: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
+    """Least squares t = w + a*x + b*y over rows (x, y, t) -> (w, a, b); None when the rows do not determine it."""
+    n = len(rows)
+    sx = sum(r[0] for r in rows); sy = sum(r[1] for r in rows); st = sum(r[2] for r in rows)  # noqa: E702
+    m = [[n, sx, sy], [sx, sum(r[0] * r[0] for r in rows), sum(r[0] * r[1] for r in rows)],
+         [sy, sum(r[0] * r[1] for r in rows), sum(r[1] * r[1] for r in rows)]]
+    v = [st, sum(r[0] * r[2] for r in rows), sum(r[1] * r[2] for r in rows)]
+
+    def det(q):
+        return (q[0][0] * (q[1][1] * q[2][2] - q[1][2] * q[2][1]) - q[0][1] * (q[1][0] * q[2][2] - q[1][2] * q[2][0])
+                + q[0][2] * (q[1][0] * q[2][1] - q[1][1] * q[2][0]))
+
+    d = det(m)
+    if abs(d) < 1e-12 * max(1.0, abs(m[2][2]) * abs(m[1][1])):
+        return None
+    cols = [[[v[i] if j == k else m[i][j] for j in range(3)] for i in range(3)] for k in range(3)]  # Cramer
+    return tuple(det(c) / d for c in cols)
 
 
 class _Clock:
