@@ -137,3 +137,42 @@ def test_not_installed_is_one_line(tiny_model, tmp_path):
                 env={"HYBRIDINFER_IK_LLAMA_SERVER": str(tmp_path / "absent")})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "ik_llama.cpp" in r.stderr and "install.sh" in r.stderr
+
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an have not which but all "
+         "model cache token slot layer expert memory prefix context restore conversation answer question").split()
+
+
+@needs_ik
+def test_interleaved_conversations_on_two_slots_keep_the_engine_up(tmp_path, tiny_model):
+    """4 conversations of 2 turns, ~750 tokens a turn, on 2 slots (A1 B1 C1 D1 A2 B2 C2 D2, as
+    benchmarks/long_context.py interleaves them): each slot's cells end up interleaved with the other's. The
+    tree's kv-cache seq_pos_min returned a sequence's first cell's position, not its smallest, so a returning slot
+    was taken for one missing its start ("forcing full prompt re-processing") and the re-read aborted the engine in
+    its flash-attention kernel (GGML_ASSERT(S > 0), iqk_fa_templates.h) at D2, here and on the mid model;
+    patches/ik_llama.cpp/0002 fixes it."""
+    import random
+
+    s = Served(["--engine", "ik_llama.cpp", "--gguf", tiny_model, "--parallel", "2", "--threads", "2",
+                "--no-calibrate"], tmp_path)
+    try:
+        convs = {}
+        for i, n in enumerate("ABCD"):
+            rng = random.Random(10 + i)
+            probe_text = " ".join(rng.choice(WORDS) for _ in range(400))
+            probe = httpx.post(s.url + "/tokenize", json={"content": probe_text}, timeout=30).json()["tokens"]
+            words = max(1, int(750 / (len(probe) / 400)))
+            convs[n] = ([{"role": "system", "content": "You are a helpful assistant."}],
+                        [f"Part {k + 1}. " + " ".join(rng.choice(WORDS) for _ in range(words)) for k in range(2)])
+        for k in range(2):
+            for n, (msgs, texts) in convs.items():
+                msgs.append({"role": "user", "content": texts[k]})
+                r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                               json={"messages": msgs, "max_tokens": 16, "temperature": 0})
+                assert r.status_code == 200, (n, k, r.text, s.lines[-5:])
+                msgs.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+        assert httpx.get(s.url + "/health", timeout=5).json()["engine_restarts"] == 0
+        log = s.log.read_text(errors="replace")
+        assert "forcing full prompt re-processing" not in log and "GGML_ASSERT" not in log
+    finally:
+        s.stop()
