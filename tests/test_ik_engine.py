@@ -96,3 +96,26 @@ def test_bench_output_with_fork_load_messages():
            '  {\n    "n_prompt": 512,\n    "n_gen": 0,\n    "avg_ts": 170.5,\n    "stddev_ts": 2.0\n  },\n'
            '  {\n    "n_prompt": 0,\n    "n_gen": 128,\n    "avg_ts": 55.0,\n    "stddev_ts": 1.0\n  }\n]\n')
     assert [(r["test"], r["tokens_per_s"]) for r in parse_bench(out)] == [("pp512", 170.5), ("tg128", 55.0)]
+
+
+@pytest.mark.engine
+def test_bench_command_runs_as_the_server_does(tiny_model, hw):
+    """ik's llama-bench gets the server's batch sizes and KV types (V too where there is no MLA), and its own
+    parser takes the command: a short real run on the demo model (MLA) and the qwen3moe demo (no MLA)."""
+    import subprocess
+
+    from hybridinfer.demo.families import ensure_family
+    from hybridinfer.engines.binaries import find_llama_binary
+
+    engine = get(IK)
+    qwen = ensure_family("qwen3moe")
+    for path, mla in ((tiny_model, True), (str(qwen), False)):
+        p = make_plan(hw, inspect(path), PlanOptions(engine=IK, threads=2, kv_type="q8_0", batch=256, ubatch=128))
+        b = engine.bench_command(p, n_prompt=16, n_gen=4, repetitions=1)
+        assert b[b.index("-b") + 1] == "256" and b[b.index("-ub") + 1] == "128" and b[b.index("-ctk") + 1] == "q8_0"
+        assert ("-mla" in b) is mla
+        assert "-ctv" not in b if mla else b[b.index("-ctv") + 1] == "q8_0"
+        if not find_llama_binary("ik-llama-bench"):
+            continue
+        r = subprocess.run(b, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and engine.parse_bench(r.stdout), (b, r.stderr[-2000:])

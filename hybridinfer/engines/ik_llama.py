@@ -146,17 +146,23 @@ class IkLlamaCpp(LlamaCpp):
 
     # --- its llama-bench: llama.cpp's, with its own defaults -ngl 999, -mla 3, -fa 1, -fmoe 1, -rtr 0 ---------
     def bench_rpc_args(self, plan: "Plan") -> list[str]:
-        return []  # its bench run names local buffers only (below): no RPC workers
+        # install.sh builds it without GGML_RPC, so no plan of it has RPC workers; its -ot names local buffers only.
+        return []
 
     def bench_placement_args(self, plan: "Plan", c: Compiled) -> list[str]:
         out = ["-ot", ",".join(f"{rx}={buffer_name(d)}" for rx, d in c.overrides)] if c.overrides else []  # ','-joined
         return out + (["-mla", "3", "-fa", "1"] if is_mla(plan.arch) else [])
 
     def bench_kv_args(self, plan: "Plan") -> list[str]:
-        return [] if plan.kv_type == "f16" else ["-ctk", plan.kv_type]
+        if plan.kv_type == "f16":
+            return []
+        # As the server caches it: with MLA only K (the latent), otherwise K and V (flash attention is its default).
+        return ["-ctk", plan.kv_type] + ([] if is_mla(plan.arch) else ["-ctv", plan.kv_type])
 
     def bench_load_args(self, plan: "Plan", exe: str) -> list[str]:
-        return ["-rtr", "1"] if repacks(plan.device_of, plan.streaming, plan.load_mode) else []
+        """Batch sizes as the server runs them (its llama-bench takes -b/-ub), and run-time repacking."""
+        rtr = ["-rtr", "1"] if repacks(plan.device_of, plan.streaming, plan.load_mode) else []
+        return self.batch_args(plan) + rtr
 
 
 def is_mla(arch: str) -> bool:
