@@ -446,7 +446,10 @@ def _device_memory(hw: HardwareProfile, model: ModelInfo, engine: Engine, dev_of
     kv_of: dict[str, int] = {}
     for t in model.tensors:
         d = dev_of[t.name]
-        b = engine.tensor_bytes(t, d)
+        # An MTP block is loaded only to draft with it, which no plan turns on: llama.cpp skips its tensors unless
+        # MTP drafting is asked for (0.3.36 src/models/glm4-moe.cpp: mtp_flags |= TENSOR_SKIP when !load_mtp),
+        # ik_llama.cpp alike (0.1.5 src/llama-load-tensors.cpp: TENSOR_SKIP when !model.mtp).
+        b = 0 if t.cls == "nextn" else engine.tensor_bytes(t, d)
         weights[d] = weights.get(d, 0) + b
         groups.setdefault(d, {})
         groups[d][t.cls] = groups[d].get(t.cls, 0) + b

@@ -299,3 +299,45 @@ def test_rules_on_an_rpc_device(rn, infos):
         assert all(plan.device_of[t.name] == "gpu:0" for t in m.tensors if t.cls == "attention")
     finally:
         workers.stop_all()
+
+
+@pytest.mark.engine
+def test_engines_leave_the_mtp_block_unloaded_as_planned():
+    """GLM's MTP block (blk.3 of the tiny glm4moe) as the real engines load it: llama.cpp names each of its tensors
+    unused and ignores it; ik_llama.cpp's CPU buffer is the file's tensors minus the block, what the plan reserves."""
+    import subprocess
+    import time
+
+    from hybridinfer.engines.binaries import find_llama_binary
+    from tests.served import free_port
+
+    path = ensure_family("glm4moe")
+    m = inspect(path)
+    nextn = [t for t in m.tensors if t.cls == "nextn"]
+    assert nextn and all(t.block == m.block_count - 1 for t in nextn)
+    for binary in ("llama-server", "ik-llama-server"):
+        exe = find_llama_binary(binary)
+        if not exe:
+            continue
+        engine = "llama.cpp" if binary == "llama-server" else "ik_llama.cpp"
+        cpu = next(d for d in make_plan(load_profile("epyc-cpu-only"), m, PlanOptions(engine=engine)).devices
+                   if d.device == "cpu")
+        assert cpu.weights == m.bytes - sum(t.nbytes for t in nextn)
+        # read into RAM, as the plan runs it (ik: -rtr turns mmap off); mapped, a skipped tensor's pages are never read
+        ram = ["--load-mode", "none"] if binary == "llama-server" else ["--no-mmap"]
+        proc = subprocess.Popen([exe, "-m", path, "-c", "512", "-t", "1", "--port", str(free_port()), *ram],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines, deadline = [], time.time() + 60
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening" in line or "HTTP server listening" in line or time.time() > deadline:
+                break
+        proc.kill()
+        proc.wait()
+        log = "".join(lines)
+        if binary == "llama-server":
+            unused = set(re.findall(r"unused tensor (\S+) ", log))
+            assert {t.name for t in nextn} <= unused, log[-2000:]
+        else:
+            mib = float(re.search(r"CPU buffer size =\s+([\d.]+) MiB", log).group(1))
+            assert abs(mib * 2**20 - cpu.weights) < 0.01 * 2**20, (mib, cpu.weights)

@@ -225,8 +225,22 @@ def test_kv_qwen3_next_counts_only_its_12_attention_layers(flag):
 
 
 def test_kv_glm_mtp_layer_has_no_cache(flag):
-    # llama.cpp loads the nextn layer (blk.92) but runs and caches only the 92 main layers
+    # llama.cpp runs and caches only the 92 main layers; the nextn layer (blk.92) is for MTP drafting
     assert flag["glm-4.6-ud-q2_k_xl"].kv.bytes_per_token["f16"] == 92 * 8 * (128 + 128) * 2
+
+
+@pytest.mark.parametrize("name", ["glm-4.6-ud-q2_k_xl", "deepseek-v3.2-ud-q2_k_xl"])
+def test_mtp_block_takes_no_memory(flag, name):
+    """Neither engine loads an MTP block unless asked to draft with it (llama.cpp 0.3.36 glm4-moe.cpp TENSOR_SKIP
+    when !load_mtp; ik_llama.cpp 0.1.5 llama-load-tensors.cpp when !model.mtp), and no plan asks: the CPU holds
+    every other weight of a CPU-only plan, the MTP block's GBs not among them."""
+    m = flag[name]
+    nextn = sum(t.nbytes for t in m.tensors if t.cls == "nextn")
+    assert nextn > 1e9
+    for engine in ("llama.cpp", "ik_llama.cpp") if m.arch != "deepseek32" else ("llama.cpp",):  # not in ik's tree
+        p = make_plan(load_profile("epyc-cpu-only"), m, PlanOptions(engine=engine))
+        cpu = next(d for d in p.devices if d.device == "cpu")
+        assert cpu.weights == m.bytes - nextn, (engine, cpu.weights, m.bytes, nextn)
 
 
 def test_download_lists_the_flagships(capsys):
