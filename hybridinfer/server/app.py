@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 
 import anyio
 from fastapi import FastAPI, Request
@@ -19,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
                        ModelList, TokenizeRequest, Tokens, error_body)
 from .serving import Err, Serving, Settings, Stream
+
+log = logging.getLogger("hybridinfer.server")
 
 DEFAULT_MAX_BODY = 4 * 2**20
 
@@ -160,6 +163,7 @@ def _lifespan(settings: Settings, engine, say, on_fatal):
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        asyncio.get_running_loop().set_exception_handler(_quiet_late_wakeups)
         async with engine:
             app.state.serving = Serving(settings, engine)
             report = asyncio.create_task(_report_loading(engine, say, on_fatal or (lambda m: None))) if say else None
@@ -171,6 +175,18 @@ def _lifespan(settings: Settings, engine, say, on_fatal):
                     say("  stopping engine…")
 
     return lifespan
+
+
+def _quiet_late_wakeups(loop, context: dict) -> None:
+    """The loop's exception handler, minus one benign race: anyio waits for an engine socket with
+    `loop.add_reader(sock, future.set_result, None)`, and when the waiting request is ended (a client gone, the
+    drain at shutdown) just as the socket turns readable, the queued wake-up finds its future cancelled and the loop
+    would log "Exception in callback … InvalidStateError" with a traceback. Nothing is lost: that is dropped."""
+    handle = context.get("handle")
+    if isinstance(context.get("exception"), asyncio.InvalidStateError) and "set_result" in repr(handle):
+        log.debug("late wake-up of a cancelled waiter ignored: %r", handle)
+        return
+    loop.default_exception_handler(context)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
