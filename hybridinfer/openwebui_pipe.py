@@ -233,6 +233,7 @@ class _Shown:
         self.phase = None
         self.in_think = False
         self.noted, self.note_kind = float("-inf"), ""  # the last reading/waiting status line: when, which kind
+        self.usage: dict = {}
 
     def note_due(self, note: str) -> bool:
         """A reading/waiting status line is shown when its kind changes, else at most every STATUS_EVERY s."""
@@ -241,7 +242,6 @@ class _Shown:
             return False
         self.noted, self.note_kind = now, kind
         return True
-        self.usage: dict = {}
 
     def summary(self, t0: float) -> str:
         """The closing status line: tokens, decode speed, time to first token."""

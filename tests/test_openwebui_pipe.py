@@ -148,6 +148,22 @@ def test_progress_note_wording(source):
     assert note(': keepalive {"other":1}') is None and note(": ") is None
 
 
+def test_stream_without_usage_still_ends_with_the_speed_line(source):
+    """A server that sends no usage chunk (a stream without stream_options honoured): the answer, then a closing
+    status line counting 0 tokens — never an AttributeError in place of it."""
+    mod = load_pipe(source)
+    sse = 'data: {"choices":[{"index":0,"delta":{"content":"hello"}}]}\n\ndata: [DONE]\n\n'
+    transport = httpx.MockTransport(lambda req: httpx.Response(200, text=sse,
+                                                                headers={"content-type": "text/event-stream"}))
+    real = httpx.AsyncClient
+    mod.httpx = types.SimpleNamespace(**{k: getattr(httpx, k) for k in dir(httpx) if not k.startswith("_")})
+    mod.httpx.AsyncClient = lambda **kw: real(transport=transport, **kw)
+    body = {"model": "hybridinfer.tiny", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    out, events = asyncio.run(collect(mod.Pipe(), body))
+    assert out == "hello" and events[-1]["data"]["done"]
+    assert events[-1]["data"]["description"].startswith("0 tokens · ")
+
+
 def test_stream_shows_prefill_progress_then_the_answer(source):
     """A stand-in for serve's SSE (httpx.MockTransport): progress comments, then the answer."""
     mod = load_pipe(source)
