@@ -75,13 +75,10 @@ def message_chain(messages) -> list[str]:
 def prompt_chain(prompt) -> list[str]:
     """One hash per whole block of a raw prompt (text: TEXT_BLOCK characters, token ids: TOKEN_BLOCK): chain[k]
     identifies its first k+1 blocks. A trailing part block is left out: the next turn's prompt extends it."""
-    if isinstance(prompt, str):
-        step, data = TEXT_BLOCK, prompt
-    else:
-        step, data = TOKEN_BLOCK, prompt
+    step = TEXT_BLOCK if isinstance(prompt, str) else TOKEN_BLOCK
     out, h = [], hashlib.sha256(b"prompt")
-    for i in range(0, len(data) - step + 1, step):
-        part = data[i:i + step]
+    for i in range(0, len(prompt) - step + 1, step):
+        part = prompt[i:i + step]
         h.update(part.encode() if isinstance(part, str) else struct.pack(f"<{len(part)}q", *part))
         out.append(h.copy().hexdigest()[:32])
     return out
@@ -93,11 +90,17 @@ def request_chain(body: dict) -> tuple[list[str], int] | None:
     messages = body.get("messages")
     if isinstance(messages, list):
         return message_chain(messages), _first_user(messages) + 1  # a shared system prompt alone is no conversation
+    prompt = _one_prompt(body)
+    return (prompt_chain(prompt), 1) if prompt else None
+
+
+def _one_prompt(body: dict) -> str | list[int] | None:
+    """A raw request's one prompt (a text, or a list of token ids, alone or as a list of one); None otherwise."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
-        return prompt_chain(prompt), 1
+        return prompt
     return None
 
 
@@ -106,10 +109,8 @@ def _chars(body: dict) -> int:
     messages = body.get("messages")
     if isinstance(messages, list):
         return sum(len(m.get("content")) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    return len(prompt) if isinstance(prompt, str) else 3 * len(prompt) if isinstance(prompt, list) else 0
+    prompt = _one_prompt(body) or ""
+    return len(prompt) if isinstance(prompt, str) else 3 * len(prompt)
 
 
 def common_prefix(a: list[str], b: list[str]) -> int:
@@ -420,35 +421,26 @@ class PromptCache:
         best = max(free, key=lambda s: (common_prefix(chain, s.chain), s.last_used))
         k_slot = common_prefix(chain, best.chain)
         name, k_disk = self.store.lookup(chain) if self.store and chain else (None, 0)
-        if k_slot >= need and k_slot >= k_disk:
-            slot = best
-            slot.busy = True
-            self.stats.slot_hits += 1
-            if k_slot < len(slot.chain):  # a branch off its conversation: what it held beyond goes to disk first
-                await self._guarded_save(slot)
-        else:
-            # Another slot: an empty one, else the least recently used (its state saved first).
-            slot = min(free, key=lambda s: (bool(s.chain), s.last_used))
-            slot.busy = True
-            try:
+        hit = k_slot >= need and k_slot >= k_disk
+        # The slot holding the conversation's prefix, else an empty one, else the least recently used.
+        slot = best if hit else min(free, key=lambda s: (bool(s.chain), s.last_used))
+        slot.busy = True
+        self.stats.slot_hits += int(hit)
+        try:
+            # What the slot holds beyond this request's prefix (another conversation, or a branch off this
+            # one) goes to disk first; then the conversation's own state comes back from it.
+            if not hit or k_slot < len(slot.chain):
                 await self._save(slot)
-                if name and k_disk >= need:
-                    await self._restore(slot, name)
-            except BaseException:
-                slot.busy = False
-                raise
+            if not hit and name and k_disk >= need:
+                await self._restore(slot, name)
+        except BaseException:
+            slot.busy = False
+            raise
         body["id_slot"] = slot.id
         body.setdefault("cache_prompt", True)
         slot.pending = chain
         slot.tokens_guess = _chars(body) // 3 + int(body.get("max_tokens") or 0)
         return slot
-
-    async def _guarded_save(self, slot: Slot) -> None:
-        try:
-            await self._save(slot)
-        except BaseException:
-            slot.busy = False
-            raise
 
     def leave(self, slot: Slot) -> None:
         """After the request (answered, failed or cancelled): the slot holds (a prefix of) this conversation."""
@@ -476,14 +468,9 @@ class PromptCache:
         for s in self.slots:
             if self._closing or self._entering or not self.idle() or any(x.busy for x in self.slots):
                 return
-            if not (s.dirty and s.chain):
-                continue
-            async with self._saving:
-                s.busy = True
-                try:
-                    await self._save(s)
-                finally:
-                    s.busy = False
+            if s.dirty and s.chain:
+                async with self._saving:
+                    await self._save_held(s)
 
     async def save_all(self) -> None:
         """At shutdown, before the engine stops: every slot's unsaved conversation to disk."""
@@ -495,11 +482,15 @@ class PromptCache:
                 self._saver.cancel()  # it waits or sleeps: never mid-save while this holds the lock
             for s in self.slots:
                 if s.dirty and not s.busy:
-                    s.busy = True
-                    try:
-                        await self._save(s)
-                    finally:
-                        s.busy = False
+                    await self._save_held(s)
+
+    async def _save_held(self, slot: Slot) -> None:
+        """A save outside any request: the slot is held (busy) while the engine writes it."""
+        slot.busy = True
+        try:
+            await self._save(slot)
+        finally:
+            slot.busy = False
 
     # --- the engine's slot actions -----------------------------------------------------------------------
     async def _save(self, slot: Slot) -> None:

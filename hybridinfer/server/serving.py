@@ -676,21 +676,11 @@ class _Progress:
 
 def _fit(rows: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
     """Least squares t = w + a*x + b*y over rows (x, y, t) -> (w, a, b); None when the rows do not determine it."""
-    n = len(rows)
-    sx = sum(r[0] for r in rows); sy = sum(r[1] for r in rows); st = sum(r[2] for r in rows)  # noqa: E702
-    m = [[n, sx, sy], [sx, sum(r[0] * r[0] for r in rows), sum(r[0] * r[1] for r in rows)],
-         [sy, sum(r[0] * r[1] for r in rows), sum(r[1] * r[1] for r in rows)]]
-    v = [st, sum(r[0] * r[2] for r in rows), sum(r[1] * r[2] for r in rows)]
+    import numpy as np  # only once a prompt has sent three reports
 
-    def det(q):
-        return (q[0][0] * (q[1][1] * q[2][2] - q[1][2] * q[2][1]) - q[0][1] * (q[1][0] * q[2][2] - q[1][2] * q[2][0])
-                + q[0][2] * (q[1][0] * q[2][1] - q[1][1] * q[2][0]))
-
-    d = det(m)
-    if abs(d) < 1e-12 * max(1.0, abs(m[2][2]) * abs(m[1][1])):
-        return None
-    cols = [[[v[i] if j == k else m[i][j] for j in range(3)] for i in range(3)] for k in range(3)]  # Cramer
-    return tuple(det(c) / d for c in cols)
+    r = np.asarray(rows, dtype=float)
+    coef, _, rank, _ = np.linalg.lstsq(np.column_stack([np.ones(len(r)), r[:, 0], r[:, 1]]), r[:, 2], rcond=None)
+    return (float(coef[0]), float(coef[1]), float(coef[2])) if rank == 3 else None
 
 
 class _Clock:
